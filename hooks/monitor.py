@@ -1,0 +1,278 @@
+"""Monitor: the event dispatcher a training loop talks to.
+
+Any loop, three calls (DESIGN section 2). The events are marked ``# <--``::
+
+    monitor = Monitor(model, [SomeHook()], run_dir="runs/demo")
+    for step in range(steps):
+        for micro in micro_batches:
+            losses = model(micro.x, micro.y, reduction="none")[1]    # per-example (optional)
+            (losses.mean() / n_micro).backward()
+            monitor.on_backward_end(micro.size, losses=losses,      # <-- BACKWARD_END
+                                    ids=micro.ids, domains=micro.domains)
+        monitor.on_grads_ready()                                    # <-- GRADS_READY (before clipping)
+        clip_grad_norm_(...); optimizer.step(); optimizer.zero_grad()
+        monitor.on_step_end(step, loss=..., lr=..., tokens=...)     # <-- STEP_END: writes one record
+
+Rules the Monitor enforces:
+
+- Hooks never change training. A hook that raises is warned about once and
+  disabled for the rest of the run (``strict=True`` re-raises instead, for tests).
+- A hook says per step whether it runs (``Hook.scheduled(step)``); unscheduled
+  hooks receive no events, so they cost nothing.
+- Scalars passed to ``on_step_end`` are written under ``train/<name>`` unless
+  the name already has an area (``val/prose/loss``); hooks' metrics are merged
+  into the same record; sinks (run store, stdout, wandb) receive that record.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any, Iterable, Protocol
+
+
+class Sink(Protocol):
+    """Where records go (torchtune's metric-logger seam)."""
+
+    def log_dict(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunStoreSink:
+    """Appends every record to ``metrics.jsonl`` of a run directory."""
+
+    def __init__(self, writer):
+        self.writer = writer  # diagnostics.runs.RunWriter
+
+    def log_dict(self, record):
+        self.writer.log(record)
+
+    def close(self):
+        self.writer.close()
+
+
+class StdoutSink:
+    """Prints one compact line every ``every`` steps (for plain scripts)."""
+
+    def __init__(self, every: int = 10, keys: Iterable[str] | None = None, stream=None):
+        self.every, self.keys, self.stream = every, list(keys) if keys else None, stream or sys.stdout
+
+    def log_dict(self, record):
+        if record.get("step", 0) % self.every:
+            return
+        items = [(k, v) for k, v in record.items() if k != "step" and (self.keys is None or k in self.keys)]
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
+        print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
+
+    def close(self):
+        pass
+
+
+class NullSink:
+    """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
+
+    def log_dict(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
+class Hook:
+    """Base class for measurement hooks. Override what you need.
+
+    ``name`` prefixes nothing by itself: hooks return metric names in the
+    public schema (``gns/b_simple``, ``repr/blocks.3.resid_post/entropy``).
+    """
+
+    name: str = "hook"
+
+    def attach(self, model, monitor: "Monitor") -> None:
+        """Called once when the Monitor is built (register tensor/module hooks here)."""
+
+    def detach(self) -> None:
+        """Remove every hook registered in ``attach``."""
+
+    def scheduled(self, step: int) -> bool:
+        """Whether this hook measures at ``step`` (events are skipped otherwise)."""
+        return True
+
+    def on_step_begin(self, step: int) -> None:
+        pass
+
+    def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
+        pass
+
+    def on_grads_ready(self) -> None:
+        pass
+
+    def on_step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
+        """Return this step's metrics (merged into the step's record)."""
+        return {}
+
+    def summary(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _area(name: str) -> str:
+    return name if "/" in name else f"train/{name}"
+
+
+class Monitor:
+    """Dispatches the loop's events to hooks and writes one record per step.
+
+    Args:
+        model: the module being trained (hooks attach to it; under
+            ``torch.compile`` pass the uncompiled module ``_orig_mod``).
+        hooks: measurement hooks.
+        run_dir: a run directory to append records to (created if it holds no
+            run yet). Alternatively pass ``sinks``.
+        sinks: explicit sinks; default: the run store if ``run_dir`` is given.
+        strict: re-raise hook errors instead of disabling the hook.
+        enabled: ``False`` on non-zero DDP ranks that should not write.
+    """
+
+    def __init__(self, model=None, hooks: Iterable[Hook] = (), run_dir=None, sinks=None,
+                 strict: bool = False, enabled: bool = True):
+        self.model = model
+        self.hooks: list[Hook] = list(hooks)
+        self.strict = strict
+        self.enabled = enabled
+        self.sinks: list[Sink] = list(sinks) if sinks is not None else []
+        if run_dir is not None and sinks is None and enabled:
+            from diagnostics.runs import RunWriter
+            import os
+
+            if os.path.exists(os.path.join(run_dir, "run.json")):
+                self.sinks.append(RunStoreSink(RunWriter.resume(run_dir)))
+            else:
+                self.sinks.append(RunStoreSink(RunWriter.create(run_dir, config={})))
+        self.disabled: dict[str, str] = {}
+        self.step: int | None = None
+        self._armed = False
+        self._active: list[Hook] = []
+        self.last_record: dict[str, Any] = {}
+        for h in self.hooks:
+            self._call(h, "attach", model, self)
+
+    # -- fault isolation -----------------------------------------------------
+    def _call(self, hook: Hook, event: str, *args, **kwargs):
+        if hook.name in self.disabled and not self.strict:
+            return None
+        try:
+            return getattr(hook, event)(*args, **kwargs)
+        except Exception as e:  # a diagnostic must never kill training
+            if self.strict:
+                raise
+            self.disabled[hook.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                f"midtrain: hook {hook.name!r} raised in {event} ({type(e).__name__}: {e}); "
+                "it is disabled for the rest of this run. Training continues.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            try:
+                hook.detach()
+            except Exception:
+                pass
+            return None
+
+    def _live(self) -> list[Hook]:
+        return [h for h in self.hooks if h.name not in self.disabled]
+
+    # -- events ----------------------------------------------------------------
+    def on_step_begin(self, step: int) -> None:
+        """Optional: announce the step so hooks can arm themselves. If a loop never
+        calls it, the first ``on_backward_end`` of a step does it implicitly."""
+        self.step, self._armed = step, True
+        self._active = [h for h in self._live() if self._call(h, "scheduled", step)]
+        for h in self._active:
+            self._call(h, "on_step_begin", step)
+
+    def on_backward_end(self, batch_size: int, *, losses=None, ids=None, domains=None) -> None:
+        """After each micro-batch's backward. ``losses`` are per-example losses."""
+        if not self._armed:
+            self.on_step_begin(self.step or 0)
+        for h in self._active:
+            if h.name not in self.disabled:
+                self._call(h, "on_backward_end", batch_size, losses=losses, ids=ids, domains=domains)
+
+    def on_grads_ready(self) -> None:
+        """Accumulated gradients are in ``.grad``, before clipping and the optimizer step."""
+        if not self._armed:
+            self.on_step_begin(self.step or 0)
+        for h in self._active:
+            if h.name not in self.disabled:
+                self._call(h, "on_grads_ready")
+
+    def on_step_end(self, step: int, **scalars) -> dict[str, Any]:
+        """Collect the loop's scalars and the hooks' metrics into one record and write it."""
+        if not self._armed or self.step != step:
+            self.on_step_begin(step)
+        record: dict[str, Any] = {"step": int(step)}
+        for k, v in scalars.items():
+            if v is None:
+                continue
+            if hasattr(v, "item"):
+                v = v.item()
+            record[_area(k)] = v
+        for h in self._active:
+            if h.name in self.disabled:
+                continue
+            out = self._call(h, "on_step_end", step, record)
+            if out:
+                for k, v in out.items():
+                    record[k] = float(v) if not isinstance(v, (str, bool)) else v
+        self.write(record)
+        self.step, self._armed = step + 1, False
+        return record
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Send a record to every sink (used directly for records outside a step, e.g. final val)."""
+        self.last_record = record
+        if not self.enabled:
+            return
+        for s in self.sinks:
+            s.log_dict(record)
+
+    # -- state -------------------------------------------------------------------
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for h in self._live():
+            out.update(self._call(h, "summary") or {})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hooks": {h.name: h.state_dict() for h in self.hooks}, "disabled": dict(self.disabled)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for h in self.hooks:
+            if h.name in state.get("hooks", {}):
+                self._call(h, "load_state_dict", state["hooks"][h.name])
+
+    def close(self) -> None:
+        for h in self.hooks:
+            try:
+                h.detach()
+            except Exception:
+                pass
+        for s in self.sinks:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,200 @@
+"""The ``midtrain`` command line.
+
+    midtrain train                                  # default recipe, tiny preset, CPU, a few minutes
+    midtrain train --config my.toml --out runs/x    # your recipe
+    midtrain train --out runs/x --resume            # continue a stopped run
+    midtrain train --from runs/x --step 400 --config cooldown.toml --out runs/x-cool   # branch
+    midtrain show runs/x                            # summary of a run
+    midtrain config --dump default.toml             # the default recipe, for editing
+
+Bad input (a missing file, an unknown key, a run directory that already holds
+a run, ...) prints one paragraph and exits with status 2; nothing on disk is
+changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> int:
+    print("midtrain: error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _user_errors():
+    from diagnostics.runs import RunDirError
+    from midtrain.config import ConfigError
+    from midtrain.data import DataError
+
+    return (ConfigError, DataError, RunDirError)
+
+
+def _load_config(args):
+    from midtrain.config import default_config, load_toml
+
+    cfg = load_toml(args.config) if args.config else None
+    if cfg is None and getattr(args, "from_run", None):  # branch: default to the parent's config
+        from diagnostics.runs import load_run
+        from midtrain.config import TrainConfig
+
+        cfg = TrainConfig.from_dict(load_run(args.from_run).config)
+    if cfg is None and getattr(args, "resume", False) and os.path.exists(os.path.join(args.out, "run.json")):
+        from diagnostics.runs import load_run
+        from midtrain.config import TrainConfig
+
+        cfg = TrainConfig.from_dict(load_run(args.out).config)
+    if cfg is None:
+        cfg = default_config()
+    if args.preset:
+        cfg.model.preset = args.preset
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.device:
+        cfg.device = args.device
+    if args.steps is not None:
+        cfg.validate()
+        cfg = cfg.scaled_to(args.steps)
+    return cfg
+
+
+def _fmt(x: float) -> str:
+    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.3f}"
+
+
+def cmd_train(args) -> int:
+    from midtrain.loop import train
+
+    cfg = _load_config(args)
+    if args.out is None:
+        import time
+
+        args.out = os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    res = train(cfg, args.out, resume=args.resume, parent=args.from_run, parent_step=args.step,
+                until_step=args.until, progress=not args.quiet)
+    print(f"\nrun: {os.path.abspath(res.run_dir)}")
+    print(f"steps {res.start_step} -> {res.steps_done} of {res.total_steps}   final train loss {res.final_loss:.4f}   "
+          f"{res.tokens_per_s / 1e3:.1f}k tokens/s   {res.wall_s:.0f}s"
+          + (f"   MFU {100 * res.mfu:.1f}%" if res.mfu == res.mfu else ""))
+    if res.val_end:
+        print("validation loss (nats/token)   start    end   end/start")
+        for k in sorted(res.val_end):
+            a, b = res.val_start.get(k, float("nan")), res.val_end[k]
+            print(f"  {k.split('/')[1]:<28s} {_fmt(a)} {_fmt(b)}   {_fmt(b / a if a == a else float('nan'))}")
+    print(f"next: midtrain show {res.run_dir}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from diagnostics.runs import load_run
+
+    run = load_run(args.run_dir)
+    info, m = run.info, run.metrics
+    print(f"run {run.path}")
+    print(f"  created {info.get('created', '?')}  status {info.get('status', 'running or killed')}  "
+          f"steps {info.get('steps_done', '?')}/{info.get('total_steps', '?')}")
+    if run.parent:
+        print(f"  branched from {run.parent.get('run')} at step {run.parent.get('step')}")
+    if "model" in info:
+        mc = info["model"]
+        print(f"  model {run.config.get('model', {}).get('preset', '?')}: {mc.get('n_layer')} layers, "
+              f"{mc.get('n_embd')} dims, {info.get('n_params', 0) / 1e6:.2f}M params on {info.get('device')}")
+    phases = run.config.get("phases", [])
+    starts = info.get("phase_starts", [])
+    for i, p in enumerate(phases):
+        s = starts[i] if i < len(starts) else "?"
+        print(f"  phase {p['name']:<14s} from step {s:<6} lr {p.get('lr')} ({p.get('decay')})  "
+              f"seq {p.get('seq_len')}  batch {p.get('batch_size')}  mixture {p.get('mixture')}")
+    if len(m):
+        last = m.dropna(subset=["train/loss"]) if "train/loss" in m else m
+        if len(last):
+            row = last.iloc[-1]
+            print(f"  last step {int(row['step'])}: train/loss {row.get('train/loss', float('nan')):.4f}  "
+                  f"lr {row.get('train/lr', float('nan')):.3e}  tokens {int(row.get('train/tokens', 0))}")
+        if "perf/tokens_per_s" in m:
+            print(f"  throughput: median {m['perf/tokens_per_s'].median() / 1e3:.1f}k tokens/s")
+        vcols = [c for c in m.columns if c.startswith("val/")]
+        if vcols:
+            print("  validation loss      first   last")
+            for c in sorted(vcols):
+                s = m[c].dropna()
+                print(f"    {c.split('/')[1]:<16s} {_fmt(s.iloc[0])} {_fmt(s.iloc[-1])}  (steps {int(m.loc[s.index[0], 'step'])}..{int(m.loc[s.index[-1], 'step'])})")
+    cks = run.checkpoints()
+    print(f"  checkpoints: {len(cks)}" + (f" (steps {', '.join(str(s) for s, _ in cks)})" if cks else ""))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from midtrain.config import default_config, dumps_toml, load_toml
+
+    cfg = load_toml(args.config) if args.config else default_config()
+    text = dumps_toml(cfg)
+    if args.dump and args.dump != "-":
+        if os.path.exists(args.dump) and not args.force:
+            return _fail(f"{args.dump} already exists; pass --force to overwrite it or choose another file name.")
+        with open(args.dump, "w") as f:
+            f.write(text)
+        print(f"wrote {args.dump}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="midtrain", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run `midtrain COMMAND --help` for each command's options.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run a phased mid-training run (default recipe, tiny preset)",
+                       description="Train the built-in GPT through the config's phases, writing a run directory "
+                                   "(run.json, metrics.jsonl, checkpoints/).")
+    t.add_argument("--config", help="TOML config (see `midtrain config --dump`); default: the built-in recipe")
+    t.add_argument("--preset", help="model preset: tiny, small, medium, gpt2")
+    t.add_argument("--out", help="run directory (default runs/run-DATE-TIME); refused if it already holds a run")
+    t.add_argument("--steps", type=int, help="total optimizer steps; every phase's budget scales in proportion")
+    t.add_argument("--seed", type=int, help="random seed (model init and data order)")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="branch: start from a checkpoint of this run")
+    t.add_argument("--step", type=int, help="with --from: the parent's checkpoint step to branch from")
+    t.add_argument("--until", type=int, metavar="STEP", help="stop after this global step (checkpointed)")
+    t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("show", help="summarise a run directory", description="Print a summary of a run directory.")
+    s.add_argument("run_dir")
+    s.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
+                       "config file, normalised) as TOML, or write it with --dump FILE.")
+    c.add_argument("--dump", nargs="?", const="-", metavar="FILE", help="write the config to FILE (default: stdout)")
+    c.add_argument("--config", help="normalise this config file instead of the default")
+    c.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    c.set_defaults(func=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\nmidtrain: interrupted; the latest checkpoint can be resumed with --resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

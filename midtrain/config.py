@@ -1,0 +1,387 @@
+"""Run configuration: dataclasses for a phased mid-training run, TOML in and out.
+
+A run is a list of phases. Each phase has a budget (steps or tokens), a data
+mixture, a learning-rate segment, a batch size, a sequence length and a RoPE
+base. The default recipe is the canonical mid-training recipe in miniature:
+
+    pretrain      prose-heavy mixture, warmup then constant LR, short context
+    midtrain      anneal: LR decays to near zero, mixture upweights code and math
+    long_context  longer sequences, raised RoPE base, low constant LR
+
+    >>> cfg = default_config()
+    >>> cfg.total_steps()
+    400
+    >>> print(dumps_toml(cfg))   # what `midtrain config --dump` writes
+
+The learning rate is a pure function of the global step (`lr_at`), so the
+schedule a run used can be checked against its config record by record.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: names the offending key and what is valid."""
+
+
+DECAY_SHAPES = ("constant", "linear", "cosine", "1-sqrt", "exponential")
+
+
+@dataclass
+class Phase:
+    """One phase of a run.
+
+    Budget: exactly one of ``steps`` (optimizer steps) or ``tokens`` (tokens
+    seen, converted to steps with ``batch_size * seq_len`` tokens per step).
+
+    LR segment, within the phase's own steps ``t = 0 .. n-1``:
+    linear warmup from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps``;
+    then ``lr`` held; the last ``decay_fraction`` of the post-warmup steps decay
+    to ``final_lr`` with the given shape, reaching ``final_lr`` on the phase's
+    last step. ``decay="constant"`` means no decay.
+    """
+
+    name: str
+    steps: int | None = None
+    tokens: int | None = None
+    mixture: dict[str, float] = field(default_factory=dict)
+    lr: float = 3e-3
+    warmup_steps: int = 0
+    decay: str = "constant"
+    decay_fraction: float = 1.0
+    final_lr: float = 0.0
+    batch_size: int = 16  # global sequences per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    seq_len: int = 128
+    rope_base: float | None = None  # None: keep the model's current base
+
+    def num_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return math.ceil(int(self.tokens) / (self.batch_size * self.seq_len))
+
+    def lr_at(self, t: int) -> float:
+        """LR at step ``t`` (0-based) within this phase."""
+        n = self.num_steps()
+        if t < self.warmup_steps:
+            return self.lr * (t + 1) / self.warmup_steps
+        if self.decay == "constant":
+            return self.lr
+        post = n - self.warmup_steps
+        n_decay = max(1, round(self.decay_fraction * post))
+        start = n - n_decay
+        if t < start:
+            return self.lr
+        p = (t - start + 1) / n_decay  # in (0, 1]; 1 on the phase's last step
+        hi, lo = self.lr, self.final_lr
+        if self.decay == "linear":
+            return hi - (hi - lo) * p
+        if self.decay == "cosine":
+            return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.decay == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
+            return lo + (hi - lo) * (1.0 - math.sqrt(p))
+        if self.decay == "exponential":
+            return hi * (lo / hi) ** p
+        raise ConfigError(f"unknown decay shape {self.decay!r}")  # validated earlier
+
+
+@dataclass
+class ModelSection:
+    """Model: a preset from ``midtrain.model.PRESETS`` plus optional overrides."""
+
+    preset: str = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    rope_base: float | None = None
+    tie_weights: bool | None = None
+    dropout: float | None = None
+
+
+@dataclass
+class DataSection:
+    """Data: ``path=""`` uses the embedded default corpus (prose, code, math)."""
+
+    path: str = ""
+    val_fraction: float = 0.05
+    eval_batches: int = 4  # validation batches per domain per evaluation
+    eval_batch_size: int = 16
+
+
+@dataclass
+class OptimSection:
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``phases`` run in order; steps are counted globally."""
+
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    eval_every: int = 100  # also at step 0, at each phase end and at the end
+    checkpoint_every: int = 200  # also at each phase end
+    log_every: int = 10  # progress-bar / stdout cadence; metrics are written every step
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    phases: list[Phase] = field(default_factory=list)
+
+    # -- schedule ---------------------------------------------------------
+    def total_steps(self) -> int:
+        return sum(p.num_steps() for p in self.phases)
+
+    def phase_at(self, step: int) -> tuple[int, Phase, int]:
+        """(phase index, phase, step within phase) for global ``step``."""
+        start = 0
+        for i, p in enumerate(self.phases):
+            n = p.num_steps()
+            if step < start + n:
+                return i, p, step - start
+            start += n
+        raise IndexError(f"step {step} is past the last phase (total {start} steps)")
+
+    def phase_starts(self) -> list[int]:
+        out, s = [], 0
+        for p in self.phases:
+            out.append(s)
+            s += p.num_steps()
+        return out
+
+    def lr_at(self, step: int) -> float:
+        _, p, t = self.phase_at(step)
+        return p.lr_at(t)
+
+    def scaled_to(self, total_steps: int) -> "TrainConfig":
+        """A copy whose phases' budgets are scaled in proportion to ``total_steps``.
+
+        Each phase keeps at least one step; warmups scale with their phase.
+        """
+        if total_steps < len(self.phases):
+            raise ConfigError(
+                f"--steps {total_steps} is fewer than the {len(self.phases)} phases of this recipe; "
+                "every phase needs at least one step."
+            )
+        cfg = copy.deepcopy(self)
+        old = [p.num_steps() for p in cfg.phases]
+        total_old = sum(old)
+        # largest-remainder apportionment so the budgets sum exactly to total_steps
+        raw = [total_steps * n / total_old for n in old]
+        new = [max(1, math.floor(r)) for r in raw]
+        order = sorted(range(len(raw)), key=lambda i: raw[i] - math.floor(raw[i]), reverse=True)
+        i = 0
+        while sum(new) < total_steps:
+            new[order[i % len(order)]] += 1
+            i += 1
+        while sum(new) > total_steps:
+            j = max(range(len(new)), key=lambda k: new[k])
+            new[j] -= 1
+        for p, n_old, n_new in zip(cfg.phases, old, new):
+            p.warmup_steps = min(n_new - 1, round(p.warmup_steps * n_new / n_old)) if p.warmup_steps else 0
+            p.steps, p.tokens = n_new, None
+        return cfg
+
+    # -- (de)serialisation -----------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        _check_keys(d, cls, "the top level")
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in ("model", "data", "optim"):
+                sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection}[f.name]
+                if not isinstance(v, dict):
+                    raise ConfigError(f"[{f.name}] must be a table, got {type(v).__name__}.")
+                _check_keys(v, sub, f"[{f.name}]")
+                kw[f.name] = sub(**v)
+            elif f.name == "phases":
+                if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+                    raise ConfigError("phases must be a list of tables ([[phases]] in TOML).")
+                ps = []
+                for j, x in enumerate(v):
+                    _check_keys(x, Phase, f"[[phases]] #{j + 1}")
+                    if "name" not in x:
+                        raise ConfigError(f"[[phases]] #{j + 1} has no name; every phase needs one.")
+                    ps.append(Phase(**x))
+                kw["phases"] = ps
+            else:
+                kw[f.name] = v
+        cfg = cls(**kw)
+        return cfg
+
+    def validate(self, domains: list[str] | None = None, max_seq_len: int | None = None) -> "TrainConfig":
+        """Raise ConfigError on anything that cannot run. Returns self."""
+        if not self.phases:
+            raise ConfigError("the config has no phases; a run needs at least one [[phases]] table.")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"phase names must be unique, got {names}.")
+        for p in self.phases:
+            where = f"phase {p.name!r}"
+            if (p.steps is None) == (p.tokens is None):
+                raise ConfigError(f"{where}: give exactly one budget, steps or tokens (got steps={p.steps}, tokens={p.tokens}).")
+            if p.num_steps() <= 0:
+                raise ConfigError(f"{where} has a zero budget ({p.steps=}, {p.tokens=}); every phase needs at least one optimizer step.")
+            if p.decay not in DECAY_SHAPES:
+                raise ConfigError(f"{where}: unknown decay {p.decay!r}; valid shapes: {', '.join(DECAY_SHAPES)}.")
+            if p.lr <= 0 or p.final_lr < 0:
+                raise ConfigError(f"{where}: lr must be > 0 and final_lr >= 0 (got lr={p.lr}, final_lr={p.final_lr}).")
+            if p.decay == "exponential" and p.final_lr <= 0:
+                raise ConfigError(f"{where}: an exponential decay needs final_lr > 0 (a floor); got {p.final_lr}.")
+            if not 0.0 < p.decay_fraction <= 1.0:
+                raise ConfigError(f"{where}: decay_fraction must be in (0, 1], got {p.decay_fraction}.")
+            if p.warmup_steps < 0 or p.warmup_steps >= p.num_steps() + (1 if p.decay == "constant" else 0):
+                raise ConfigError(f"{where}: warmup_steps={p.warmup_steps} must be >= 0 and leave room in the phase's {p.num_steps()} steps.")
+            if p.batch_size <= 0 or p.grad_accum <= 0 or p.batch_size % p.grad_accum:
+                raise ConfigError(f"{where}: batch_size ({p.batch_size}) must be a positive multiple of grad_accum ({p.grad_accum}).")
+            if p.seq_len <= 0:
+                raise ConfigError(f"{where}: seq_len must be positive, got {p.seq_len}.")
+            if max_seq_len is not None and p.seq_len > max_seq_len:
+                raise ConfigError(
+                    f"{where}: seq_len {p.seq_len} is beyond what the model supports (block_size {max_seq_len}). "
+                    "Raise [model] block_size or shorten the phase's sequences."
+                )
+            if p.rope_base is not None and p.rope_base <= 0:
+                raise ConfigError(f"{where}: rope_base must be positive, got {p.rope_base}.")
+            if not p.mixture:
+                raise ConfigError(f"{where} has an empty mixture; give domain weights, e.g. mixture = {{ prose = 1.0 }}.")
+            if any((not isinstance(w, (int, float))) or w < 0 for w in p.mixture.values()) or sum(p.mixture.values()) <= 0:
+                raise ConfigError(f"{where}: mixture weights must be non-negative numbers with a positive sum, got {p.mixture}.")
+            if domains is not None:
+                bad = sorted(set(p.mixture) - set(domains))
+                if bad:
+                    raise ConfigError(f"{where}: unknown domain(s) {bad} in the mixture; the data has {sorted(domains)}.")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, bfloat16.")
+        for k in ("eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")
+        return self
+
+
+def _check_keys(d: dict, cls: type, where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    bad = [k for k in d if k not in valid]
+    if bad:
+        raise ConfigError(f"unknown key(s) {bad} in {where}; valid keys are: {', '.join(valid)}.")
+
+
+def default_config() -> TrainConfig:
+    """The default recipe: pretrain -> midtrain (anneal + data switch) -> long_context.
+
+    Sized so that ``midtrain train`` with the ``tiny`` preset finishes in a few
+    minutes on two CPU cores.
+    """
+    return TrainConfig(
+        phases=[
+            Phase(
+                name="pretrain", steps=240, lr=3e-3, warmup_steps=20, decay="constant",
+                mixture={"prose": 0.6, "code": 0.25, "math": 0.15},
+                batch_size=16, seq_len=128,
+            ),
+            Phase(
+                name="midtrain", steps=120, lr=3e-3, decay="1-sqrt", final_lr=3e-4,
+                mixture={"prose": 0.3, "code": 0.35, "math": 0.35},
+                batch_size=16, seq_len=128,
+            ),
+            Phase(
+                name="long_context", steps=40, lr=3e-4, decay="linear", final_lr=3e-5,
+                mixture={"prose": 0.3, "code": 0.35, "math": 0.35},
+                batch_size=8, seq_len=256, rope_base=40000.0,
+            ),
+        ],
+    )
+
+
+# -- TOML -------------------------------------------------------------------
+
+def load_toml(path) -> TrainConfig:
+    """Read a config file. Keys missing from the file take their defaults; phases
+    given in the file replace the default recipe's phases."""
+    import os
+
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!s} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path!s} is not valid TOML: {e}.") from None
+    return config_from_dict(d)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    base = default_config().to_dict()
+    merged = dict(base)
+    for k, v in d.items():
+        if k in ("model", "data", "optim") and isinstance(v, dict):
+            merged[k] = {**base[k], **v}
+        else:
+            merged[k] = v
+    return TrainConfig.from_dict(merged)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int,)):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def dumps_toml(cfg: TrainConfig) -> str:
+    """TOML text for ``cfg``; ``load_toml`` reads it back to an equal config.
+    Unset optional values (None) are left out: absent means "use the default"."""
+    d = cfg.to_dict()
+    lines = ["# midtrain run config (midtrain config --dump). Steps are optimizer steps;",
+             "# batch_size is global sequences per step; lr schedules are per phase.", ""]
+    for k, v in d.items():
+        if k not in ("model", "data", "optim", "phases") and v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for sect in ("model", "data", "optim"):
+        lines += ["", f"[{sect}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d[sect].items() if v is not None]
+    for p in d["phases"]:
+        lines += ["", "[[phases]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in p.items() if v is not None]
+    return "\n".join(lines) + "\n"

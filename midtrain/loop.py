@@ -1,0 +1,475 @@
+"""The built-in mid-training loop: phases, accumulation, AdamW, clipping, eval,
+checkpoints, resume, branching, DDP, with the Monitor's three events wired in.
+
+Tiny CPU run (a few minutes on 2 cores), then a look at it::
+
+    midtrain train --out runs/demo
+    midtrain show runs/demo
+
+or from Python::
+
+    from midtrain.config import default_config
+    from midtrain.loop import train
+    result = train(default_config().scaled_to(60), "runs/quick")
+    print(result.val_start, result.val_end)
+
+The loop is one flat, ordered loop (nanoGPT style). Everything a step needs is a
+pure function of the global step: the phase, the LR (``TrainConfig.lr_at``)
+and the batch (``MixtureSampler.global_batch``), so resuming and branching
+only need the model/optimizer state and the step number.
+
+Under ``torchrun`` it runs DDP (gloo on CPU, NCCL on GPU): each optimizer
+step's global batch is split into contiguous per-rank shards, gradients are
+synchronised only on the last micro-batch (``no_sync`` before), and only rank 0
+writes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diagnostics.runs import RunDirError, RunWriter, load_run
+from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
+from midtrain import data as data_mod
+from midtrain.config import ConfigError, TrainConfig
+from midtrain.model import GPT, GPTConfig, get_preset
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    start_step: int
+    steps_done: int  # global step reached (number of optimizer updates applied)
+    total_steps: int
+    final_loss: float  # train loss of the last step run
+    val_start: dict[str, float] = field(default_factory=dict)
+    val_end: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = float("nan")
+    mfu: float = float("nan")
+    wall_s: float = 0.0
+    model: Any = None
+
+
+# -- set-up helpers ---------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine; use device = \"cpu\" or \"auto\".")
+    return dev
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The preset named in ``[model]`` with the section's overrides applied."""
+    try:
+        mc = get_preset(cfg.model.preset)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    overrides = {k: v for k, v in vars(cfg.model).items() if k != "preset" and v is not None}
+    try:
+        return dataclasses.replace(mc, vocab_size=vocab_size, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"[model] section: {e}.") from None
+
+
+def peak_flops(device: torch.device) -> float:
+    """Dense bf16 peak FLOP/s of the accelerator, for MFU (NaN when unknown).
+    ``MIDTRAIN_PEAK_FLOPS`` overrides."""
+    if os.environ.get("MIDTRAIN_PEAK_FLOPS"):
+        return float(os.environ["MIDTRAIN_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name(device).upper()
+    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+             "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+    for k, v in table.items():
+        if k in name:
+            return v
+    return float("nan")
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MIDTRAIN_DIST_BACKEND", "") != "gloo" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Progress:
+    """A dependency-free progress line: redraws in place on a terminal, else prints
+    one line every ``every`` steps."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool, stream=None):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.stream = stream or sys.stderr
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, phase: str, loss: float, lr: float, tok_s: float) -> None:
+        if not self.enabled:
+            return
+        done = step + 1
+        if not self.tty and done % self.every and done != self.total:
+            return
+        el = time.perf_counter() - self.t0
+        eta = el / max(1, done - self.start) * (self.total - done)
+        msg = (f"[{phase}] step {done}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
+               f"{tok_s / 1e3:.1f}k tok/s  eta {eta:.0f}s")
+        if self.tty:
+            self.stream.write("\r" + msg.ljust(100))
+            if done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+
+@torch.no_grad()
+def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
+    """Token-weighted mean val loss per domain: ``{"val/<domain>/loss": float}``."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, batches in val.items():
+        tot, n = 0.0, 0
+        for b in batches:
+            b = b.to(device)
+            with autocast:
+                logits, _ = model(b.x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), b.y.reshape(-1), ignore_index=-1, reduction="sum")
+            tot += loss.item()
+            n += int((b.y != -1).sum())
+        out[f"val/{name}/loss"] = tot / max(1, n)
+    model.train(was_training)
+    return out
+
+
+def _checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+
+
+def _save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg) -> str:
+    path = _checkpoint_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,  # optimizer updates applied; the next step to run
+        "tokens": tokens,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rope_base": model.config.rope_base,
+        "config": cfg.to_dict(),
+        "monitor": monitor.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a killed save never leaves a half-written checkpoint
+    return path
+
+
+def _load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
+
+
+_RESUME_KEYS = ("seed", "model", "data", "optim", "phases")
+
+
+def _incompatible(old: dict, new: dict) -> list[str]:
+    return [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+
+
+# -- the loop -----------------------------------------------------------------------
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str,
+    *,
+    resume: bool = False,
+    parent: str | None = None,
+    parent_step: int | None = None,
+    until_step: int | None = None,
+    hooks: list[Hook] | None = None,
+    corpus: "data_mod.Corpus | None" = None,
+    progress: bool = True,
+    strict_hooks: bool = False,
+) -> TrainResult:
+    """Run (or resume, or branch) a phased run into ``out_dir``.
+
+    Args:
+        resume: continue the run in ``out_dir`` from its latest checkpoint.
+        parent, parent_step: branch: start from checkpoint ``parent_step`` of the run
+            ``parent`` with this (possibly changed) config; only steps from
+            ``parent_step`` on are run, and run.json records the parent.
+        until_step: stop after this global step (a checkpoint is written), e.g. to
+            split a run in two.
+        hooks: measurement hooks for the Monitor.
+        corpus: data to use instead of the config's (tests pass small corpora).
+    Raises ConfigError / DataError / RunDirError for bad input, before touching disk.
+    """
+    t_start = time.perf_counter()
+    cfg.validate()
+    rank, world, local_rank = dist_info()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    master = rank == 0
+
+    if corpus is None:
+        corpus = data_mod.default_corpus() if not cfg.data.path else data_mod.load_corpus(cfg.data.path, val_fraction=cfg.data.val_fraction)
+    mcfg = model_config(cfg, corpus.vocab_size)
+    cfg.validate(domains=list(corpus.names()), max_seq_len=mcfg.block_size)
+    for p in cfg.phases:
+        micro_global = p.batch_size // p.grad_accum
+        if micro_global % world:
+            raise ConfigError(
+                f"phase {p.name!r}: the micro-batch of {micro_global} sequences (batch_size {p.batch_size} / "
+                f"grad_accum {p.grad_accum}) does not split evenly over {world} processes."
+            )
+    total = cfg.total_steps()
+
+    # -- run directory: decide everything before writing anything -------------------
+    run_json = os.path.join(out_dir, "run.json")
+    ckpt = None
+    start_step, tokens = 0, 0
+    if parent is not None:
+        if resume:
+            raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
+        if parent_step is None:
+            raise ConfigError("a branch needs the parent's step (--step S).")
+        prun = load_run(parent)
+        steps = [s for s, _ in prun.checkpoints()]
+        if parent_step not in steps:
+            raise ConfigError(f"run {parent} has no checkpoint at step {parent_step}; it has checkpoints at steps {steps}.")
+        if parent_step >= total:
+            raise ConfigError(f"the branch config has {total} steps in all; nothing is left to run after step {parent_step}.")
+        if os.path.exists(run_json):
+            raise RunDirError(f"{out_dir} already holds a run; a branch needs a new output directory. Nothing was changed.")
+        ckpt = _load_checkpoint(_checkpoint_path(parent, parent_step))
+        start_step, tokens = ckpt["step"], ckpt["tokens"]
+    elif os.path.exists(run_json):
+        if not resume:
+            raise RunDirError(
+                f"{out_dir} already holds a run (run.json exists). midtrain never overwrites a run: "
+                "pass --resume to continue it, or choose another --out directory. Nothing was changed."
+            )
+        old = load_run(out_dir)
+        diff = _incompatible(old.config, cfg.to_dict())
+        if diff:
+            raise ConfigError(
+                f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
+                "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
+            )
+        cks = old.checkpoints()
+        if cks:
+            ckpt = _load_checkpoint(cks[-1][1])
+            start_step, tokens = ckpt["step"], ckpt["tokens"]
+        if start_step >= total:
+            raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
+    elif resume:
+        raise RunDirError(f"--resume was given but {out_dir} holds no run (no run.json) to resume.")
+    if world > 1:  # every rank decided on the same disk state; only now may rank 0 write
+        import torch.distributed as dist
+
+        dist.barrier()
+    end_step = total if until_step is None else min(total, until_step)
+    if end_step <= start_step:
+        raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
+
+    # -- model, optimizer, state -----------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = GPT(mcfg).to(device)
+    optimizer = model.configure_optimizer(
+        weight_decay=cfg.optim.weight_decay, lr=cfg.phases[0].lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), device_type=device.type,
+    )
+    for g in optimizer.param_groups:
+        g["eps"] = cfg.optim.eps
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        model.set_rope_base(ckpt["rope_base"])
+        if parent is None:  # resume: restore RNG streams (dropout); a branch reseeds
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            random.setstate(ckpt["rng"]["python"])
+            if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    fwd_model = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # -- run store (rank 0 only) and monitor ----------------------------------------
+    writer = None
+    if master:
+        if parent is not None:
+            writer = RunWriter.create(out_dir, cfg.to_dict(), parent={"run": os.path.abspath(parent), "step": parent_step})
+        elif resume:
+            writer = RunWriter.resume(out_dir, step=start_step - 1)
+        else:
+            writer = RunWriter.create(out_dir, cfg.to_dict())
+        writer.update_info(
+            model=vars(mcfg), n_params=model.num_params(non_embedding=False), world_size=world,
+            device=str(device), dtype=str(dtype).replace("torch.", ""), data=corpus.describe(),
+            total_steps=total, phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
+            platform=platform.platform(),
+        )
+    monitor = Monitor(model, hooks or [], sinks=[RunStoreSink(writer)] if writer else [NullSink()],
+                      strict=strict_hooks, enabled=master)
+    if ckpt is not None and ckpt.get("monitor"):
+        monitor.load_state_dict(ckpt["monitor"])
+
+    eval_seq = cfg.phases[0].seq_len
+    val = {d: data_mod.val_batches(corpus, d, eval_seq, cfg.data.eval_batch_size, cfg.data.eval_batches) for d in corpus.names()}
+    samplers: dict[int, Any] = {}
+    peak = peak_flops(device)
+    bar = Progress(total, start_step, cfg.log_every, enabled=progress and master)
+    phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    val_start: dict[str, float] = {}
+    last_loss, tok_s_ema, mfu = float("nan"), float("nan"), float("nan")
+    cur_phase = -1
+    skipped = 0
+    t_loop = time.perf_counter()
+    tokens_loop = 0
+    model.train()
+    try:
+        for step in range(start_step, end_step):
+            pi, phase, _ = cfg.phase_at(step)
+            if pi != cur_phase:  # phase switch: context length, RoPE base, data mixture
+                cur_phase = pi
+                if phase.rope_base is not None:
+                    model.set_rope_base(phase.rope_base)
+                if pi not in samplers:
+                    samplers[pi] = data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
+                sampler = samplers[pi]
+                micro_global = phase.batch_size // phase.grad_accum
+                flops_tok = model.flops_per_token(phase.seq_len)
+            scalars: dict[str, Any] = {}
+            if step % cfg.eval_every == 0 or step == start_step == 0 or step in cfg.phase_starts():
+                scalars.update(evaluate(model, val, device, autocast))
+                if step == 0:
+                    val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
+
+            t0 = time.perf_counter()  # step time excludes evaluation
+            monitor.on_step_begin(step)
+            lr = cfg.lr_at(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(phase.grad_accum):
+                batch = sampler.shard(sampler.global_batch(pi, step, micro, micro_global), rank, world).to(device)
+                sync = micro == phase.grad_accum - 1
+                ctx = fwd_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast:
+                        _, losses = fwd_model(batch.x, batch.y, reduction="none")  # (B,) per-sequence
+                    loss = losses.mean()
+                    (loss / phase.grad_accum).backward()
+                monitor.on_backward_end(batch.size, losses=losses.detach(), ids=batch.ids, domains=batch.domains)
+                loss_sum += loss.detach()
+            monitor.on_grads_ready()  # accumulated, synchronised, before clipping
+            if cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # NaN/inf gradients: skip the update rather than poison the weights
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+
+            train_loss = loss_sum / phase.grad_accum
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)  # AVG is NCCL-only: SUM then divide
+                train_loss = train_loss / world
+            last_loss = train_loss.item()
+            step_tokens = phase.batch_size * phase.seq_len
+            tokens += step_tokens
+            tokens_loop += step_tokens
+            dt = time.perf_counter() - t0
+            tok_s = step_tokens / dt
+            tok_s_ema = tok_s if math.isnan(tok_s_ema) else 0.9 * tok_s_ema + 0.1 * tok_s
+            mfu = flops_tok * tok_s / peak if peak == peak else float("nan")
+            scalars.update(
+                loss=last_loss, lr=lr, tokens=tokens, batch_size=phase.batch_size, batch_tokens=step_tokens,
+                seq_len=phase.seq_len, phase=phase.name, phase_index=pi, grad_norm=float(grad_norm),
+                skipped_steps=skipped,
+                **{"perf/tokens_per_s": tok_s, "perf/step_time_s": dt},
+            )
+            if mfu == mfu:
+                scalars["perf/mfu"] = mfu
+            monitor.on_step_end(step, **scalars)
+            bar.update(step, phase.name, last_loss, lr, tok_s_ema)
+
+            done = step + 1
+            if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
+                _save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg)
+    except BaseException as e:
+        # leave the run directory honest: its status says how it ended; checkpoints stay resumable
+        if writer is not None:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            writer.update_info(status=status, error=f"{type(e).__name__}: {e}", steps_done=step)
+        monitor.close()
+        raise
+    loop_s = time.perf_counter() - t_loop
+    val_end: dict[str, float] = {}
+    if end_step == total:
+        val_end = evaluate(model, val, device, autocast)
+        monitor.write({"step": total, **val_end, "train/tokens": tokens})
+    if writer is not None:
+        writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
+                           wall_s=time.perf_counter() - t_start)
+    monitor.close()
+    tokens_per_s = tokens_loop / loop_s if loop_s > 0 else float("nan")
+    return TrainResult(
+        run_dir=out_dir, start_step=start_step, steps_done=end_step, total_steps=total, final_loss=last_loss,
+        val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,
+        mfu=mfu, wall_s=time.perf_counter() - t_start, model=model,
+    )
