@@ -130,6 +130,20 @@ class OptimSection:
 
 
 @dataclass
+class MonitorSection:
+    """Which measurement hooks the built-in loop attaches, with their options.
+
+    Each entry is a table of keyword arguments for that hook's constructor plus
+    ``enabled``; e.g. ``[monitor.gns] mode = "microbatch"``. Unknown options are
+    reported by the hook's constructor (see ``midtrain.hookset``).
+    """
+
+    gns: dict[str, Any] = field(default_factory=dict)
+    representation: dict[str, Any] = field(default_factory=dict)
+    difficulty: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     """A whole run. ``phases`` run in order; steps are counted globally."""
 
@@ -143,6 +157,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
     phases: list[Phase] = field(default_factory=list)
 
     # -- schedule ---------------------------------------------------------
@@ -212,8 +227,9 @@ class TrainConfig:
             if f.name not in d:
                 continue
             v = d[f.name]
-            if f.name in ("model", "data", "optim"):
-                sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection}[f.name]
+            if f.name in ("model", "data", "optim", "monitor"):
+                sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+                       "monitor": MonitorSection}[f.name]
                 if not isinstance(v, dict):
                     raise ConfigError(f"[{f.name}] must be a table, got {type(v).__name__}.")
                 _check_keys(v, sub, f"[{f.name}]")
@@ -338,7 +354,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     base = default_config().to_dict()
     merged = dict(base)
     for k, v in d.items():
-        if k in ("model", "data", "optim") and isinstance(v, dict):
+        if k in ("model", "data", "optim", "monitor") and isinstance(v, dict):
             merged[k] = {**base[k], **v}
         else:
             merged[k] = v
@@ -376,11 +392,14 @@ def dumps_toml(cfg: TrainConfig) -> str:
     lines = ["# midtrain run config (midtrain config --dump). Steps are optimizer steps;",
              "# batch_size is global sequences per step; lr schedules are per phase.", ""]
     for k, v in d.items():
-        if k not in ("model", "data", "optim", "phases") and v is not None:
+        if k not in ("model", "data", "optim", "monitor", "phases") and v is not None:
             lines.append(f"{k} = {_toml_value(v)}")
     for sect in ("model", "data", "optim"):
         lines += ["", f"[{sect}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in d[sect].items() if v is not None]
+    for name, opts in d["monitor"].items():  # [monitor.gns], [monitor.representation], ...
+        lines += ["", f"[monitor.{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in opts.items() if v is not None]
     for p in d["phases"]:
         lines += ["", "[[phases]]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in p.items() if v is not None]

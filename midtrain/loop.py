@@ -234,7 +234,8 @@ def train(
             ``parent_step`` on are run, and run.json records the parent.
         until_step: stop after this global step (a checkpoint is written), e.g. to
             split a run in two.
-        hooks: measurement hooks for the Monitor.
+        hooks: measurement hooks for the Monitor; None: the defaults of ``[monitor]``
+            (``midtrain.hookset``); ``[]``: none.
         corpus: data to use instead of the config's (tests pass small corpora).
     Raises ConfigError / DataError / RunDirError for bad input, before touching disk.
     """
@@ -357,7 +358,11 @@ def train(
             total_steps=total, phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
             platform=platform.platform(),
         )
-    monitor = Monitor(model, hooks or [], sinks=[RunStoreSink(writer)] if writer else [NullSink()],
+    if hooks is None:
+        from midtrain.hookset import build_hooks
+
+        hooks = build_hooks(cfg, model, corpus)
+    monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer)] if writer else [NullSink()],
                       strict=strict_hooks, enabled=master)
     if ckpt is not None and ckpt.get("monitor"):
         monitor.load_state_dict(ckpt["monitor"])
