@@ -72,6 +72,8 @@ def cmd_train(args) -> int:
     from midtrain.loop import train
 
     cfg = _load_config(args)
+    if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _fail("under torchrun every process must name the same run directory: pass --out DIR.")
     if args.out is None:
         import time
 
