@@ -1,0 +1,184 @@
+"""How much do exact per-example gradient norms cost? (hooks/per_example.py)
+
+On the built-in GPT, times one training step's forward + backward:
+
+    plain       loss.backward(), nothing attached
+    ours        the same with PerExampleGradNorms attached, plus .sq_norms()
+    torch.func  vmap(grad(loss_i)) over examples, then the norms of the per-example gradients
+    opacus      GradSampleModule (per-example gradients materialised by hooks), if installed;
+                and GradSampleModuleFastGradientClipping (ghost norms) where it applies
+
+and prints the ratios ours / plain and ours / torch.func, and the largest relative difference of
+the per-example total squared norm against torch.func. Default run (tiny B=8 T=128, small B=4
+T=128, CPU, float32; timings are the best of a few round-robin repetitions) takes about two
+minutes on two cores::
+
+    python benchmarks/pegrad_speed.py
+    python benchmarks/pegrad_speed.py --presets tiny --batch 16 --seq 256 --untied --method ghost
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hooks.per_example import PerExampleGradNorms  # noqa: E402
+from midtrain.model import GPT, get_preset  # noqa: E402
+
+warnings.filterwarnings("ignore", message="There is a performance drop")  # sdpa under vmap
+
+
+# (B, T) per preset: moderate, and the default run stays around two minutes on two cores
+DEFAULT_SHAPES = {"tiny": (8, 128), "small": (4, 128)}
+
+
+def timeit(fns: dict, reps: int) -> tuple[dict, dict]:
+    """Round-robin timing (one warm-up each), best of ``reps``: the machine may be shared."""
+    outs = {k: f() for k, f in fns.items()}
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best, outs
+
+
+def rel_diff(a, b):
+    return float(((a - b).abs() / b.abs().clamp(min=1e-30)).max())
+
+
+def bench(preset, B, T, reps, tie, method):
+    cfg = get_preset(preset)
+    cfg.tie_weights = tie
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = torch.randint(0, cfg.vocab_size, (B, T)), torch.randint(0, cfg.vocab_size, (B, T))
+    model(x)  # RoPE cache
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+
+    pe = PerExampleGradNorms(model, method=method, attach=False)
+
+    def ours():
+        model.zero_grad(set_to_none=True)
+        with pe:
+            model(x, y)[1].backward()
+        return pe.sq_norms(loss_scale="mean").total
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_i(p, xi, yi):
+        return functional_call(model, p, (xi[None], yi[None]))[1]
+
+    per_example_grads = vmap(grad(loss_i), in_dims=(None, 0, 0))
+
+    def func():
+        g = per_example_grads(params, x, y)
+        return sum(v.flatten(1).pow(2).sum(1) for v in g.values())
+
+    t, out = timeit({"plain": plain, "ours": ours, "func": func}, reps)
+    sq_func = out["func"]
+    row = {"preset": preset, "tied": tie, "B": B, "T": T, "params_M": model.num_params(False) / 1e6,
+           "plain_s": t["plain"], "ours_s": t["ours"], "func_s": t["func"],
+           "ours/plain": t["ours"] / t["plain"], "ours/func": t["ours"] / t["func"],
+           "maxrel_ours_vs_func": rel_diff(out["ours"], sq_func)}
+    row.update(bench_opacus(model, x, y, reps, sq_func))
+    return row
+
+
+def bench_opacus(model, x, y, reps, sq_func):
+    try:
+        from opacus import GradSampleModule
+    except ImportError:
+        return {"opacus": "skipped (not installed: pip install opacus)"}
+    out = {}
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # opacus
+    gsm = GradSampleModule(model, strict=False, loss_reduction="mean")  # strict: RoPE cache buffers
+
+    def opacus_gsm():
+        gsm.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None
+        gsm(x, y)[1].backward()
+        return sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in model.parameters())
+
+    t, sq = timeit({"gsm": opacus_gsm}, reps)
+    t, sq = t["gsm"], sq["gsm"]
+    gsm._close()
+    for p in model.parameters():
+        p.grad_sample = None
+    out.update({"opacus_gsm_s": t, "maxrel_opacus_vs_func": rel_diff(sq, sq_func)})
+    try:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        fgc = GradSampleModuleFastGradientClipping(model, strict=False, loss_reduction="mean",
+                                                   use_ghost_clipping=True)
+    except Exception as e:  # parameter tying is refused by opacus ghost clipping
+        out["opacus_ghost"] = f"skipped ({type(e).__name__}: {e})"
+        return out
+
+    def opacus_ghost():
+        fgc.zero_grad(set_to_none=True)
+        fgc(x, y)[1].backward()
+        return fgc.get_norm_sample() ** 2
+
+    try:
+        t, sq = timeit({"ghost": opacus_ghost}, reps)
+        t, sq = t["ghost"], sq["ghost"]
+    except Exception as e:  # opacus refuses tied parameters in its first forward
+        out["opacus_ghost"] = f"skipped ({type(e).__name__}: {e})"
+        return out
+    finally:
+        fgc._close()
+    out.update({"opacus_ghost_s": t, "maxrel_opacus_ghost_vs_func": rel_diff(sq, sq_func)})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--batch", type=int, default=None, help="examples per batch (default: per preset)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (default: per preset)")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions after one warm-up (best kept)")
+    ap.add_argument("--untied", action="store_true", help="also run with tie_weights=False")
+    ap.add_argument("--method", default="auto", choices=["auto", "ghost", "materialize"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads; 1 (default) gives steadier ratios on a shared machine, 0 leaves torch's default")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32, method={args.method}")
+    for preset in args.presets:
+        for tie in ([True, False] if args.untied else [True]):
+            B, T = DEFAULT_SHAPES.get(preset, (4, 128))
+            r = bench(preset, args.batch or B, args.seq or T, args.reps, tie, args.method)
+            print(f"\n{preset} (tie_weights={tie}, {r['params_M']:.2f}M params), B={r['B']} T={r['T']}")
+            print(f"  plain fwd+bwd      {r['plain_s'] * 1e3:9.1f} ms")
+            print(f"  ours  fwd+bwd+norms{r['ours_s'] * 1e3:9.1f} ms   ours/plain = {r['ours/plain']:.2f}")
+            print(f"  torch.func vmap    {r['func_s'] * 1e3:9.1f} ms   ours/torch.func = {r['ours/func']:.3f}")
+            print(f"  max rel diff of per-example total vs torch.func: {r['maxrel_ours_vs_func']:.2e}")
+            if "opacus" in r:
+                print(f"  opacus: {r['opacus']}")
+            else:
+                print(f"  opacus GradSampleModule {r['opacus_gsm_s'] * 1e3:9.1f} ms   ours/opacus = "
+                      f"{r['ours_s'] / r['opacus_gsm_s']:.3f}   max rel diff {r['maxrel_opacus_vs_func']:.2e}")
+                if "opacus_ghost" in r:
+                    print(f"  opacus ghost clipping: {r['opacus_ghost']}")
+                else:
+                    print(f"  opacus ghost clipping   {r['opacus_ghost_s'] * 1e3:9.1f} ms   ours/opacus_ghost = "
+                          f"{r['ours_s'] / r['opacus_ghost_s']:.3f}   max rel diff "
+                          f"{r['maxrel_opacus_ghost_vs_func']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+"""Per-example gradient squared norms captured during an ordinary backward pass.
+
+The building block of per-example gradient noise scale (Gray et al. 2024, arXiv 2411.00999): one
+forward + one backward of the normal training step also yields ||g_i||^2 for every example i, for
+every parameter, without per-example gradients in memory. The math lives in ``diagnostics.pegrad``;
+this file only gathers its inputs at the right moments:
+
+- a forward hook on each supported module stores what its backward needs (the layer input for
+  ``nn.Linear``, the token ids for ``nn.Embedding``, the input to re-normalise for LayerNorm /
+  RMSNorm), detached, and registers a tensor hook on the module's output;
+- that tensor hook receives dL/d(output) during backward, computes the per-example squared norms
+  right there and drops the stored input, so activations live no longer than autograd's own.
+
+Usage (the events of hooks.monitor's loop are the same)::
+
+    from hooks.per_example import PerExampleGradNorms
+    with PerExampleGradNorms(model) as pe:               # or modules="norms" (Gray et al. 2024)
+        for micro in micro_batches:
+            _, loss = model(micro.x, micro.y)             # mean over the micro-batch
+            loss.backward()
+            res = pe.sq_norms(loss_scale="mean")          # this micro-batch's examples
+            res.total                                     # (B,) ||grad loss_i||^2, all parameters
+            res.params["blocks.0.attn.qkv.weight"]        # (B,) one parameter
+            res.groups["attention"], res.layers["blocks.0"]
+
+Conventions and limits:
+
+- The batch dimension is dim 0 of every module input. The number of examples of a forward pass
+  is dim 0 of the model's first tensor argument; a supported module whose input has another
+  dim 0 (tokens flattened to (B*T, D), sequence-first layouts) is reported unsupported.
+- ``loss_scale``: the norms are of the gradient that was backpropagated; with ``loss.mean()``
+  over B examples each example's gradient carries 1/B (``diagnostics.pegrad.rescale_sq_norms``).
+  ``sq_norms(loss_scale="mean")`` undoes it per forward pass, giving ||grad loss_i||^2.
+- A parameter shared by several modules (tied embedding / head) or a module called several times
+  in one forward is counted once, with its cross terms (pegrad eq. 6).
+- Modules with parameters of types it cannot handle (Conv1d, BatchNorm, MultiheadAttention's own
+  in_proj, ...) are named in one warning, listed in ``.unsupported`` and left out of the totals,
+  never miscounted. A parameter that receives a gradient outside its module's forward call
+  (``F.linear(x, lin.weight)``) is caught by a hook on the parameter and excluded the same way.
+- One backward per forward, forward and backward while attached, no activation checkpointing.
+  Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (DESIGN section 8).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from diagnostics import pegrad
+
+__all__ = ["PerExampleGradNorms", "PerExampleSqNorms", "module_kind"]
+
+
+@dataclass
+class PerExampleSqNorms:
+    """Per-example squared gradient norms of the examples backpropagated since the last reset.
+
+    Examples of successive forward passes (micro-batches) are concatenated in order; their sizes
+    are ``batch_sizes``. Every tensor is (N,), N = sum(batch_sizes).
+    """
+
+    params: dict[str, torch.Tensor]  # parameter name -> (N,)
+    total: torch.Tensor  # (N,) sum over params (unsupported ones left out)
+    groups: dict[str, torch.Tensor]  # "embeddings" | "attention" | "mlp" | "norms" | "head" | "other"
+    layers: dict[str, torch.Tensor]  # "blocks.3" -> (N,) sum over that layer's params
+    batch_sizes: list[int] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)  # module name -> reason
+
+
+# ----------------------------------------------------------------------------------------------
+# which modules we understand
+
+
+def _norm_eps(m: nn.Module):
+    for attr in ("eps", "variance_epsilon"):
+        if isinstance(getattr(m, attr, None), (int, float)):
+            return float(getattr(m, attr))
+    return None
+
+
+def module_kind(m: nn.Module) -> tuple[str | None, str]:
+    """("linear" | "embedding" | "layernorm" | "rmsnorm" | None, reason when None).
+
+    Subclasses count only when they keep the parent's ``forward`` (so y = x W^T + b still holds).
+    Custom norms match by class name "RMSNorm" / "LayerNorm" or by having ``.weight`` and ``.eps``
+    and no other parameter; their output is checked once against xhat * weight (+ bias).
+    """
+    t = type(m)
+    if isinstance(m, nn.Linear):
+        return ("linear", "") if t.forward is nn.Linear.forward else (None, f"{t.__name__} overrides nn.Linear.forward")
+    if isinstance(m, nn.Embedding):
+        if t.forward is not nn.Embedding.forward:
+            return None, f"{t.__name__} overrides nn.Embedding.forward"
+        if m.scale_grad_by_freq:
+            return None, "nn.Embedding(scale_grad_by_freq=True) scales by batch-wide counts"
+        return "embedding", ""
+    if isinstance(m, nn.LayerNorm):
+        return ("layernorm", "") if t.forward is nn.LayerNorm.forward else (None, f"{t.__name__} overrides forward")
+    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+        return ("rmsnorm", "") if t.forward is nn.RMSNorm.forward else (None, f"{t.__name__} overrides forward")
+    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        return None, f"{t.__name__} is not supported (batch statistics couple examples / other normalisation)"
+    names = {n for n, _ in m.named_parameters(recurse=False)}
+    name = t.__name__
+    if isinstance(getattr(m, "weight", None), nn.Parameter) and _norm_eps(m) is not None:
+        if "LayerNorm" in name and names <= {"weight", "bias"}:
+            return "layernorm", ""
+        if names == {"weight"}:
+            return "rmsnorm", ""
+    return None, f"{name} (no per-example rule for this module type)"
+
+
+_BUILTIN = tuple(c for c in (nn.Linear, nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c)
+
+
+def _functional_group(pname: str, kinds: set[str]) -> str:
+    if "embedding" in kinds:
+        return "embeddings"
+    if kinds & {"layernorm", "rmsnorm"}:
+        return "norms"
+    low = pname.lower()
+    if "attn" in low or "attention" in low:
+        return "attention"
+    if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward")):
+        return "mlp"
+    if "head" in low:
+        return "head"
+    return "other"
+
+
+def _layer_of(pname: str) -> str | None:
+    """"blocks.3.attn.qkv.weight" -> "blocks.3": the prefix through the first numeric component."""
+    m = re.match(r"^((?:[^.]+\.)*?\d+)\.", pname)
+    return m.group(1) if m else None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Site:
+    """A module we handle: what to store and which parameters (roles) it feeds."""
+
+    def __init__(self, name, module, kind, roles):
+        self.name, self.module, self.kind, self.roles = name, module, kind, roles  # roles: [(role, pid)]
+        self.feature_dims = module.weight.dim() if kind in ("layernorm", "rmsnorm") else 1
+        self.verify = kind in ("layernorm", "rmsnorm") and not isinstance(module, _BUILTIN)
+        self.called = False
+
+    def eps(self, x):
+        e = _norm_eps(self.module)
+        return torch.finfo(x.dtype).eps if e is None else e
+
+    def normalize(self, x):
+        f = pegrad.rms_normalize if self.kind == "rmsnorm" else pegrad.layer_normalize
+        return f(x, self.eps(x), self.feature_dims)
+
+
+class _Call:
+    """One forward call of a site; holds its stored input until the output's gradient arrives."""
+
+    def __init__(self, site, pass_id, saved):
+        self.site, self.pass_id, self.saved = site, pass_id, saved
+
+
+class _Group:
+    """Contributions of every call that uses one parameter in one forward pass."""
+
+    def __init__(self):
+        self.calls, self.arrived, self.kinds = 0, 0, []
+        self.vec = None  # (B, F) summed per-example gradients of a 1-d style parameter
+        self.lin, self.emb = [], []  # buffered (A, G) / (ids, G) when a matrix is used twice
+        self.emb_calls = []  # weak refs to embedding calls: a tied head computes its rows at their ids
+        self.partial = None  # (||H_b||^2, H_b[ids]) of a tied head, waiting for the embedding
+
+    def tensors(self):
+        out = [t for pair in self.lin + self.emb for t in pair]
+        return out + (list(self.partial) if self.partial is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class PerExampleGradNorms:
+    """Exact per-example squared gradient norms of a model's parameters, from one backward.
+
+    Args:
+        model: the module trained (its forward marks the start of a micro-batch).
+        modules: "all", "norms" (normalisation layers only), an iterable of module names, or a
+            callable ``(name, module) -> bool``. Modules sharing a parameter with a selected one are
+            always included, so the shared parameter is counted whole.
+        method: linear layers, "auto" | "ghost" | "materialize" (``diagnostics.pegrad``).
+        attach: register the hooks now (also done by ``with``; ``detach`` removes them).
+        strict: raise instead of warning and excluding when a module cannot be handled at runtime.
+    """
+
+    def __init__(self, model: nn.Module, modules: str | Iterable[str] | Callable = "all", *,
+                 method: str = "auto", attach: bool = True, strict: bool = False,
+                 max_elements: int = pegrad.DEFAULT_MAX_ELEMENTS):
+        if method not in ("auto", "ghost", "materialize"):
+            raise ValueError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
+        self.model, self.method, self.strict, self.max_elements = model, method, strict, max_elements
+        self.unsupported: dict[str, str] = {}
+        self._select = self._selector(modules)
+        self._handles: list = []
+        self._pass = 0
+        self._pass_batch: dict[int, int | None] = {}
+        self._groups: dict[tuple[int, int], _Group] = {}
+        self._results: dict[int, dict[int, torch.Tensor]] = {}
+        self._live_calls: weakref.WeakSet = weakref.WeakSet()
+        self._warned: set[str] = set()
+        self._build()
+        if attach:
+            self.attach()
+
+    # -- set-up ------------------------------------------------------------------------------
+    @staticmethod
+    def _selector(modules):
+        if modules == "all":
+            return lambda name, m: True
+        if modules == "norms":
+            return lambda name, m: module_kind(m)[0] in ("layernorm", "rmsnorm")
+        if callable(modules):
+            return modules
+        if isinstance(modules, str):
+            raise ValueError(f"modules must be 'all', 'norms', names or a filter, got {modules!r}")
+        names = set(modules)
+        return lambda name, m: name in names
+
+    def _build(self):
+        pid_name = {id(p): n for n, p in self.model.named_parameters()}  # tied: first name only
+        owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        for mname, m in self.model.named_modules():
+            for role, p in m.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append((mname, m, role))
+        chosen = {mname for mname, m in self.model.named_modules()
+                  if any(True for _ in m.parameters(recurse=False)) and self._select(mname, m)}
+        tracked = {pid for pid, own in owners.items() if any(mn in chosen for mn, _, _ in own)}
+        bad: dict[str, str] = {}
+        for pid in tracked:  # every owner of a tracked parameter must be understood
+            for mname, m, _ in owners[pid]:
+                kind, why = module_kind(m)
+                if kind is None:
+                    bad[mname or type(m).__name__] = why
+        bad_pids = {pid for pid in tracked for mn, m, _ in owners[pid] if module_kind(m)[0] is None}
+        keep = tracked - bad_pids
+        self._params = {id(p): p for p in self.model.parameters() if id(p) in keep}
+        self._names = {pid: pid_name[pid] for pid in self._params}
+        self._sites: dict[str, _Site] = {}
+        for pid in self._params:
+            for mname, m, role in owners[pid]:
+                site = self._sites.get(mname) or _Site(mname, m, module_kind(m)[0], [])
+                site.roles.append((role, pid))
+                self._sites[mname] = site
+        self._kinds = {pid: {module_kind(m)[0] for _, m, _ in owners[pid]} for pid in self._params}
+        self._owners = {pid: [mn for mn, _, _ in owners[pid]] for pid in self._params}
+        self._arrivals = {pid: 0 for pid in self._params}
+        self._arrivals_seen = {pid: 0 for pid in self._params}
+        if bad:
+            self.unsupported.update(bad)
+            listing = "; ".join(f"{k}: {v}" for k, v in bad.items())
+            warnings.warn(f"PerExampleGradNorms: no per-example gradient norms for {len(bad)} module(s) "
+                          f"({listing}); their parameters are left out of the totals (see .unsupported).",
+                          RuntimeWarning, stacklevel=3)
+
+    def attach(self) -> "PerExampleGradNorms":
+        """Register the forward / tensor hooks (idempotent)."""
+        if self._handles:
+            return self
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        for site in self._sites.values():
+            self._handles.append(site.module.register_forward_hook(self._make_forward_hook(site)))
+        for pid, p in self._params.items():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._make_param_hook(pid)))
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook (results already computed stay readable)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def _exclude(self, module_name: str, reason: str, pids=()):
+        """Leave a module's parameters out from now on (and every module sharing one), say so once."""
+        self.unsupported[module_name] = reason
+        todo, done = set(pids), set()
+        site = self._sites.pop(module_name, None)
+        if site is not None:
+            todo |= {pid for _, pid in site.roles}
+        while todo:
+            pid = todo.pop()
+            done.add(pid)
+            for owner in self._owners.get(pid, []):
+                s = self._sites.pop(owner, None)
+                if s is not None:
+                    self.unsupported.setdefault(owner, f"shares a parameter with {module_name}")
+                    todo |= {q for _, q in s.roles} - done
+            self._params.pop(pid, None)
+            for key in [k for k in self._groups if k[1] == pid]:
+                del self._groups[key]
+            for res in self._results.values():
+                res.pop(pid, None)
+        self._warn_once(module_name, f"PerExampleGradNorms: {module_name}: {reason}; its parameters are "
+                                     "left out of the totals (see .unsupported).")
+
+    def _fail(self, site: _Site, err: Exception):
+        if self.strict:
+            raise err
+        reason = str(err) if isinstance(err, _Unsupported) else f"{type(err).__name__}: {err}"
+        self._exclude(site.name, reason)
+
+    def _new_pass(self, batch_size):
+        self._pass += 1
+        self._pass_batch[self._pass] = batch_size
+
+    def _on_model_forward(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self._new_pass(int(first.shape[0]) if first is not None and first.dim() > 0 else None)
+
+    # -- forward: store inputs, hook the output --------------------------------------------------
+    def _make_forward_hook(self, site: _Site):
+        def hook(module, args, output):
+            if site.name not in self._sites or not torch.is_grad_enabled():
+                return
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            try:
+                self._record_call(site, args, output)
+            except Exception as e:  # a diagnostic never kills training
+                self._fail(site, e)
+
+        return hook
+
+    def _record_call(self, site, args, output):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() < (1 if site.kind == "embedding" else 2):
+            raise _Unsupported(f"input without a batch dimension ({type(x).__name__})")
+        pids = [pid for _, pid in site.roles if self._params[pid].requires_grad]
+        if not pids:
+            return
+        B = int(x.shape[0])
+        expected = self._pass_batch.get(self._pass)
+        if any(pid in self._results.get(self._pass, {}) for pid in pids):
+            self._new_pass(B)  # a new micro-batch without a model-level forward (sub-module loop)
+        elif expected is None:
+            self._pass_batch[self._pass] = B
+        elif B != expected:
+            raise _Unsupported(f"input batch dimension {B} != the model's batch size {expected} "
+                               "(tokens flattened or sequence-first?)")
+        if site.verify and not site.called:
+            self._verify_norm(site, x, output)
+        site.called = True
+        saved = x.detach()
+        call = _Call(site, self._pass, saved)
+        for role, pid in site.roles:
+            if pid not in pids:
+                continue
+            grp = self._groups.setdefault((self._pass, pid), _Group())
+            kind = "embedding" if site.kind == "embedding" else "linear" if (
+                site.kind == "linear" and role == "weight") else "vector"
+            if grp.kinds and (kind == "vector") != (grp.kinds[0] == "vector"):
+                raise _Unsupported("parameter used both as a vector (norm gain / bias) and as a matrix")
+            grp.calls += 1
+            grp.kinds.append(kind)
+            if kind == "embedding":
+                grp.emb_calls.append(weakref.ref(call))
+        self._live_calls.add(call)
+        output.register_hook(lambda grad, call=call: self._on_output_grad(call, grad))
+
+    def _verify_norm(self, site, x, y):
+        """Custom norm classes: check once that y = xhat * w (+ b), or xhat * (1 + w) (+ b)."""
+        with torch.no_grad():
+            xhat = site.normalize(x)
+            w = site.module.weight.to(xhat.dtype)
+            b = getattr(site.module, "bias", None)
+            b = b.to(xhat.dtype) if isinstance(b, torch.Tensor) else 0.0
+            yf = y.detach().to(xhat.dtype)
+            tol = 1e-3 if y.dtype in (torch.float32, torch.float64) else 3e-2
+            scale = yf.norm() + 1e-12
+            if min(float((yf - (xhat * w + b)).norm() / scale),
+                   float((yf - (xhat * (1 + w) + b)).norm() / scale)) > tol:
+                raise _Unsupported(f"{type(site.module).__name__} output is not "
+                                   f"{site.kind}(x) * weight (+ bias); cannot attribute its gradient")
+
+    # -- backward: compute right away, free the inputs ---------------------------------------------
+    def _on_output_grad(self, call: _Call, grad: torch.Tensor):
+        site, saved = call.site, call.saved
+        call.saved = None
+        self._live_calls.discard(call)
+        if saved is None:
+            for _, pid in site.roles:  # not a bypass: keep the parameter-hook safety net quiet
+                if pid in self._arrivals:
+                    self._arrivals[pid] += 1
+            self._warn_once("twice", "PerExampleGradNorms: a second backward through the same graph; "
+                                     "only the first is measured")
+            return None
+        if site.name not in self._sites:
+            return None
+        try:
+            G = grad.detach()
+            for role, pid in site.roles:
+                grp = self._groups.get((call.pass_id, pid))
+                if grp is None or pid not in self._params:
+                    continue
+                self._arrivals[pid] += 1
+                grp.arrived += 1
+                self._contribute(call.pass_id, pid, grp, site, role, saved, G)
+        except Exception as e:
+            self._fail(site, e)
+        return None
+
+    def _contribute(self, pass_id, pid, grp, site, role, saved, G):
+        if site.kind == "linear" and role == "weight":
+            A, Gf = pegrad.flatten_positions(saved), pegrad.flatten_positions(G)
+            if grp.calls == 1:
+                return self._store(pass_id, pid, self._linear(A, Gf))
+            emb_call = grp.emb_calls[0]() if len(grp.emb_calls) == 1 else None
+            if (grp.kinds == ["embedding", "linear"] and grp.partial is None and not grp.emb
+                    and emb_call is not None and emb_call.saved is not None):
+                # tied head before its embedding (eq. 6): keep only H_b at the example's tokens
+                grp.partial = (self._linear(A, Gf), pegrad.linear_grad_rows(
+                    emb_call.saved, A, Gf, max_elements=self.max_elements))
+            else:
+                grp.lin.append((A, Gf))
+        elif site.kind == "embedding":
+            ids, Gf = pegrad.flatten_ids(saved), pegrad.flatten_positions(G)
+            pad = site.module.padding_idx
+            if pad is not None:
+                Gf = Gf * (ids != pad).unsqueeze(-1).to(Gf.dtype)
+            if grp.calls == 1:
+                return self._store(pass_id, pid, self._embedding(ids, Gf, site.module.num_embeddings))
+            if grp.partial is not None and grp.calls == 2:  # eq. (6) of diagnostics.pegrad
+                head_sq, rows = grp.partial
+                grp.partial = None
+                sq = self._embedding(ids, Gf, site.module.num_embeddings)
+                return self._store(pass_id, pid, sq + head_sq + 2 * (Gf.to(rows.dtype) * rows).sum((1, 2)))
+            grp.emb.append((ids, Gf))
+            grp.num_embeddings = site.module.num_embeddings
+        else:  # vector: norm gain, norm bias, linear bias -> (B, F) per-example gradient
+            if role == "weight":
+                v = pegrad.norm_weight_grads(site.normalize(saved), G, site.feature_dims)
+            else:
+                v = pegrad.bias_grads(G, site.feature_dims)
+            grp.vec = v if grp.vec is None else grp.vec + v
+        if grp.arrived >= grp.calls:
+            self._finalize(pass_id, pid, grp)
+
+    def _linear(self, A, G):
+        return pegrad.linear_sq_norms(A, G, method=self.method, max_elements=self.max_elements)
+
+    def _embedding(self, ids, G, V):
+        return pegrad.embedding_sq_norms(ids, G, V, max_elements=self.max_elements)
+
+    def _finalize(self, pass_id, pid, grp):
+        """All of this parameter's contributions in this pass: norm of their sum, eq. (6)."""
+        self._groups.pop((pass_id, pid), None)
+        sq = None
+
+        def add(t):
+            nonlocal sq
+            sq = t if sq is None else sq + t.to(sq.dtype)
+
+        if grp.vec is not None:
+            add(grp.vec.pow(2).sum(1))
+        if grp.partial is not None:  # tied head whose embedding got no gradient
+            add(grp.partial[0])
+        if grp.lin:
+            A = torch.cat([a for a, _ in grp.lin], 1)
+            Gl = torch.cat([g for _, g in grp.lin], 1)
+            add(self._linear(A, Gl))
+        if grp.emb:
+            ids = torch.cat([i for i, _ in grp.emb], 1)
+            Ge = torch.cat([g for _, g in grp.emb], 1)
+            add(self._embedding(ids, Ge, grp.num_embeddings))
+            if grp.lin:
+                add(2 * pegrad.tied_embedding_head_cross(ids, Ge, A, Gl, max_elements=self.max_elements))
+        grp.lin, grp.emb, grp.emb_calls, grp.partial, grp.vec = [], [], [], None, None
+        if sq is not None:
+            self._store(pass_id, pid, sq)
+
+    def _store(self, pass_id, pid, sq):
+        self._groups.pop((pass_id, pid), None)
+        self._results.setdefault(pass_id, {})[pid] = sq.detach()
+
+    # -- safety net: a gradient that bypassed every module we watch -------------------------------
+    def _make_param_hook(self, pid):
+        def hook(grad):
+            if pid in self._params and self._arrivals[pid] == self._arrivals_seen[pid]:
+                owner = self._owners[pid][0]
+                self._exclude(owner, f"{self._names[pid]} received a gradient that did not pass through "
+                                     "the module's own forward (a functional use such as "
+                                     "F.linear(x, module.weight), or a forward run before attaching)",
+                              pids=[pid])
+            self._arrivals_seen[pid] = self._arrivals.get(pid, 0)
+            return None
+
+        return hook
+
+    # -- results ---------------------------------------------------------------------------------
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Activations held right now (empty after every backward of a normal step)."""
+        out = [c.saved for c in list(self._live_calls) if c.saved is not None]
+        for grp in self._groups.values():
+            out += grp.tensors()
+        return out
+
+    def reset(self) -> None:
+        """Drop all results and pending state."""
+        self._groups.clear()
+        self._results.clear()
+        self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}
+
+    def sq_norms(self, *, loss_scale: float | str = 1.0, reset: bool = True) -> PerExampleSqNorms:
+        """Per-example squared gradient norms of every example backpropagated since the last reset.
+
+        ``loss_scale``: each example's weight in the backpropagated loss (``1/B`` for a mean),
+        or "mean" for 1/B of each forward pass; the norms are divided by ``loss_scale^2``
+        (``diagnostics.pegrad.rescale_sq_norms``), i.e. reported for the per-example loss.
+        ``reset``: forget these examples afterwards (the default: one call per micro-batch).
+        """
+        for (p, pid), grp in list(self._groups.items()):
+            if grp.arrived > 0:
+                self._finalize(p, pid, grp)
+        passes = sorted(p for p, res in self._results.items() if res)
+        params: dict[str, torch.Tensor] = {}
+        sizes = []
+        for p in passes:
+            res = self._results[p]
+            ref = next(iter(res.values()))
+            sizes.append(int(ref.shape[0]))
+        for pid, name in self._names.items():
+            if pid not in self._params:
+                continue
+            if not self._params[pid].requires_grad and not any(pid in self._results[p] for p in passes):
+                continue
+            chunks = []
+            for p, B in zip(passes, sizes):
+                ref = next(iter(self._results[p].values()))
+                sq = self._results[p].get(pid, torch.zeros(B, dtype=ref.dtype, device=ref.device))
+                scale = (1.0 / B) if loss_scale == "mean" else float(loss_scale)
+                chunks.append(pegrad.rescale_sq_norms(sq, scale))
+            if chunks:
+                params[name] = torch.cat(chunks)
+        n = sum(sizes)
+        total = torch.zeros(n) if not params else sum(params.values())
+        groups: dict[str, torch.Tensor] = {}
+        layers: dict[str, torch.Tensor] = {}
+        pid_of = {name: pid for pid, name in self._names.items()}
+        for name, sq in params.items():
+            g = _functional_group(name, self._kinds[pid_of[name]])
+            groups[g] = groups[g] + sq if g in groups else sq
+            layer = _layer_of(name)
+            if layer is not None:
+                layers[layer] = layers[layer] + sq if layer in layers else sq
+        if reset:
+            self._results.clear()
+            for key in [k for k, g in self._groups.items() if k[0] != self._pass]:
+                del self._groups[key]  # forward passes that never got a backward
+        return PerExampleSqNorms(params=params, total=total, groups=groups, layers=layers,
+                                 batch_sizes=sizes, unsupported=dict(self.unsupported))
