@@ -138,11 +138,15 @@ class Monitor:
         sinks: explicit sinks; default: the run store if ``run_dir`` is given.
         strict: re-raise hook errors instead of disabling the hook.
         enabled: ``False`` on non-zero DDP ranks that should not write.
+        ddp_model: the DistributedDataParallel wrapper of ``model``, if any: hooks that
+            need it (a DDP communication hook, registered before the first backward) read
+            ``monitor.ddp_model`` in ``attach``.
     """
 
     def __init__(self, model=None, hooks: Iterable[Hook] = (), run_dir=None, sinks=None,
-                 strict: bool = False, enabled: bool = True):
+                 strict: bool = False, enabled: bool = True, ddp_model=None):
         self.model = model
+        self.ddp_model = ddp_model
         self.hooks: list[Hook] = list(hooks)
         self.strict = strict
         self.enabled = enabled

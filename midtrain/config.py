@@ -317,17 +317,17 @@ def default_config() -> TrainConfig:
             Phase(
                 name="pretrain", steps=240, lr=3e-3, warmup_steps=20, decay="constant",
                 mixture={"prose": 0.6, "code": 0.25, "math": 0.15},
-                batch_size=16, seq_len=128,
+                batch_size=16, grad_accum=2, seq_len=128,
             ),
             Phase(
                 name="midtrain", steps=120, lr=3e-3, decay="1-sqrt", final_lr=3e-4,
                 mixture={"prose": 0.3, "code": 0.35, "math": 0.35},
-                batch_size=16, seq_len=128,
+                batch_size=16, grad_accum=2, seq_len=128,
             ),
             Phase(
                 name="long_context", steps=40, lr=3e-4, decay="linear", final_lr=3e-5,
                 mixture={"prose": 0.3, "code": 0.35, "math": 0.35},
-                batch_size=8, seq_len=256, rope_base=40000.0,
+                batch_size=8, grad_accum=2, seq_len=256, rope_base=40000.0,
             ),
         ],
     )

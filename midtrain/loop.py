@@ -343,6 +343,11 @@ def train(
 
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    if hooks is None:  # built before the run store: a bad [monitor.<hook>] option touches no disk
+        from midtrain.hookset import build_hooks
+
+        hooks = build_hooks(cfg, model, corpus)
+
     # -- run store (rank 0 only) and monitor ----------------------------------------
     writer = None
     if master:
@@ -358,12 +363,8 @@ def train(
             total_steps=total, phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
             platform=platform.platform(),
         )
-    if hooks is None:
-        from midtrain.hookset import build_hooks
-
-        hooks = build_hooks(cfg, model, corpus)
     monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer)] if writer else [NullSink()],
-                      strict=strict_hooks, enabled=master)
+                      strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 else None)
     if ckpt is not None and ckpt.get("monitor"):
         monitor.load_state_dict(ckpt["monitor"])
 
