@@ -8,6 +8,7 @@ Each hook's registration lives in ``_BUILDERS`` below (one function per hook).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from hooks.monitor import Hook
@@ -40,3 +41,106 @@ def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
         except TypeError as e:
             raise ConfigError(f"[monitor.{name}]: {e}") from None
     return hooks
+
+
+@register("gns")
+def _gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+    """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
+    "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
+
+    Tokens per example come from each step's ``train/seq_len``; the DDP wrapper from the Monitor."""
+    from hooks.gradient_noise import GradientNoiseScale
+
+    try:
+        return GradientNoiseScale(**opts)
+    except ValueError as e:
+        raise ConfigError(f"[monitor.gns]: {e}") from None
+
+
+# -- representation --------------------------------------------------------------------
+
+@register("representation")
+def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+    """``[monitor.representation]``: RepresentationProbe on a fixed per-domain probe batch: the
+    ``probe_sequences`` (default 4) evenly spaced validation chunks of every domain at the first phase's
+    seq_len (``val_batches``). Defaults: every = eval_every (plus log-spaced steps 1, 2, 4, ...
+    below it), max_tokens = 512, info_plane_tokens = 256; any other constructor keyword
+    (layers, metrics, twonn, info_plane, readout, save_spectra, ...) may be set. Eigenspectra go
+    to the run store found on the Monitor's sink."""
+    from hooks.representation import RepresentationProbe
+    from midtrain import data as data_mod
+
+    opts = dict(opts)
+    n_seq = int(opts.pop("probe_sequences", 4))
+    seq_len = cfg.phases[0].seq_len
+    probe = {}
+    for d in corpus.names():
+        try:
+            b = data_mod.val_batches(corpus, d, seq_len, n_seq, 1)[0]
+        except data_mod.DataError as e:
+            warnings.warn(f"[monitor.representation]: no probe batch for domain {d!r} ({e})", UserWarning)
+            continue
+        probe[d] = (b.x, b.y)  # (B, T) inputs, (B, T) next tokens
+    if not probe:
+        raise ConfigError("[monitor.representation]: no domain has enough validation tokens for a probe batch.")
+    opts.setdefault("every", cfg.eval_every)
+    opts.setdefault("max_tokens", 512)
+    opts.setdefault("info_plane_tokens", 256)
+    try:
+        return RepresentationProbe(probe, **opts)
+    except ValueError as e:
+        raise ConfigError(f"[monitor.representation]: {e}") from None
+
+
+# -- difficulty ------------------------------------------------------------------------
+
+@register("difficulty")
+def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+    """DifficultyTracker with a fixed probe set per corpus domain -- every domain, including
+    those only later phases train on -- taken from the validation split (``val_batches``:
+    evenly spaced chunks at the first phase's seq_len). Extra options: ``probe_size``
+    (sequences per domain, default 16) and ``reference_checkpoint`` (a midtrain checkpoint
+    whose model gives the reducible loss). Probes follow ``eval_every``; the per-example table
+    is saved every ``checkpoint_every`` steps and at the end, through the Monitor's run store."""
+    import torch
+
+    from hooks.difficulty import DifficultyTracker
+    from midtrain import data as data_mod
+
+    opts = dict(opts)
+    probe_size = int(opts.pop("probe_size", 16))
+    ref_path = opts.pop("reference_checkpoint", None)
+    seq_len = cfg.phases[0].seq_len
+    probe = {}
+    for d in corpus.names():
+        try:
+            b = data_mod.val_batches(corpus, d, seq_len, probe_size, 1)[0]
+        except data_mod.DataError as e:
+            warnings.warn(f"[monitor.difficulty]: no probe set for domain {d!r} ({e})", UserWarning)
+            continue
+        probe[d] = torch.cat([b.x, b.y[:, -1:]], dim=1)  # (N, T+1) token ids
+    opts.setdefault("probe_every", cfg.eval_every)
+    opts.setdefault("save_every", cfg.checkpoint_every)
+    if ref_path:
+        opts["reference"] = _reference_model(ref_path, corpus, model)
+    try:
+        return DifficultyTracker(domain_names=corpus.names(), probe=probe, **opts)
+    except ValueError as e:
+        raise ConfigError(f"[monitor.difficulty]: {e}") from None
+
+
+def _reference_model(path: str, corpus, model):
+    """A frozen GPT from a midtrain checkpoint, on the trained model's device."""
+    import os
+
+    from midtrain.loop import _load_checkpoint, model_config
+    from midtrain.model import GPT
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is not a file.")
+    ck = _load_checkpoint(path)
+    ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), corpus.vocab_size))
+    ref.load_state_dict(ck["model"])
+    ref.set_rope_base(ck["rope_base"])
+    device = next(model.parameters()).device
+    return ref.to(device).eval().requires_grad_(False)

@@ -1,0 +1,442 @@
+"""DifficultyTracker: per-example and per-domain difficulty and learnability during training.
+
+What it follows (definitions and references in docs/difficulty.md; the math is in
+``diagnostics.difficulty``):
+
+- a streaming per-example table (id, domain, visits, Welford mean/M2 of the loss and of the
+  confidence exp(-loss), first/last loss, learned flag, forgetting events) in bounded memory:
+  Data Maps (Swayamdipta et al. 2020) and forgetting events (Toneva et al. 2019);
+- per-domain bias-corrected EMAs of the training loss and the learnability of each domain:
+  the slope of loss against ln(tokens of that domain) over a recent window, with its
+  standard error and a diminishing-returns test;
+- every ``probe_every`` steps, a fixed probe set per domain (including domains that only
+  later phases train on) scored under ``no_grad`` in eval mode: mean loss, fraction learned,
+  EL2N (Paul et al. 2021) and, with a reference model, the RHO-LOSS reducible loss
+  (Mindermann et al. 2022).
+
+Any loop (the Monitor's events are marked)::
+
+    tracker = DifficultyTracker(domain_names=["prose", "code"], probe={"prose": P0, "code": P1})
+    monitor = Monitor(model, [tracker], run_dir="runs/demo")
+    for step in range(steps):
+        logits = model(x)                                  # (B, T, V)
+        losses = per_example_loss(logits, y)               # (B,) token-weighted per sequence
+        losses.mean().backward()
+        monitor.on_backward_end(len(x), losses=losses.detach(), ids=ids, domains=doms)  # <--
+        monitor.on_grads_ready(); opt.step(); opt.zero_grad()
+        monitor.on_step_end(step, loss=losses.mean(), tokens=tokens_so_far)            # <--
+
+``P0`` is a (N, T+1) long tensor of token ids: x = P[:, :-1], y = P[:, 1:]. The built-in loop
+builds probes from the corpus's validation split (``midtrain.hookset``).
+
+Metrics (the public schema; <d> is a domain name):
+
+    difficulty/<d>/loss                 bias-corrected EMA of the domain's per-example train loss
+    difficulty/<d>/learnability         -dL/dln(domain tokens) over the last ``window`` steps (nats;
+                                        every ``stats_every`` steps)
+    difficulty/<d>/learnability_se      its standard error
+    difficulty/<d>/diminishing          1.0 when the decrease is not significant at ``level``
+    difficulty/<d>/probe_loss           mean per-token loss on the domain's probe set
+    difficulty/<d>/probe_learnability   -dL/dln(total tokens) of probe_loss over the probe history
+    difficulty/<d>/frac_learned         fraction of probe sequences with loss < learned_loss
+    difficulty/<d>/el2n                 mean EL2N score of the probe sequences
+    difficulty/<d>/reducible_loss       mean(probe loss - reference loss) (only with a reference)
+    difficulty/frac_forgotten           examples with >= 1 forgetting event / examples that could have one
+    difficulty/examples_tracked         rows in the per-example table
+    difficulty/sample_rate              fraction of ids the bounded table keeps (1.0 until it is full)
+    difficulty/nan_losses               non-finite per-example losses skipped so far
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from diagnostics.difficulty import (DomainEMA, ExampleTable, RingSeries, data_map_regions, learnability,
+                                    sequence_scores)
+from hooks.monitor import Hook
+
+__all__ = ["DifficultyTracker", "per_example_loss"]
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                     shift: bool = False) -> torch.Tensor:
+    """Token-weighted per-sequence losses (B,) from logits, for loops that only have logits.
+
+    logits (B, T, V); labels (B, T); tokens whose label is ``ignore_index`` are left out and
+    each sequence's loss is the mean over its remaining tokens (0 if none remain).
+    ``shift=True`` for Hugging Face causal LMs, whose labels are the inputs: logits[:, :-1]
+    then predict labels[:, 1:]. Differentiable (can be the training loss too)."""
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"per_example_loss needs logits (B, T, V) and labels (B, T), got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}.")
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss, _, _ = sequence_scores(logits, labels, ignore_index=ignore_index, el2n=False)
+    return loss  # (B,)
+
+
+def _to_numpy(x, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.int64).numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _length(x, what: str) -> int:
+    shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+    if len(shape) != 1:
+        raise ValueError(f"DifficultyTracker needs per-example {what} of shape (B,), got shape {shape}"
+                         + ("; compute per-sequence losses (reduction='none' or hooks.per_example_loss)."
+                            if what == "losses" else "."))
+    return shape[0]
+
+
+def _logits(out):
+    """Logits from a model's output: a tensor, a (logits, ...) tuple, or an object with .logits."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "logits", out)
+
+
+class DifficultyTracker(Hook):
+    """Per-example and per-domain difficulty and learnability (metric table in the module doc).
+
+    Args:
+        domain_names: names of the domain indices passed as ``domains`` (default "domain<i>";
+            with ``domains=None`` every example is in domain 0, named "all" by default).
+        probe: {domain name: (N, T+1) long tensor of token ids}, fixed probe sequences scored
+            every ``probe_every`` steps (also for domains not trained on yet).
+        learned_loss: per-token loss (nats) below which an example counts as learned
+            (frac_learned, correctness, forgetting events). 1.0 means a geometric-mean target
+            probability of e^-1 = 0.37 per token.
+        ema_decay: decay of the per-domain training-loss EMAs.
+        window: steps (points) per domain in the learnability regression.
+        level: significance level of the diminishing-returns test.
+        reference: a fixed reference model (same tokenizer) for the reducible loss.
+        max_examples: row budget of the per-example table (bounded memory, see ExampleTable).
+        track_examples: False keeps only per-domain signals.
+        writer: anything with ``save_array(name, **arrays)`` (diagnostics.RunWriter; default:
+            the run store of the Monitor the hook is attached to, if it has one) -- or
+        save_fn: a callback ``save_fn(name, **arrays)``; the table is saved as
+            ``arrays/<array_name>.npz`` every ``save_every`` steps and when the hook detaches.
+        probe_batch_size: sequences per probe forward pass.
+        autocast: bf16 autocast for probe forwards (default: on CUDA only).
+        ignore_index: target value ignored in probe scoring.
+        min_points: points a domain needs before its learnability is reported.
+        stats_every: steps between learnability regressions (the EMAs update every step).
+    """
+
+    name = "difficulty"
+
+    def __init__(self, domain_names=None, probe: Mapping[str, torch.Tensor] | None = None, probe_every: int = 100,
+                 learned_loss: float = 1.0, ema_decay: float = 0.9, window: int = 200, level: float = 0.05,
+                 reference: torch.nn.Module | None = None, max_examples: int | None = 1_000_000,
+                 track_examples: bool = True, writer=None, save_fn: Callable[..., Any] | None = None,
+                 save_every: int | None = None, array_name: str = "difficulty_examples",
+                 probe_batch_size: int = 32, autocast: bool | None = None, ignore_index: int = -1,
+                 min_points: int = 8, stats_every: int = 10):
+        for k, v in (("probe_every", probe_every), ("window", window), ("probe_batch_size", probe_batch_size),
+                     ("stats_every", stats_every)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"DifficultyTracker: {k} must be a positive integer, got {v!r}.")
+        if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+            raise ValueError(f"DifficultyTracker: save_every must be a positive integer or None, got {save_every!r}.")
+        if not 0 < level < 1:
+            raise ValueError(f"DifficultyTracker: level must be in (0, 1), got {level}.")
+        self.domain_names: list[str] = list(domain_names) if domain_names is not None else []
+        self.probe: dict[str, torch.Tensor] = {}
+        for d, t in (probe or {}).items():
+            t = torch.as_tensor(t)
+            if t.dim() != 2 or t.shape[1] < 2 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ValueError(f"DifficultyTracker: probe[{d!r}] must be an integer (N, T+1) tensor of token ids "
+                                 f"with T >= 1, got {t.dtype} {tuple(t.shape)}.")
+            self.probe[str(d)] = t.long()
+            self._dom(str(d))
+        self.probe_every, self.window, self.level, self.min_points = probe_every, window, level, min_points
+        self.stats_every = stats_every
+        self.learned_loss = float(learned_loss)
+        self.reference, self.track_examples = reference, track_examples
+        self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
+        self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
+        self.table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
+        self.ema = DomainEMA(ema_decay)
+        self.series: dict[int, RingSeries] = {}  # domain -> (domain tokens, per-step mean loss)
+        self.probe_series: dict[str, RingSeries] = {}  # domain -> (total tokens, probe mean loss)
+        self.domain_tokens = np.zeros(len(self.domain_names))
+        self.total_tokens = 0.0
+        self.token_unit = "tokens"
+        self.n_losses = 0
+        self.n_nan = 0
+        self.model = None
+        self._pending: list[tuple] = []
+        self._warned: set[str] = set()
+        self._ref_cache: dict[str, np.ndarray] = {}
+        self._last_probe: dict[str, dict[str, np.ndarray]] = {}
+        self._last_metrics: dict[str, float] = {}
+        self._dirty = False
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def _dom(self, name: str) -> int:
+        if name not in self.domain_names:
+            self.domain_names.append(name)
+        return self.domain_names.index(name)
+
+    def _name(self, d: int) -> str:
+        while d >= len(self.domain_names):
+            self.domain_names.append(f"domain{len(self.domain_names)}")
+        return self.domain_names[d]
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"DifficultyTracker: {msg}", UserWarning, stacklevel=4)
+
+    def attach(self, model, monitor) -> None:
+        self.model = model
+        if self.writer is None and self.save_fn is None:  # default: the Monitor's run store
+            for sink in getattr(monitor, "sinks", []):
+                if hasattr(getattr(sink, "writer", None), "save_array"):
+                    self.writer = sink.writer
+                    break
+
+    # -- events -------------------------------------------------------------------------
+    def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
+        """Queue this micro-batch (no device sync here: everything moves once per step)."""
+        if losses is None:
+            self._warn_once("losses", "no per-example losses were given to on_backward_end; only the probe "
+                                      "set is scored. Pass losses of shape (B,) (reduction='none').")
+            return
+        n = _length(losses, "losses")
+        for what, x in (("ids", ids), ("domains", domains)):
+            if x is not None and _length(x, what) != n:
+                raise ValueError(f"DifficultyTracker: {what} has length {_length(x, what)} but losses has length "
+                                 f"{n}; pass one {what[:-1]} per example.")
+        if ids is None and self.track_examples:
+            self._warn_once("ids", "no example ids were given; tracking per domain only (no per-example table, "
+                                   "data maps or forgetting events).")
+        if isinstance(losses, torch.Tensor):
+            losses = losses.detach()
+        self._pending.append((losses, ids, domains))
+
+    def _collect(self):
+        if not self._pending:
+            return None, None, None
+        cat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if isinstance(xs[0], torch.Tensor) \
+            else np.concatenate([np.asarray(x).reshape(-1) for x in xs])  # noqa: E731
+        losses = _to_numpy(cat([p[0] for p in self._pending]), np.float64)
+        ids = doms = None
+        if all(p[1] is not None for p in self._pending):
+            ids = _to_numpy(cat([p[1] for p in self._pending]), np.int64)
+        if all(p[2] is not None for p in self._pending):
+            doms = _to_numpy(cat([p[2] for p in self._pending]), np.int64)
+        self._pending = []
+        return losses, ids, doms
+
+    def on_step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
+        losses, ids, doms = self._collect()
+        metrics: dict[str, float] = {}
+        if losses is not None and len(losses):
+            self._train_update(losses, ids, doms, scalars)
+        elif scalars.get("train/tokens") is not None:
+            self.total_tokens = float(scalars["train/tokens"])
+        for d in np.flatnonzero(self.ema.k).tolist():
+            metrics[f"difficulty/{self._name(d)}/loss"] = self.ema.value(d)
+        if step % self.stats_every == 0:
+            for name, lr in self.learnability().items():
+                if lr.defined:
+                    metrics[f"difficulty/{name}/learnability"] = lr.value
+                    metrics[f"difficulty/{name}/learnability_se"] = lr.slope_log_tokens_se
+                    metrics[f"difficulty/{name}/diminishing"] = float(lr.diminishing)
+        if self.probe and self.model is not None and step % self.probe_every == 0:
+            metrics.update(self.score_probe())
+        if self.table is not None:
+            ff = self.table.frac_forgotten
+            if ff == ff:
+                metrics["difficulty/frac_forgotten"] = ff
+            metrics["difficulty/examples_tracked"] = float(len(self.table))
+            metrics["difficulty/sample_rate"] = self.table.sample_rate
+        metrics["difficulty/nan_losses"] = float(self.n_nan)
+        self._last_metrics.update(metrics)
+        if self.save_every and (step + 1) % self.save_every == 0:
+            self.save()
+        return metrics
+
+    def _train_update(self, losses, ids, doms, scalars) -> None:
+        n = len(losses)
+        if doms is None:
+            doms = np.zeros(n, dtype=np.int64)
+            if not self.domain_names:
+                self.domain_names.append("all")
+        if doms.min() < 0:
+            raise ValueError(f"DifficultyTracker: domain indices must be >= 0, got {int(doms.min())}.")
+        D = max(int(doms.max()) + 1, len(self.domain_names))
+        self._name(D - 1)
+        if len(self.domain_tokens) < D:
+            self.domain_tokens = np.concatenate([self.domain_tokens, np.zeros(D - len(self.domain_tokens))])
+        ok = np.isfinite(losses)
+        self.n_nan += int(n - ok.sum())
+        self.n_losses += n
+        if ids is not None and self.table is not None:
+            self.table.update(ids, losses, doms)  # skips the same non-finite losses
+            self._dirty = True
+
+        # tokens of this step, split over domains by their share of the examples
+        tokens = scalars.get("train/tokens")
+        if tokens is not None and np.isfinite(float(tokens)):
+            step_tokens = max(float(tokens) - self.total_tokens, 0.0)
+            self.total_tokens = float(tokens)
+        else:
+            self.token_unit = "examples"
+            step_tokens = float(n)
+            self.total_tokens += n
+        count = np.bincount(doms, minlength=D).astype(np.float64)  # (D,)
+        before = self.domain_tokens[:D].copy()
+        self.domain_tokens[:D] += step_tokens * count / n
+
+        fcount = np.bincount(doms[ok], minlength=D)
+        fsum = np.bincount(doms[ok], weights=losses[ok], minlength=D)
+        present = np.flatnonzero(fcount)
+        means = fsum[present] / fcount[present]  # per-step mean loss of each domain present
+        self.ema.update(present, means)
+        for d, m in zip(present.tolist(), means.tolist()):
+            # the loss was measured after `before[d]` tokens of the domain
+            self.series.setdefault(d, RingSeries(self.window)).append(before[d], m)
+
+    def learnability(self) -> dict[str, Any]:
+        """Learnability of every domain with training data: {name: diagnostics Learnability}."""
+        return {self._name(d): learnability(*s.arrays(), level=self.level, min_points=self.min_points)
+                for d, s in self.series.items()}
+
+    # -- the probe set ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+        use_amp = self.autocast if self.autocast is not None else device.type == "cuda"
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        losses, el2n = [], []
+        for i in range(0, len(tokens), self.probe_batch_size):
+            chunk = tokens[i:i + self.probe_batch_size].to(device)
+            x, y = chunk[:, :-1], chunk[:, 1:]  # (b, T) each
+            with amp:
+                logits = _logits(model(x))  # (b, T, V)
+            loss, e, _ = sequence_scores(logits, y, ignore_index=self.ignore_index, el2n=True)
+            losses.append(loss.cpu())
+            el2n.append(e.cpu())
+        return torch.cat(losses).double().numpy(), torch.cat(el2n).double().numpy()
+
+    def _eval(self, model, tokens):
+        was = model.training
+        model.eval()
+        try:
+            return self._score(model, tokens)
+        finally:
+            model.train(was)
+
+    def score_probe(self, model=None) -> dict[str, float]:
+        """Score every domain's probe set now (no_grad, eval mode, training mode restored)."""
+        model = model or self.model
+        out: dict[str, float] = {}
+        for name, tokens in self.probe.items():
+            loss, el2n = self._eval(model, tokens)
+            rec = {"loss": loss, "el2n": el2n}
+            out[f"difficulty/{name}/probe_loss"] = float(loss.mean())
+            out[f"difficulty/{name}/frac_learned"] = float((loss < self.learned_loss).mean())
+            out[f"difficulty/{name}/el2n"] = float(el2n.mean())
+            if self.reference is not None:
+                if name not in self._ref_cache:  # a fixed reference: score it once
+                    self._ref_cache[name] = self._eval(self.reference, tokens)[0]
+                rec["reference_loss"] = self._ref_cache[name]
+                out[f"difficulty/{name}/reducible_loss"] = float((loss - self._ref_cache[name]).mean())
+            s = self.probe_series.setdefault(name, RingSeries(self.window))
+            s.append(self.total_tokens, float(loss.mean()))
+            lr = learnability(*s.arrays(), level=self.level, min_points=4)
+            if lr.defined:
+                out[f"difficulty/{name}/probe_learnability"] = lr.value
+            self._last_probe[name] = rec
+        self._dirty = True
+        return out
+
+    # -- results --------------------------------------------------------------------------
+    def data_map(self) -> dict[str, np.ndarray]:
+        """The per-example table's columns plus data-map ``region`` (0 easy, 1 ambiguous, 2 hard;
+        ``diagnostics.difficulty.REGIONS``)."""
+        if self.table is None:
+            raise ValueError("this DifficultyTracker keeps no per-example table (track_examples=False).")
+        a = self.table.to_arrays()
+        # easy vs hard: mean confidence above the learned level exp(-learned_loss) (absolute, so maps of
+        # different runs compare); ambiguous: the top third by variability (Swayamdipta et al. 2020)
+        a["region"] = data_map_regions(a["confidence"], a["variability"],
+                                       confidence_threshold=float(np.exp(-self.learned_loss)))
+        return a
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything saved under arrays/<array_name>.npz."""
+        out: dict[str, np.ndarray] = {}
+        if self.table is not None:
+            out.update(self.data_map())
+            out["sample_rate"] = np.array(self.table.sample_rate)
+        out["domain_names"] = np.array(self.domain_names, dtype=str)
+        out["domain_tokens"] = self.domain_tokens.copy()
+        out["learned_loss"] = np.array(self.learned_loss)
+        if self._last_probe:
+            names = list(self._last_probe)
+            out["probe_domain"] = np.concatenate([np.full(len(self._last_probe[n]["loss"]), self._dom(n))
+                                                  for n in names])
+            for k in ("loss", "el2n", "reference_loss"):
+                if all(k in self._last_probe[n] for n in names):
+                    out[f"probe_{k}"] = np.concatenate([self._last_probe[n][k] for n in names])
+        return out
+
+    def save(self) -> None:
+        """Write the arrays through the writer / callback (no-op without one or when unchanged)."""
+        if not self._dirty or (self.writer is None and self.save_fn is None):
+            return
+        arrays = self.arrays()
+        if self.writer is not None:
+            if getattr(self.writer, "closed", False):
+                return
+            self.writer.save_array(self.array_name, **arrays)
+        else:
+            self.save_fn(self.array_name, **arrays)
+        self._dirty = False
+
+    def detach(self) -> None:
+        self.save()
+
+    def summary(self) -> dict[str, float]:
+        return {k: v for k, v in self._last_metrics.items()
+                if k.endswith(("/learnability", "/frac_learned", "/probe_loss", "frac_forgotten"))}
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "domain_names": list(self.domain_names),
+            "table": self.table.state_dict() if self.table is not None else None,
+            "ema": self.ema.state_dict(),
+            "series": {int(d): s.state_dict() for d, s in self.series.items()},
+            "probe_series": {n: s.state_dict() for n, s in self.probe_series.items()},
+            "domain_tokens": self.domain_tokens.copy(),
+            "total_tokens": self.total_tokens, "token_unit": self.token_unit,
+            "n_losses": self.n_losses, "n_nan": self.n_nan,
+            "last_probe": {n: {k: v.copy() for k, v in r.items()} for n, r in self._last_probe.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.domain_names = list(state["domain_names"])
+        if state.get("table") is not None:
+            if self.table is None:
+                self.table = ExampleTable(learned_loss=self.learned_loss)
+            self.table.load_state_dict(state["table"])
+        self.ema.load_state_dict(state["ema"])
+        self.series = {int(d): RingSeries.from_state(s) for d, s in state["series"].items()}
+        self.probe_series = {n: RingSeries.from_state(s) for n, s in state["probe_series"].items()}
+        self.domain_tokens = np.asarray(state["domain_tokens"], dtype=np.float64).copy()
+        self.total_tokens, self.token_unit = float(state["total_tokens"]), state["token_unit"]
+        self.n_losses, self.n_nan = int(state["n_losses"]), int(state["n_nan"])
+        self._last_probe = {n: {k: np.asarray(v) for k, v in r.items()} for n, r in state.get("last_probe", {}).items()}
