@@ -1,8 +1,8 @@
 """MEASURE: hooks that attach to any PyTorch training loop (see hooks.monitor)."""
 
 from hooks.gradient_noise import GradientNoiseScale
-from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink, StdoutSink
+from hooks.monitor import Hook, MemorySink, Monitor, NullSink, RunStoreSink, StdoutSink
 from hooks.difficulty import DifficultyTracker, per_example_loss
 from hooks.representation import RepresentationProbe
 
-__all__ = ["GradientNoiseScale", "Hook", "Monitor", "NullSink", "RunStoreSink", "StdoutSink", "DifficultyTracker", "per_example_loss", "RepresentationProbe"]
+__all__ = ["GradientNoiseScale", "Hook", "MemorySink", "Monitor", "NullSink", "RunStoreSink", "StdoutSink", "DifficultyTracker", "per_example_loss", "RepresentationProbe"]

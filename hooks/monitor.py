@@ -70,6 +70,19 @@ class StdoutSink:
         pass
 
 
+class MemorySink:
+    """Keeps every record in ``self.records`` (a list of dicts): for notebooks and tests."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+
+    def log_dict(self, record):
+        self.records.append(dict(record))
+
+    def close(self):
+        pass
+
+
 class NullSink:
     """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
 

@@ -59,6 +59,20 @@ def _gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus)
 
 # -- representation --------------------------------------------------------------------
 
+def _probe_batches(hook: str, cfg: TrainConfig, corpus, n_seq: int) -> dict:
+    """A fixed probe batch per corpus domain -- every domain, including those only later
+    phases train on: ``n_seq`` evenly spaced validation chunks at the first phase's seq_len.
+    A domain too short for one is left out with a warning."""
+    from midtrain import data as data_mod
+
+    out = {}
+    for d in corpus.names():
+        try:
+            out[d] = data_mod.val_batches(corpus, d, cfg.phases[0].seq_len, n_seq, 1)[0]
+        except data_mod.DataError as e:
+            warnings.warn(f"[monitor.{hook}]: no probe batch for domain {d!r} ({e})", UserWarning)
+    return out
+
 @register("representation")
 def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.representation]``: RepresentationProbe on a fixed per-domain probe batch: the
@@ -68,19 +82,10 @@ def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Ho
     (layers, metrics, twonn, info_plane, readout, save_spectra, ...) may be set. Eigenspectra go
     to the run store found on the Monitor's sink."""
     from hooks.representation import RepresentationProbe
-    from midtrain import data as data_mod
 
     opts = dict(opts)
     n_seq = int(opts.pop("probe_sequences", 4))
-    seq_len = cfg.phases[0].seq_len
-    probe = {}
-    for d in corpus.names():
-        try:
-            b = data_mod.val_batches(corpus, d, seq_len, n_seq, 1)[0]
-        except data_mod.DataError as e:
-            warnings.warn(f"[monitor.representation]: no probe batch for domain {d!r} ({e})", UserWarning)
-            continue
-        probe[d] = (b.x, b.y)  # (B, T) inputs, (B, T) next tokens
+    probe = {d: (b.x, b.y) for d, b in _probe_batches("representation", cfg, corpus, n_seq).items()}
     if not probe:
         raise ConfigError("[monitor.representation]: no domain has enough validation tokens for a probe batch.")
     opts.setdefault("every", cfg.eval_every)
@@ -105,20 +110,12 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     import torch
 
     from hooks.difficulty import DifficultyTracker
-    from midtrain import data as data_mod
 
     opts = dict(opts)
     probe_size = int(opts.pop("probe_size", 16))
     ref_path = opts.pop("reference_checkpoint", None)
-    seq_len = cfg.phases[0].seq_len
-    probe = {}
-    for d in corpus.names():
-        try:
-            b = data_mod.val_batches(corpus, d, seq_len, probe_size, 1)[0]
-        except data_mod.DataError as e:
-            warnings.warn(f"[monitor.difficulty]: no probe set for domain {d!r} ({e})", UserWarning)
-            continue
-        probe[d] = torch.cat([b.x, b.y[:, -1:]], dim=1)  # (N, T+1) token ids
+    probe = {d: torch.cat([b.x, b.y[:, -1:]], dim=1)  # (N, T+1) token ids
+             for d, b in _probe_batches("difficulty", cfg, corpus, probe_size).items()}
     opts.setdefault("probe_every", cfg.eval_every)
     opts.setdefault("save_every", cfg.checkpoint_every)
     if ref_path:

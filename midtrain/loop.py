@@ -373,6 +373,7 @@ def train(
     samplers: dict[int, Any] = {}
     peak = peak_flops(device)
     bar = Progress(total, start_step, cfg.log_every, enabled=progress and master)
+    phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -396,7 +397,7 @@ def train(
                 micro_global = phase.batch_size // phase.grad_accum
                 flops_tok = model.flops_per_token(phase.seq_len)
             scalars: dict[str, Any] = {}
-            if step % cfg.eval_every == 0 or step == start_step == 0 or step in cfg.phase_starts():
+            if step % cfg.eval_every == 0 or step in phase_starts:
                 scalars.update(evaluate(model, val, device, autocast))
                 if step == 0:
                     val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}

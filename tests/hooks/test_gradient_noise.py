@@ -23,7 +23,7 @@ from torch import nn
 
 from diagnostics.gns import recompute_b_simple
 from hooks.gradient_noise import GradientNoiseScale, default_groups
-from hooks.monitor import Monitor
+from hooks.monitor import MemorySink, Monitor
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,16 +34,6 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-
-class ListSink:
-    def __init__(self):
-        self.records = []
-
-    def log_dict(self, r):
-        self.records.append(dict(r))
-
-    def close(self):
-        pass
 
 
 def lsq_problem(seed=0, N=64, d=5):
@@ -91,7 +81,7 @@ def draw(seed, steps, accum, b, N):
 
 
 def run_hook(model, batches, loss_fn, **kw):
-    sink, hook = ListSink(), GradientNoiseScale(**{"mode": "microbatch", **kw})
+    sink, hook = MemorySink(), GradientNoiseScale(**{"mode": "microbatch", **kw})
     mon = Monitor(model, [hook], sinks=[sink], strict=True)
     plain_loop(model, mon, batches, loss_fn)
     mon.close()
@@ -217,7 +207,7 @@ def test_grad_scaler_scale_is_divided_out():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         hook = GradientNoiseScale(mode="microbatch", grad_scale=scaler if scale_arg == "scaler" else scale_arg,
                                   grads_unscaled=unscale)
-        sink = ListSink()
+        sink = MemorySink()
         mon = Monitor(model, [hook], sinks=[sink], strict=True)
         plain_loop(model, mon, batches, loss_fn, backward=lambda loss: scaler.scale(loss).backward(),
                    before_ready=(lambda: scaler.unscale_(opt)) if unscale else None,
@@ -234,7 +224,7 @@ def test_grad_scaler_scale_is_divided_out():
 def test_nan_gradient_skips_step_and_keeps_ema():
     X, y, model = lsq_problem()
     batches = draw(3, steps=6, accum=2, b=3, N=len(X))
-    sink, hook = ListSink(), GradientNoiseScale(mode="microbatch")
+    sink, hook = MemorySink(), GradientNoiseScale(mode="microbatch")
     mon = Monitor(model, [hook], sinks=[sink], strict=True)
     bad_step = 3
     for step, micros in enumerate(batches):
@@ -270,7 +260,7 @@ def test_single_batch_size_says_what_is_needed_once_and_keeps_running(monkeypatc
     if why == "not installed":
         monkeypatch.setattr(gn, "_per_example_available", lambda: False)
     X, y, model = lsq_problem()
-    sink, hook = ListSink(), GradientNoiseScale(fallback="none" if why == "fallback none" else "per_example")
+    sink, hook = MemorySink(), GradientNoiseScale(fallback="none" if why == "fallback none" else "per_example")
     mon = Monitor(model, [hook], sinks=[sink], strict=True)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -388,7 +378,7 @@ def test_every_k_steps_and_idle_tensor_hooks(monkeypatch):
     for mod, fn in [(torch.linalg, "vector_norm"), (torch, "dot")]:
         real = getattr(mod, fn)
         monkeypatch.setattr(mod, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
-    sink, hook = ListSink(), GradientNoiseScale(mode="microbatch", every=3)
+    sink, hook = MemorySink(), GradientNoiseScale(mode="microbatch", every=3)
     mon = Monitor(model, [hook], sinks=[sink], strict=True)
     batches = draw(6, steps=7, accum=2, b=3, N=len(X))
     per_step = []
@@ -414,7 +404,7 @@ def test_without_on_step_begin_still_measures():
     batches = draw(7, steps=6, accum=3, b=2, N=len(X))
     loss_fn = lambda i: lsq_loss(model, X, y, i)  # noqa: E731
     for every in (1, 2):
-        sink, hook = ListSink(), GradientNoiseScale(mode="microbatch", every=every)
+        sink, hook = MemorySink(), GradientNoiseScale(mode="microbatch", every=every)
         mon = Monitor(model, [hook], sinks=[sink], strict=True)
         plain_loop(model, mon, batches, loss_fn, begin=False)
         rows = [r for r in sink.records if "gns/b_small" in r]
@@ -440,13 +430,13 @@ def test_state_dict_resume_equals_uninterrupted(tmp_path):
     loss_fn = lambda i: lsq_loss(model, X, y, i)  # noqa: E731
     full, _ = run_hook(model, batches, loss_fn)
 
-    sink1, h1 = ListSink(), GradientNoiseScale(mode="microbatch")
+    sink1, h1 = MemorySink(), GradientNoiseScale(mode="microbatch")
     mon1 = Monitor(model, [h1], sinks=[sink1], strict=True)
     plain_loop(model, mon1, batches[:5], loss_fn)
     torch.save(mon1.state_dict(), tmp_path / "state.pt")
     mon1.close()
 
-    sink2, h2 = ListSink(), GradientNoiseScale(mode="microbatch")
+    sink2, h2 = MemorySink(), GradientNoiseScale(mode="microbatch")
     mon2 = Monitor(model, [h2], sinks=[sink2], strict=True)
     mon2.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
     for step, micros in enumerate(batches[5:], start=5):
@@ -556,7 +546,7 @@ def _ddp_run(rank, mode, accum, per_rank, seed, cls=GradientNoiseScale):
 
     X, y, model = lsq_problem()
     ddp = DDP(model)
-    sink, hook = ListSink(), cls(mode=mode)
+    sink, hook = MemorySink(), cls(mode=mode)
     mon = Monitor(model, [hook], sinks=[sink], strict=True, enabled=rank == 0, ddp_model=ddp)
     for step, glob in enumerate(_ddp_step_batches(seed, len(X), per_rank)):
         local = glob[rank * per_rank:(rank + 1) * per_rank]           # contiguous shard

@@ -1,18 +1,8 @@
 import pytest
 import torch
 
-from hooks.monitor import Hook, Monitor
+from hooks.monitor import Hook, MemorySink, Monitor
 
-
-class ListSink:
-    def __init__(self):
-        self.records = []
-
-    def log_dict(self, r):
-        self.records.append(dict(r))
-
-    def close(self):
-        pass
 
 
 class Counting(Hook):
@@ -60,7 +50,7 @@ def _loop(monitor, steps=4, micro=2):
 
 
 def test_records_one_per_step_with_areas():
-    sink = ListSink()
+    sink = MemorySink()
     _loop(Monitor(None, [Counting()], sinks=[sink]))
     assert [r["step"] for r in sink.records] == [0, 1, 2, 3]
     r = sink.records[0]
@@ -70,7 +60,7 @@ def test_records_one_per_step_with_areas():
 
 def test_unscheduled_hook_gets_no_events():
     h = Counting(every=2)
-    sink = ListSink()
+    sink = MemorySink()
     _loop(Monitor(None, [h], sinks=[sink]))
     assert h.total == 2  # steps 0 and 2
     assert len(h.events) == 2 * (2 + 1)
@@ -78,7 +68,7 @@ def test_unscheduled_hook_gets_no_events():
 
 
 def test_failing_hook_is_disabled_and_training_goes_on():
-    sink = ListSink()
+    sink = MemorySink()
     good = Counting()
     mon = Monitor(None, [Exploding(), good], sinks=[sink])
     with pytest.warns(RuntimeWarning, match="exploding.*disabled"):
@@ -89,17 +79,17 @@ def test_failing_hook_is_disabled_and_training_goes_on():
 
 
 def test_strict_mode_raises():
-    mon = Monitor(None, [Exploding()], sinks=[ListSink()], strict=True)
+    mon = Monitor(None, [Exploding()], sinks=[MemorySink()], strict=True)
     with pytest.raises(RuntimeError, match="boom"):
         _loop(mon)
 
 
 def test_state_dict_roundtrip():
     h = Counting()
-    mon = Monitor(None, [h], sinks=[ListSink()])
+    mon = Monitor(None, [h], sinks=[MemorySink()])
     _loop(mon, steps=3)
     h2 = Counting()
-    Monitor(None, [h2], sinks=[ListSink()]).load_state_dict(mon.state_dict())
+    Monitor(None, [h2], sinks=[MemorySink()]).load_state_dict(mon.state_dict())
     assert h2.total == 3
 
 
@@ -115,6 +105,6 @@ def test_run_dir_sink_writes_metrics(tmp_path):
 
 
 def test_disabled_monitor_writes_nothing():
-    sink = ListSink()
+    sink = MemorySink()
     _loop(Monitor(None, [Counting()], sinks=[sink], enabled=False))
     assert sink.records == []

@@ -13,20 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diagnostics.spectra import mutual_information, representation_metrics
-from hooks.monitor import Monitor
+from hooks.monitor import MemorySink, Monitor
 from hooks.representation import RepresentationProbe, default_sites
 from midtrain.model import GPT, GPTConfig
 
-
-class ListSink:
-    def __init__(self):
-        self.records = []
-
-    def log_dict(self, r):
-        self.records.append(dict(r))
-
-    def close(self):
-        pass
 
 
 def tiny_gpt(seed=0):
@@ -65,7 +55,7 @@ def test_schedule_step0_every_and_log_spaced():
 
 def test_metrics_only_at_scheduled_steps_through_the_monitor():
     model = tiny_gpt()
-    sink = ListSink()
+    sink = MemorySink()
     rp = RepresentationProbe(easy_ids()[:, :-1], every=5, max_tokens=64, info_plane_tokens=64)
     mon = Monitor(model, [rp], sinks=[sink], strict=True)
     for step in range(12):
@@ -213,7 +203,7 @@ def test_a_failing_probe_is_disabled_by_the_monitor_and_training_continues():
     model = tiny_gpt()
     rp = RepresentationProbe(easy_ids(2, 16)[:, :-1], max_tokens=24, model=model)
     rp._finalize = lambda site: (_ for _ in ()).throw(ValueError("bad"))
-    sink = ListSink()
+    sink = MemorySink()
     mon = Monitor(model, [rp], sinks=[sink])
     with pytest.warns(RuntimeWarning, match="representation"):
         mon.on_step_end(0, loss=1.0)
@@ -304,7 +294,7 @@ def test_ddp_non_zero_rank_skips(monkeypatch):
 
     model = tiny_gpt()
     rp = RepresentationProbe(easy_ids(2, 16)[:, :-1], max_tokens=24)
-    sink = ListSink()
+    sink = MemorySink()
     mon = Monitor(model, [rp], sinks=[sink], strict=True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
