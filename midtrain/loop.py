@@ -171,13 +171,14 @@ def _checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
 
 
-def _save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg) -> str:
+def _save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
     path = _checkpoint_path(run_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,  # optimizer updates applied; the next step to run
         "tokens": tokens,
+        "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rope_base": model.config.rope_base,
@@ -380,7 +381,7 @@ def train(
     val_start: dict[str, float] = {}
     last_loss, tok_s_ema, mfu = float("nan"), float("nan"), float("nan")
     cur_phase = -1
-    skipped = 0
+    skipped = int(ckpt.get("skipped_steps", 0)) if ckpt is not None else 0  # older checkpoints: 0
     t_loop = time.perf_counter()
     tokens_loop = 0
     model.train()
@@ -457,7 +458,7 @@ def train(
 
             done = step + 1
             if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
-                _save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg)
+                _save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
     except BaseException as e:
         # leave the run directory honest: its status says how it ended; checkpoints stay resumable
         if writer is not None:

@@ -151,3 +151,23 @@ def test_failing_hook_does_not_stop_training(tmp_path, micro_cfg):
     with pytest.warns(RuntimeWarning, match="bad"):
         res = train(micro_cfg, str(tmp_path / "r"), hooks=[Bad()], progress=False)
     assert res.steps_done == micro_cfg.total_steps()
+
+
+def test_skipped_steps_count_the_whole_run_across_resume(tmp_path, monkeypatch):
+    """A step with a non-finite gradient norm is skipped (weights untouched) and counted in
+    train/skipped_steps; the count is saved in the checkpoint, so a resumed run keeps counting."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_with_overflow(params, max_norm, *a, **kw):
+        calls["n"] += 1
+        norm = real_clip(params, max_norm, *a, **kw)
+        return torch.full_like(norm, float("inf")) if calls["n"] in (2, 8) else norm  # steps 1 and 7
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_overflow)
+    cfg = micro_config(steps=(6, 4, 2), checkpoint_every=100)
+    train(cfg, str(tmp_path / "r"), until_step=5, progress=False)
+    train(cfg, str(tmp_path / "r"), resume=True, progress=False)
+    m = load_run(tmp_path / "r").metrics.set_index("step")["train/skipped_steps"].dropna()
+    expected = {s: (s >= 1) + (s >= 7) for s in range(12)}
+    assert {int(k): int(v) for k, v in m.items()} == expected
