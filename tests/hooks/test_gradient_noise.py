@@ -8,7 +8,6 @@ References used here, slow and obvious:
   no-copy tensor-hook norms are compared with plain gradient vectors.
 """
 
-import contextlib
 import math
 import os
 import warnings
@@ -17,11 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from diagnostics.gns import recompute_b_simple
+from diagnostics.gns import recompute_b_simple, two_batch_estimates
 from hooks.gradient_noise import GradientNoiseScale, default_groups
 from hooks.monitor import MemorySink, Monitor
 
@@ -108,6 +105,78 @@ def test_microbatch_b_simple_converges_to_exact():
     # power: without undoing the 1/accum loss scaling the estimate would be far off
     naive = df.assign(**{"gns/small_sq": df["gns/small_sq"] / 8 ** 2})
     assert not recompute_b_simple(naive, window=len(df))["gns/b_simple"].iloc[-1] == pytest.approx(truth, rel=0.5)
+
+
+def b_simple_and_se(df, prefix="gns"):
+    """Ratio-of-means B_simple over all logged steps and its delta-method standard error.
+
+    Steps are independent at learning rate 0, so mean(trace_cov) / mean(grad_sq) has standard
+    error std(trace_cov - B grad_sq) / (sqrt(n) mean(grad_sq)) to first order."""
+    g2, tr = two_batch_estimates(*(df[f"{prefix}/{k}"].to_numpy() for k in ("small_sq", "big_sq", "b_small", "b_big")))
+    b = tr.mean() / g2.mean()
+    return float(b), float((tr - b * g2).std(ddof=1) / math.sqrt(len(tr)) / g2.mean())
+
+
+def test_per_example_b_simple_converges_to_exact():
+    """B_small = 1 (per-example norms from hooks.per_example) vs B_big = 32, same ground truth."""
+    X, y, model = lsq_problem()
+    truth = exact_b_simple(model, X, y)
+    df, hook = run_hook(model, draw(1, steps=1000, accum=1, b=32, N=len(X)),
+                        lambda i: lsq_loss(model, X, y, i), mode="per_example", ema=0.999, groups=False)
+    assert hook.last_mode == "per_example"
+    assert set(df["gns/b_small"]) == {1.0} and set(df["gns/b_big"]) == {32.0}
+    b, se = b_simple_and_se(df)
+    assert se < 0.015 * truth                  # the 5% check below is >3 standard errors wide
+    assert b == pytest.approx(truth, rel=0.05)
+    assert df["gns/b_simple"].iloc[-1] == pytest.approx(truth, rel=0.05)      # the online EMA
+    # power: per-example norms of the mean loss (not undoing 1/B) would be 32^2 too small
+    naive = df.assign(**{"gns/small_sq": df["gns/small_sq"] / 32 ** 2})
+    assert not recompute_b_simple(naive, window=len(df))["gns/b_simple"].iloc[-1] == pytest.approx(truth, rel=0.5)
+
+
+def gpt_exact_b_simple(model, data, only=None):
+    """Exact tr(Sigma) / |G|^2 of the finite data set ``data`` (N, T+1) over the parameters whose
+    names pass ``only``: one backward per sequence (population covariance, 1/N)."""
+    params = [p for n, p in model.named_parameters() if p.requires_grad and (only is None or only(n))]
+    per = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        model(xy[None, :-1], xy[None, 1:])[1], params)]) for xy in data]).double()   # (N, D)
+    G = per.mean(0)
+    return float(((per - G) ** 2).sum(1).mean()) / float(G @ G)
+
+
+def test_gpt_modes_agree_with_exact_b_simple_and_each_other():
+    """The built-in GPT at learning rate 0 on a finite data set: microbatch (B 4 vs 8),
+    per_example (1 vs 8) and layernorm (1 vs 8, norm gains only) agree with the exact B_simple of
+    the same parameters and with each other, within their statistical errors (z < 4)."""
+    model = gpt_no_extras()
+    g = torch.Generator().manual_seed(3)
+    # N = 24 sequences (T = 8) over 4 of the 32 symbols: a strong mean gradient (B_simple ~ 1),
+    # so 150 steps pin B_simple down to a few per cent
+    data = torch.randint(0, 4, (24, 9), generator=g)
+    is_norm = lambda n: "norm" in n  # noqa: E731   the layernorm mode's parameters (RMSNorm gains)
+    truth = {"gns": gpt_exact_b_simple(model, data), "gns/norms": gpt_exact_b_simple(model, data, is_norm)}
+    steps = 150
+    idx = torch.randint(0, len(data), (steps, 8), generator=g)
+    loss = GPTLoss(model)
+    est = {}
+    for mode, accum in [("microbatch", 2), ("per_example", 1), ("layernorm", 1)]:
+        batches = [[data[i] for i in row.chunk(accum)] for row in idx]        # the same examples
+        df, hook = run_hook(model, batches, loss, mode=mode, group_details=True)
+        assert hook.last_mode == mode and set(df["gns/b_big"]) == {8.0}
+        if mode != "layernorm":
+            est[(mode, "gns")] = b_simple_and_se(df)
+        est[(mode, "gns/norms")] = b_simple_and_se(df, "gns/norms")
+        if mode == "layernorm":               # its total is the norm gains' group
+            assert b_simple_and_se(df) == pytest.approx(est[(mode, "gns/norms")], rel=1e-9)
+    # layernorm mode computes exactly the per_example mode's norm-gain norms
+    assert est[("layernorm", "gns/norms")] == pytest.approx(est[("per_example", "gns/norms")], rel=1e-6)
+    for (mode, what), (b, se) in est.items():
+        assert se < 0.1 * truth[what], (mode, what)
+        assert abs(b - truth[what]) < 4 * se, (mode, what, b, se, truth[what])
+    for what in truth:
+        pairs = [(m, v) for (m, w), v in est.items() if w == what]
+        for (m1, (b1, s1)), (m2, (b2, s2)) in zip(pairs, pairs[1:]):
+            assert abs(b1 - b2) < 4 * math.hypot(s1, s2), (what, m1, m2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,140 +579,3 @@ def test_builtin_loop_config_table(tmp_path):
     cfg.monitor.gns = {"modee": "ddp"}
     with pytest.raises(ConfigError, match="monitor.gns"):
         build_hooks(cfg, tiny_gpt(), None)
-
-
-# ----------------------------------------------------------------------------------------------
-# (9) DDP: 2 gloo processes vs 1 process with micro-batches on the same global batches
-
-WORLD, STEPS, B = 2, 4, 3
-
-
-def _ddp_step_batches(seed, N, per_rank):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, N, (WORLD * per_rank,), generator=g) for _ in range(STEPS)]
-
-
-class FailsOnRank1(GradientNoiseScale):
-    """Raises on rank 1 only: in on_step_end at step 1, in on_backward_end at step 2."""
-
-    def _step_end(self, step, scalars):
-        if dist.get_rank() == 1 and step == 1:
-            raise RuntimeError("boom")
-        return super()._step_end(step, scalars)
-
-    def on_step_begin(self, step):
-        self.step = step
-        super().on_step_begin(step)
-
-    def _backward_end(self, b):
-        if dist.get_rank() == 1 and self.step == 2:
-            raise RuntimeError("bang")
-        return super()._backward_end(b)
-
-
-def _ddp_run(rank, mode, accum, per_rank, seed, cls=GradientNoiseScale):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    X, y, model = lsq_problem()
-    ddp = DDP(model)
-    sink, hook = MemorySink(), cls(mode=mode)
-    mon = Monitor(model, [hook], sinks=[sink], strict=True, enabled=rank == 0, ddp_model=ddp)
-    for step, glob in enumerate(_ddp_step_batches(seed, len(X), per_rank)):
-        local = glob[rank * per_rank:(rank + 1) * per_rank]           # contiguous shard
-        mon.on_step_begin(step)
-        for k, idx in enumerate(local.chunk(accum)):
-            ctx = ddp.no_sync() if k < accum - 1 else contextlib.nullcontext()
-            with ctx:
-                (0.5 * ((ddp(X[idx]).squeeze(-1) - y[idx]) ** 2).mean() / accum).backward()
-            mon.on_backward_end(len(idx))
-        mon.on_grads_ready()
-        ddp.zero_grad(set_to_none=True)
-        mon.on_step_end(step)
-    assert not mon.disabled
-    return sink.records, hook.last_mode
-
-
-def _loop_cfg_ddp_mode():
-    from tests.midtrain.conftest import micro_config
-
-    cfg = micro_config(steps=(2, 1, 1), checkpoint_every=100, eval_every=100)
-    only_gns(cfg)
-    cfg.monitor.gns = {"mode": "ddp"}
-    return cfg
-
-
-def _ddp_worker(rank, init_file, out, run_dir):
-    from midtrain.loop import train
-
-    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        res = {
-            "ddp_1": _ddp_run(rank, "ddp", accum=1, per_rank=B, seed=10),
-            "ddp_2": _ddp_run(rank, "ddp", accum=2, per_rank=2 * B, seed=11),     # no_sync accumulation
-            "auto_1": _ddp_run(rank, "auto", accum=1, per_rank=B, seed=10),
-            "micro_2": _ddp_run(rank, "microbatch", accum=2, per_rank=2 * B, seed=11),
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res["failing"] = _ddp_run(rank, "microbatch", accum=2, per_rank=2 * B, seed=11, cls=FailsOnRank1)
-        # the built-in loop hands its DDP wrapper to the Monitor: mode "ddp" works there too
-        train(_loop_cfg_ddp_mode(), run_dir, progress=False, strict_hooks=True)
-        if rank == 0:
-            torch.save(res, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _single(accum_per_rank, per_rank, seed):
-    """One process, the global batch as WORLD x accum micro-batches (the ranks' shards in order)."""
-    X, y, model = lsq_problem()
-    steps = [list(glob.chunk(WORLD * accum_per_rank)) for glob in _ddp_step_batches(seed, len(X), per_rank)]
-    df, _ = run_hook(model, steps, lambda i: lsq_loss(model, X, y, i))
-    return df
-
-
-@pytest.mark.timeout(120)
-def test_ddp_mode_matches_microbatch_mode_exactly(tmp_path):
-    out = tmp_path / "res.pt"
-    run_dir = tmp_path / "loop"
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out), str(run_dir)), nprocs=WORLD, join=True)
-    res = torch.load(out, weights_only=False)
-    cols = ["gns/small_sq", "gns/big_sq", "gns/b_small", "gns/b_big"]
-
-    # 2 ranks x 1 micro-batch of B (ddp) == 1 rank x 2 micro-batches of B (microbatch)
-    ddp1 = pd.DataFrame(res["ddp_1"][0])
-    single1 = _single(1, B, seed=10)
-    assert set(ddp1["gns/b_small"]) == {B} and set(ddp1["gns/b_big"]) == {2 * B}
-    np.testing.assert_allclose(ddp1[cols], single1[cols], rtol=1e-5)
-    # auto with 2 ranks and no accumulation: the per-rank gradient from the tensor hooks, same numbers
-    auto1 = pd.DataFrame(res["auto_1"][0])
-    assert res["auto_1"][1] == "ddp"
-    np.testing.assert_allclose(auto1[cols], single1[cols], rtol=1e-5)
-
-    # ddp mode under no_sync accumulation: the comm hook sees each rank's accumulated gradient
-    # (per-rank batch 2B) == 1 process with 2 micro-batches of 2B (each rank's whole shard)
-    ddp2 = pd.DataFrame(res["ddp_2"][0])
-    single2 = _single(1, 2 * B, seed=11)
-    assert set(ddp2["gns/b_small"]) == {2 * B} and set(ddp2["gns/b_big"]) == {4 * B}
-    np.testing.assert_allclose(ddp2[cols], single2[cols], rtol=1e-5)
-
-    # microbatch mode under DDP: B_small = micro-batch, B_big = global batch; == 1 process x 4 micros
-    micro2 = pd.DataFrame(res["micro_2"][0])
-    single4 = _single(2, 2 * B, seed=11)
-    assert set(micro2["gns/b_small"]) == {B} and set(micro2["gns/b_big"]) == {4 * B}
-    np.testing.assert_allclose(micro2[cols], single4[cols], rtol=1e-5)
-
-    # built-in loop, mode "ddp": per-rank batch vs global batch in every phase
-    from diagnostics.runs import load_run
-
-    m = load_run(run_dir).metrics.dropna(subset=["train/loss"])
-    assert list(m["gns/b_small"]) == [4, 4, 4, 2] and list(m["gns/b_big"]) == [8, 8, 8, 4]
-    assert np.isfinite(m["gns/small_sq"]).all() and (m["gns/small_sq"] > m["gns/big_sq"]).all()
-
-    # an error on one rank only never hangs the others nor disables the hook there: rank 1 failed
-    # after step 1's all-reduce (rank 0 measured it) and before step 2's (skipped on every rank)
-    fail = pd.DataFrame(res["failing"][0])
-    np.testing.assert_allclose(fail.loc[[0, 1, 3], cols], micro2.loc[[0, 1, 3], cols], rtol=1e-5)
-    assert list(fail["gns/skipped"]) == [0, 0, 1, 1] and fail["gns/small_sq"].isna().tolist() == [False, False, True, False]
