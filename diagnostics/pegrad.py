@@ -71,9 +71,12 @@ __all__ = [
     "rms_normalize",
     "layer_normalize",
     "norm_weight_grads",
+    "norm_gain_grads",
     "bias_grads",
     "rmsnorm_sq_norms",
     "layernorm_sq_norms",
+    "linear_grads",
+    "add_embedding_grads",
     "linear_grad_rows",
     "tied_embedding_head_cross",
     "tied_embedding_head_sq_norms",
@@ -169,7 +172,9 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False, met
             out[sl] = torch.linalg.vecdot(aa.flatten(1), gg.flatten(1))  # sum_{t,s} eq. (2)
     else:
         for sl in _chunks(B, d_in * d_out, max_elements):
-            w = torch.bmm(g[sl].to(dt).transpose(1, 2), a[sl].to(dt))  # (b, Dout, Din) eq. (1)
+            # (b, Din, Dout) = eq. (1) transposed: a^T g reads both operands in their stored
+            # layout (one transposed GEMM flag), a little faster on CPU than g^T a
+            w = torch.bmm(a[sl].to(dt).transpose(1, 2), g[sl].to(dt))
             out[sl] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
     if bias:
         out = out + bias_sq_norms(G).to(dt)
@@ -247,6 +252,31 @@ def layer_normalize(x: torch.Tensor, eps: float, feature_dims: int = 1) -> torch
     return (xf - mu) * torch.rsqrt(var + eps)
 
 
+def norm_gain_grads(x: torch.Tensor, G: torch.Tensor, eps: float, kind: str = "rmsnorm",
+                    feature_dims: int = 1) -> torch.Tensor:
+    """Eq. (5) from the norm's INPUT x, without materialising xhat: (B, F).
+
+    xhat_t = (x_t - mu_t) r_t (mu_t = 0 for RMSNorm), so
+    sum_t g_t * xhat_t = sum_t r_t (g_t * x_t) - sum_t (mu_t r_t) g_t: one elementwise product
+    and per-position statistics, where ``norm_weight_grads(rms_normalize(x), G)`` makes three
+    full-size temporaries. ``kind``: "rmsnorm" or "layernorm". Same value to float rounding.
+    """
+    if kind not in ("rmsnorm", "layernorm"):
+        raise ValueError(f"kind must be 'rmsnorm' or 'layernorm', got {kind!r}")
+    dt = accumulation_dtype(x, G)
+    xf = flatten_positions(x, feature_dims).to(dt)  # (B, T, F)
+    g = flatten_positions(G, feature_dims).to(dt)
+    F = xf.shape[2]
+    if kind == "rmsnorm":
+        ms = torch.linalg.vector_norm(xf, dim=2).square_().div_(F)  # (B, T) mean of x^2
+        r = torch.rsqrt(ms.add_(eps))
+        return torch.bmm(r.unsqueeze(1), g * xf).squeeze(1)  # (B, F)
+    var, mu = torch.var_mean(xf, dim=2, unbiased=False)  # (B, T)
+    r = torch.rsqrt(var.add_(eps))
+    gx = torch.bmm(r.unsqueeze(1), g * xf)  # (B, 1, F)
+    return gx.sub_(torch.bmm((mu * r).unsqueeze(1), g)).squeeze(1)
+
+
 def norm_weight_grads(xhat: torch.Tensor, G: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:
     """Per-example gradient of an elementwise gain, eq. (5): sum_t g_t * xhat_t -> (B, F).
 
@@ -277,6 +307,30 @@ def layernorm_sq_norms(xhat: torch.Tensor, G: torch.Tensor, *, bias: bool = True
 
 # ----------------------------------------------------------------------------------------------
 # tied embedding / output head, eq. (6)
+
+
+def linear_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients of a linear layer, eq. (1), materialised: (B, Dout, Din)."""
+    a, g = flatten_positions(A), flatten_positions(G)
+    dt = accumulation_dtype(A, G)
+    return torch.bmm(g.to(dt).transpose(1, 2), a.to(dt))
+
+
+def add_embedding_grads(W: torch.Tensor, ids: torch.Tensor, G: torch.Tensor, *,
+                        padding_idx: int | None = None) -> torch.Tensor:
+    """W (B, V, D) += each example's embedding-table gradient (eq. 4), in place; returns W.
+
+    With W = ``linear_grads`` of a tied output head, ``W.flatten(1)`` squared norms are
+    ||E_b + H_b||^2 of eq. (6) directly, cross term included, when a (B, V, D) table is affordable.
+    """
+    x = flatten_ids(ids)  # (B, T)
+    g = flatten_positions(G).to(W.dtype)  # (B, T, D)
+    B, V, D = W.shape
+    if padding_idx is not None:
+        g = g * (x != padding_idx).unsqueeze(-1).to(g.dtype)
+    key = (x + torch.arange(B, device=x.device).unsqueeze(1) * V).reshape(-1)
+    W.view(B * V, D).index_add_(0, key, g.reshape(-1, D))
+    return W
 
 
 def linear_grad_rows(ids: torch.Tensor, A: torch.Tensor, G: torch.Tensor, *,

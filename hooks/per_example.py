@@ -181,7 +181,7 @@ class _Group:
 
     def tensors(self):
         out = [t for pair in self.lin + self.emb for t in pair]
-        return out + (list(self.partial) if self.partial is not None else [])
+        return out + ([t for t in self.partial if t is not None] if self.partial is not None else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,9 +438,14 @@ class PerExampleGradNorms:
             emb_call = grp.emb_calls[0]() if len(grp.emb_calls) == 1 else None
             if (grp.kinds == ["embedding", "linear"] and grp.partial is None and not grp.emb
                     and emb_call is not None and emb_call.saved is not None):
-                # tied head before its embedding (eq. 6): keep only H_b at the example's tokens
-                grp.partial = (self._linear(A, Gf), pegrad.linear_grad_rows(
-                    emb_call.saved, A, Gf, max_elements=self.max_elements))
+                # tied head before its embedding (eq. 6). A (B, V, D) table that fits: keep the
+                # materialised head gradients H_b and add the embedding's rows into them later
+                # (cross term for free); else keep only ||H_b||^2 and H_b at the example's tokens
+                if A.shape[0] * Gf.shape[2] * A.shape[2] <= self.max_elements:
+                    grp.partial = (None, pegrad.linear_grads(A, Gf))
+                else:
+                    grp.partial = (self._linear(A, Gf), pegrad.linear_grad_rows(
+                        emb_call.saved, A, Gf, max_elements=self.max_elements))
             else:
                 grp.lin.append((A, Gf))
         elif site.kind == "embedding":
@@ -453,13 +458,16 @@ class PerExampleGradNorms:
             if grp.partial is not None and grp.calls == 2:  # eq. (6) of diagnostics.pegrad
                 head_sq, rows = grp.partial
                 grp.partial = None
+                if head_sq is None:  # rows = the head's (B, V, D) gradients: add, then square
+                    W = pegrad.add_embedding_grads(rows, ids, Gf)
+                    return self._store(pass_id, pid, torch.linalg.vector_norm(W.flatten(1), dim=1).square())
                 sq = self._embedding(ids, Gf, site.module.num_embeddings)
                 return self._store(pass_id, pid, sq + head_sq + 2 * (Gf.to(rows.dtype) * rows).sum((1, 2)))
             grp.emb.append((ids, Gf))
             grp.num_embeddings = site.module.num_embeddings
         else:  # vector: norm gain, norm bias, linear bias -> (B, F) per-example gradient
             if role == "weight":
-                v = pegrad.norm_weight_grads(site.normalize(saved), G, site.feature_dims)
+                v = pegrad.norm_gain_grads(saved, G, site.eps(saved), site.kind, site.feature_dims)
             else:
                 v = pegrad.bias_grads(G, site.feature_dims)
             grp.vec = v if grp.vec is None else grp.vec + v
@@ -484,7 +492,8 @@ class PerExampleGradNorms:
         if grp.vec is not None:
             add(grp.vec.pow(2).sum(1))
         if grp.partial is not None:  # tied head whose embedding got no gradient
-            add(grp.partial[0])
+            head_sq, rows = grp.partial
+            add(torch.linalg.vector_norm(rows.flatten(1), dim=1).square() if head_sq is None else head_sq)
         if grp.lin:
             A = torch.cat([a for a, _ in grp.lin], 1)
             Gl = torch.cat([g for _, g in grp.lin], 1)
@@ -556,12 +565,14 @@ class PerExampleGradNorms:
                 continue
             chunks = []
             for p, B in zip(passes, sizes):
-                ref = next(iter(self._results[p].values()))
-                sq = self._results[p].get(pid, torch.zeros(B, dtype=ref.dtype, device=ref.device))
+                sq = self._results[p].get(pid)
+                if sq is None:
+                    ref = next(iter(self._results[p].values()))
+                    sq = torch.zeros(B, dtype=ref.dtype, device=ref.device)
                 scale = (1.0 / B) if loss_scale == "mean" else float(loss_scale)
                 chunks.append(pegrad.rescale_sq_norms(sq, scale))
             if chunks:
-                params[name] = torch.cat(chunks)
+                params[name] = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         n = sum(sizes)
         total = torch.zeros(n) if not params else sum(params.values())
         groups: dict[str, torch.Tensor] = {}

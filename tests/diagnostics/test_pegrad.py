@@ -90,6 +90,16 @@ def test_norm_layers_match_per_example_autograd():
     xr = pegrad.rms_normalize(x, 1e-6)
     assert torch.allclose(xr.pow(2).mean(-1), torch.ones(B, T, dtype=torch.float64), atol=1e-5)
     assert rel_err(pegrad.rmsnorm_sq_norms(xr, target), (target * xr).sum(1).pow(2).sum(1)) < 1e-12
+    # the hook's form from the norm's input (no xhat temporary): same gain gradients
+    assert rel_err(pegrad.norm_gain_grads(x, target, ln.eps, "layernorm"),
+                   pegrad.norm_weight_grads(xhat, target)) < 1e-10
+    assert rel_err(pegrad.norm_gain_grads(x, target, 1e-6, "rmsnorm"), pegrad.norm_weight_grads(xr, target)) < 1e-10
+    x2, t2 = torch.randn(B, T, 2, 3, dtype=torch.float64), torch.randn(B, T, 2, 3, dtype=torch.float64)
+    for kind, f in (("rmsnorm", pegrad.rms_normalize), ("layernorm", pegrad.layer_normalize)):
+        ref = pegrad.norm_weight_grads(f(x2, 1e-5, 2), t2, 2)   # 2 feature dims
+        assert rel_err(pegrad.norm_gain_grads(x2, t2, 1e-5, kind, 2), ref) < 1e-10
+    with pytest.raises(ValueError, match="kind"):
+        pegrad.norm_gain_grads(x, target, 1e-6, "batchnorm")
 
 
 def test_tied_embedding_head_cross_term():
@@ -107,6 +117,17 @@ def test_tied_embedding_head_cross_term():
                    torch.stack([H[b, ids[b]] for b in range(B)])) < 1e-10
     ref = (E + H).pow(2).sum((1, 2))  # the tied matrix counted once
     assert rel_err(pegrad.tied_embedding_head_sq_norms(ids, G_emb, A, G_head, V), ref) < 1e-10
+    # dense form used by the hook when a (B, V, D) table fits: H_b materialised, E_b added in place
+    W = pegrad.linear_grads(A, G_head)
+    assert rel_err(W, H) < 1e-12
+    assert rel_err(pegrad.add_embedding_grads(W, ids, G_emb).pow(2).sum((1, 2)), ref) < 1e-10
+    pad = int(ids[0, 0])
+    E_pad = torch.zeros(B, V, D, dtype=torch.float64)
+    for b in range(B):
+        keep = ids[b] != pad
+        E_pad[b].index_add_(0, ids[b][keep], G_emb[b][keep])
+    got = pegrad.add_embedding_grads(pegrad.linear_grads(A, G_head), ids, G_emb, padding_idx=pad)
+    assert rel_err(got, H + E_pad) < 1e-12
 
 
 def test_rescale_sq_norms():
@@ -180,6 +201,20 @@ def test_gpt_per_parameter_norms_match_vmap(gpt_case, method):
     block0 = sum(v for k, v in truth.items() if k.startswith("blocks.0."))
     assert rel_err(res.layers["blocks.0"], block0) < RTOL
     assert not pe._handles  # the context manager removed its hooks
+
+
+def test_tied_head_without_room_for_a_dense_table():
+    """A (B, V, D) table over max_elements: the tied head keeps ||H_b||^2 and H_b at the
+    example's tokens instead (eq. 6 by rows); the same norms."""
+    model, x, y, truth = gpt_case_for(True)
+    V, D = model.tok_emb.weight.shape
+    with PerExampleGradNorms(model, max_elements=x.shape[0] * V * D - 1) as pe:
+        model.zero_grad()
+        model(x, y)[1].backward()
+        assert pe.stored_tensors() == []
+        res = pe.sq_norms(loss_scale="mean")
+    for name, ref in truth.items():
+        assert rel_err(res.params[name], ref) < RTOL, name
 
 
 def test_loss_scale_conventions_and_micro_batches():
