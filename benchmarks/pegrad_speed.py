@@ -8,8 +8,13 @@ On the built-in GPT, times one training step's forward + backward:
     opacus      GradSampleModule (per-example gradients materialised by hooks), if installed;
                 and GradSampleModuleFastGradientClipping (ghost norms) where it applies
 
-and prints the ratios ours / plain and ours / torch.func, and the largest relative difference of
-the per-example total squared norm against torch.func. Default run (tiny B=8 T=128, small B=4
+and prints the ratios ours / plain and ours / torch.func (and the FLOP floor: exact norms need, per
+Linear layer, the cheaper of the ghost Gram form T^2 (Din + Dout) and the materialised form
+T Din Dout multiply-adds per example; when materialising is cheaper this is one more weight-gradient
+GEMM, +1/3 of the layer's training work. torch.func's vmap(grad) computes per-example gradients
+INSTEAD of the batch gradient, so in that regime it does less work than a training step that also
+measures; ours can only win where the ghost form is cheaper, i.e. T < Din Dout / (Din + Dout)),
+and the largest relative difference of the per-example total squared norm against torch.func. Default run (tiny B=8 T=128, small B=4
 T=128, CPU, float32; timings are the best of a few round-robin repetitions) takes about two
 minutes on two cores::
 
@@ -20,6 +25,7 @@ minutes on two cores::
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -70,16 +76,15 @@ def bench(preset, B, T, reps, tie, method):
 
     pe = PerExampleGradNorms(model, method=method, attach=False)
 
-    def ours():
+    def plain_then_ours():       # hooks stay attached between steps, as in the GNS hook
         model.zero_grad(set_to_none=True)
-        with pe:
-            model(x, y)[1].backward()
+        model(x, y)[1].backward()
         return pe.sq_norms(loss_scale="mean").total
 
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_i(p, xi, yi):
-        return functional_call(model, p, (xi[None], yi[None]))[1]
+        return functional_call(twin, p, (xi[None], yi[None]))[1]   # twin: no hooks under vmap
 
     per_example_grads = vmap(grad(loss_i), in_dims=(None, 0, 0))
 
@@ -87,14 +92,37 @@ def bench(preset, B, T, reps, tie, method):
         g = per_example_grads(params, x, y)
         return sum(v.flatten(1).pow(2).sum(1) for v in g.values())
 
-    t, out = timeit({"plain": plain, "ours": ours, "func": func}, reps)
+    twin = copy.deepcopy(model)    # "plain" runs on an identical copy without hooks
+
+    def plain_twin():
+        twin.zero_grad(set_to_none=True)
+        twin(x, y)[1].backward()
+
+    pe.attach()
+    t, out = timeit({"plain": plain_twin, "ours": plain_then_ours, "func": func}, reps)
+    pe.detach()
     sq_func = out["func"]
     row = {"preset": preset, "tied": tie, "B": B, "T": T, "params_M": model.num_params(False) / 1e6,
+           "floor": flop_floor(model, T),
            "plain_s": t["plain"], "ours_s": t["ours"], "func_s": t["func"],
            "ours/plain": t["ours"] / t["plain"], "ours/func": t["ours"] / t["func"],
            "maxrel_ours_vs_func": rel_diff(out["ours"], sq_func)}
     row.update(bench_opacus(model, x, y, reps, sq_func))
     return row
+
+
+def flop_floor(model, T):
+    """Multiply-adds per example: (exact per-example norms of every Linear, the cheaper of ghost and
+    materialised form, diagnostics.pegrad.linear_costs) / (3 x the Linear layers' forward), i.e.
+    the extra fraction of the linear layers' forward + backward work that exact norms need."""
+    from diagnostics.pegrad import linear_costs
+
+    extra = train = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            extra += min(linear_costs(T, m.in_features, m.out_features).values())
+            train += 3 * T * m.in_features * m.out_features
+    return extra / train
 
 
 def bench_opacus(model, x, y, reps, sq_func):
@@ -164,7 +192,8 @@ def main(argv=None):
             r = bench(preset, args.batch or B, args.seq or T, args.reps, tie, args.method)
             print(f"\n{preset} (tie_weights={tie}, {r['params_M']:.2f}M params), B={r['B']} T={r['T']}")
             print(f"  plain fwd+bwd      {r['plain_s'] * 1e3:9.1f} ms")
-            print(f"  ours  fwd+bwd+norms{r['ours_s'] * 1e3:9.1f} ms   ours/plain = {r['ours/plain']:.2f}")
+            print(f"  ours  fwd+bwd+norms{r['ours_s'] * 1e3:9.1f} ms   ours/plain = {r['ours/plain']:.2f}"
+                  f"   (FLOP floor of exact norms: +{r['floor']:.0%} of the Linear layers' fwd+bwd)")
             print(f"  torch.func vmap    {r['func_s'] * 1e3:9.1f} ms   ours/torch.func = {r['ours/func']:.3f}")
             print(f"  max rel diff of per-example total vs torch.func: {r['maxrel_ours_vs_func']:.2e}")
             if "opacus" in r:
