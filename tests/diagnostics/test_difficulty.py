@@ -293,3 +293,14 @@ def test_domain_curves_from_run_metrics():
                       "val/code/loss": [np.nan, np.nan, 2.5]})
     c = domain_curves(m, "code")
     assert c["step"].tolist() == [0, 2] and c["val"].tolist()[1] == 2.5 and c["probe"].isna().all()
+
+
+def test_every_public_name_is_importable_from_diagnostics_difficulty():
+    """The streaming state moved to diagnostics.difficulty_table; the public surface stays in one place."""
+    import diagnostics.difficulty as dd
+    import diagnostics.difficulty_table as dt
+
+    for name in dd.__all__:
+        assert hasattr(dd, name), name
+    for name in dt.__all__:
+        assert name in dd.__all__ and getattr(dd, name) is getattr(dt, name), name
