@@ -116,7 +116,12 @@ class DifficultyTracker(Hook):
         ema_decay: decay of the per-domain training-loss EMAs.
         window: steps (points) per domain in the learnability regression.
         level: significance level of the diminishing-returns test.
-        reference: a fixed reference model (same tokenizer) for the reducible loss.
+        reference: a fixed reference model (same tokenizer) for the reducible loss -- a module,
+            or a zero-argument callable returning one (loaded at the first probe and moved to
+            the trained model's device; ``midtrain.hookset`` passes a checkpoint loader). A
+            reference that cannot be loaded or run is warned about once (RuntimeWarning, reason
+            kept in ``reference_error``) and dropped: reducible_loss is then not reported, every
+            other signal continues.
         max_examples: row budget of the per-example table (bounded memory, see ExampleTable).
         track_examples: False keeps only per-domain signals.
         writer: anything with ``save_array(name, **arrays)`` (diagnostics.RunWriter; default:
@@ -134,7 +139,7 @@ class DifficultyTracker(Hook):
 
     def __init__(self, domain_names=None, probe: Mapping[str, torch.Tensor] | None = None, probe_every: int = 100,
                  learned_loss: float = 1.0, ema_decay: float = 0.9, window: int = 200, level: float = 0.05,
-                 reference: torch.nn.Module | None = None, max_examples: int | None = 1_000_000,
+                 reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None, max_examples: int | None = 1_000_000,
                  track_examples: bool = True, writer=None, save_fn: Callable[..., Any] | None = None,
                  save_every: int | None = None, array_name: str = "difficulty_examples",
                  probe_batch_size: int = 32, autocast: bool | None = None, ignore_index: int = -1,
@@ -159,7 +164,12 @@ class DifficultyTracker(Hook):
         self.probe_every, self.window, self.level, self.min_points = probe_every, window, level, min_points
         self.stats_every = stats_every
         self.learned_loss = float(learned_loss)
+        if reference is not None and not callable(reference):
+            raise ValueError(f"DifficultyTracker: reference must be a module or a callable returning one, "
+                             f"got {type(reference).__name__}.")
         self.reference, self.track_examples = reference, track_examples
+        self.reference_error: str | None = None
+        self._ref_model = None  # the loaded reference, until every probe domain is scored
         self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
         self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
         self.table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
@@ -190,10 +200,10 @@ class DifficultyTracker(Hook):
             self.domain_names.append(f"domain{len(self.domain_names)}")
         return self.domain_names[d]
 
-    def _warn_once(self, key: str, msg: str) -> None:
+    def _warn_once(self, key: str, msg: str, category=UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"DifficultyTracker: {msg}", UserWarning, stacklevel=4)
+            warnings.warn(f"DifficultyTracker: {msg}", category, stacklevel=4)
 
     def attach(self, model, monitor) -> None:
         self.model = model
@@ -337,21 +347,58 @@ class DifficultyTracker(Hook):
         finally:
             model.train(was)
 
+    def _reference_losses(self, model) -> dict[str, np.ndarray]:
+        """Per-sequence reference losses of every probe domain, scored once (the reference is fixed).
+
+        A reference that fails to load or to run costs only the reducible loss: it is dropped
+        with one warning, never raised (the Monitor would disable the whole tracker)."""
+        if self.reference is None or self.reference_error is not None:
+            return {}
+        missing = [n for n in self.probe if n not in self._ref_cache]
+        if not missing:
+            return self._ref_cache
+        try:
+            ref = self._ref_model
+            if ref is None:
+                if isinstance(self.reference, torch.nn.Module):
+                    ref = self.reference
+                else:  # a loader: load now, on the trained model's device, frozen
+                    ref = self.reference()
+                    if not isinstance(ref, torch.nn.Module):
+                        raise TypeError(f"the reference loader returned {type(ref).__name__}, not a module")
+                    p = next(iter(model.parameters()), None) if model is not None else None
+                    ref = ref.to(p.device if p is not None else "cpu").eval().requires_grad_(False)
+                self._ref_model = ref
+            for name in missing:
+                loss = self._eval(ref, self.probe[name])[0]
+                if loss.shape != (len(self.probe[name]),) or not np.isfinite(loss).all():
+                    raise ValueError(f"non-finite or misshaped reference losses on the {name!r} probe set")
+                self._ref_cache[name] = loss
+        except Exception as e:  # noqa: BLE001 -- any failure of the reference is a diagnostic failure
+            self.reference_error = f"{type(e).__name__}: {e}"
+            self._ref_model, self._ref_cache = None, {}
+            self._warn_once("reference", f"the reference model for the reducible loss cannot be used "
+                                         f"({self.reference_error}); difficulty/<domain>/reducible_loss is not "
+                                         "reported. Every other difficulty signal continues.", RuntimeWarning)
+            return {}
+        if not isinstance(self.reference, torch.nn.Module):
+            self._ref_model = None  # every domain is scored: free the loaded copy (memory on the device)
+        return self._ref_cache
+
     def score_probe(self, model=None) -> dict[str, float]:
         """Score every domain's probe set now (no_grad, eval mode, training mode restored)."""
         model = model or self.model
         out: dict[str, float] = {}
+        ref_losses = self._reference_losses(model)
         for name, tokens in self.probe.items():
             loss, el2n = self._eval(model, tokens)
             rec = {"loss": loss, "el2n": el2n}
             out[f"difficulty/{name}/probe_loss"] = float(loss.mean())
             out[f"difficulty/{name}/frac_learned"] = float((loss < self.learned_loss).mean())
             out[f"difficulty/{name}/el2n"] = float(el2n.mean())
-            if self.reference is not None:
-                if name not in self._ref_cache:  # a fixed reference: score it once
-                    self._ref_cache[name] = self._eval(self.reference, tokens)[0]
-                rec["reference_loss"] = self._ref_cache[name]
-                out[f"difficulty/{name}/reducible_loss"] = float((loss - self._ref_cache[name]).mean())
+            if name in ref_losses:
+                rec["reference_loss"] = ref_losses[name]
+                out[f"difficulty/{name}/reducible_loss"] = float((loss - ref_losses[name]).mean())
             s = self.probe_series.setdefault(name, RingSeries(self.window))
             s.append(self.total_tokens, float(loss.mean()))
             lr = learnability(*s.arrays(), level=self.level, min_points=4)

@@ -4,6 +4,7 @@
     midtrain train --config my.toml --out runs/x    # your recipe
     midtrain train --out runs/x --resume            # continue a stopped run
     midtrain train --from runs/x --step 400 --config cooldown.toml --out runs/x-cool   # branch
+    midtrain train --reference runs/big --out runs/y   # difficulty/<domain>/reducible_loss vs runs/big
     midtrain show runs/x                            # summary of a run
     midtrain config --dump default.toml             # the default recipe, for editing
 
@@ -58,6 +59,8 @@ def _load_config(args):
         cfg.seed = args.seed
     if args.device:
         cfg.device = args.device
+    if getattr(args, "reference", None):
+        cfg.monitor.difficulty = {**(cfg.monitor.difficulty or {}), "reference_checkpoint": args.reference}
     if args.steps is not None:
         cfg.validate()
         cfg = cfg.scaled_to(args.steps)
@@ -167,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="branch: start from a checkpoint of this run")
     t.add_argument("--step", type=int, help="with --from: the parent's checkpoint step to branch from")
     t.add_argument("--until", type=int, metavar="STEP", help="stop after this global step (checkpointed)")
+    t.add_argument("--reference", metavar="CKPT_OR_RUN", help="reference model for the difficulty tracker's "
+                   "reducible loss: a checkpoint file or a run directory (its latest checkpoint); sets "
+                   "[monitor.difficulty] reference_checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress line")
     t.set_defaults(func=cmd_train)
 

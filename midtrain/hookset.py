@@ -8,6 +8,8 @@ Each hook's registration lives in ``_BUILDERS`` below (one function per hook).
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from typing import Any, Callable
 
@@ -104,9 +106,12 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """DifficultyTracker with a fixed probe set per corpus domain -- every domain, including
     those only later phases train on -- taken from the validation split (``val_batches``:
     evenly spaced chunks at the first phase's seq_len). Extra options: ``probe_size``
-    (sequences per domain, default 16) and ``reference_checkpoint`` (a midtrain checkpoint
-    whose model gives the reducible loss). Probes follow ``eval_every``; the per-example table
-    is saved every ``checkpoint_every`` steps and at the end, through the Monitor's run store."""
+    (sequences per domain, default 16) and ``reference_checkpoint`` (a midtrain checkpoint file,
+    or a run directory meaning its latest checkpoint, whose model gives the reducible loss;
+    loaded at the first probe -- a missing, corrupt or incompatible one is a warning, not an
+    error: training and the other signals go on without reducible_loss). Probes follow
+    ``eval_every``; the per-example table is saved every ``checkpoint_every`` steps and at the
+    end, through the Monitor's run store."""
     import torch
 
     from hooks.difficulty import DifficultyTracker
@@ -118,26 +123,46 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
              for d, b in _probe_batches("difficulty", cfg, corpus, probe_size).items()}
     opts.setdefault("probe_every", cfg.eval_every)
     opts.setdefault("save_every", cfg.checkpoint_every)
-    if ref_path:
-        opts["reference"] = _reference_model(ref_path, corpus, model)
+    if ref_path is not None:
+        if not isinstance(ref_path, (str, os.PathLike)) or not str(ref_path):
+            raise ConfigError(f"[monitor.difficulty]: reference_checkpoint must be a path (a checkpoint file or a "
+                              f"run directory), got {ref_path!r}.")
+        opts["reference"] = functools.partial(load_reference_model, str(ref_path), corpus.vocab_size)
     try:
         return DifficultyTracker(domain_names=corpus.names(), probe=probe, **opts)
     except ValueError as e:
         raise ConfigError(f"[monitor.difficulty]: {e}") from None
 
 
-def _reference_model(path: str, corpus, model):
-    """A frozen GPT from a midtrain checkpoint, on the trained model's device."""
-    import os
+def reference_checkpoint_path(path: str) -> str:
+    """The checkpoint file ``path`` names: the file itself, or a run directory's latest checkpoint."""
+    if os.path.isdir(path):
+        from diagnostics.runs import load_run
 
+        cks = load_run(path).checkpoints()
+        if not cks:
+            raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is a run directory without "
+                              "checkpoints.")
+        return cks[-1][1]
+    if not os.path.isfile(path):
+        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is neither a checkpoint file nor a "
+                          "run directory.")
+    return path
+
+
+def load_reference_model(path: str, vocab_size: int):
+    """A frozen GPT (CPU, eval mode) from a midtrain checkpoint file or run directory, with the
+    checkpoint's own architecture and RoPE base; any architecture works if its vocabulary is ours."""
     from midtrain.loop import _load_checkpoint, model_config
     from midtrain.model import GPT
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is not a file.")
-    ck = _load_checkpoint(path)
-    ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), corpus.vocab_size))
-    ref.load_state_dict(ck["model"])
-    ref.set_rope_base(ck["rope_base"])
-    device = next(model.parameters()).device
-    return ref.to(device).eval().requires_grad_(False)
+    file = reference_checkpoint_path(path)
+    ck = _load_checkpoint(file)
+    try:
+        ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), vocab_size))
+        ref.load_state_dict(ck["model"])
+        ref.set_rope_base(ck["rope_base"])
+    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:
+        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {file} does not hold a midtrain model for "
+                          f"this corpus (vocabulary {vocab_size}): {type(e).__name__}: {e}") from None
+    return ref.eval().requires_grad_(False)
