@@ -1,17 +1,20 @@
 """Overhead of the DifficultyTracker in the built-in loop: throughput with vs without it.
 
 The loop computes per-example losses anyway (``reduction="none"``), so the tracker's cost is
-its bookkeeping (one device->host copy per step, the vectorised per-example table, per-domain
-EMAs, a learnability regression every ``stats_every`` steps) plus the probe forward passes
-every ``probe_every`` (= ``eval_every``) steps. Other hooks are off in both arms.
+its bookkeeping (queueing each micro-batch's losses, ids and domains on the device; every
+``stats_every`` steps one device->host copy, the vectorised per-example table update, per-domain
+EMAs and a learnability regression) plus the probe forward passes every ``probe_every``
+(= ``eval_every``) steps. Other hooks are off in both arms.
 
     python benchmarks/difficulty_overhead.py --threads 1        # tiny preset, CPU, a few minutes
     python benchmarks/difficulty_overhead.py --device cuda --preset small --steps 400
 
 Prints tokens/s of each arm (median over interleaved repeats), the A/B ratio = time with
 tracker / time without, and the in-run ratio = loop time / (loop time - time inside the
-tracker's events) of the same runs, which a busy machine disturbs far less (target <= 1.02);
-plus the hook's own cost per step measured in isolation (no model).
+tracker) of the same runs, which a busy machine disturbs far less (target <= 1.02). "Inside the
+tracker" is every call the Monitor and the loop make into it (events, probe scoring at its
+interval, state_dict at checkpoints, saving), split into probe scoring and bookkeeping; plus the
+bookkeeping's cost per step measured in isolation (no model, CPU time).
 """
 
 from __future__ import annotations
@@ -47,27 +50,43 @@ def config(args, with_tracker: bool):
     return cfg
 
 
-def _timed(tracker: DifficultyTracker) -> list[float]:
-    """Wrap the tracker's event handlers with wall-clock timers; returns the accumulator."""
-    spent = [0.0]
-    for event in ("on_backward_end", "on_step_end"):
-        fn = getattr(tracker, event)
+_ENTRY_POINTS = ("attach", "scheduled", "on_step_begin", "on_backward_end", "on_grads_ready", "on_step_end",
+                 "state_dict", "save", "detach")
 
-        def wrapped(*a, _fn=fn, **kw):
+
+def _timed(tracker: DifficultyTracker) -> dict[str, float]:
+    """Wrap every method the Monitor and the loop call on the tracker with wall-clock timers (only the
+    outermost call counts, so save() inside on_step_end is not counted twice), and score_probe
+    separately. Returns the accumulator {"total": s, "probe": s, "probes": n}."""
+    spent = {"total": 0.0, "probe": 0.0, "probes": 0}
+    depth = [0]
+
+    def wrap(fn, key):
+        def wrapped(*a, **kw):
+            depth[0] += 1
             t0 = time.perf_counter()
             try:
-                return _fn(*a, **kw)
+                return fn(*a, **kw)
             finally:
-                spent[0] += time.perf_counter() - t0
+                depth[0] -= 1
+                dt = time.perf_counter() - t0
+                if key == "probe":
+                    spent["probe"] += dt
+                    spent["probes"] += 1
+                elif depth[0] == 0:
+                    spent["total"] += dt
+        return wrapped
 
-        setattr(tracker, event, wrapped)  # the Monitor looks events up on the instance
+    for name in _ENTRY_POINTS:
+        setattr(tracker, name, wrap(getattr(tracker, name), "total"))  # the Monitor looks events up on the instance
+    tracker.score_probe = wrap(tracker.score_probe, "probe")
     return spent
 
 
-def run_once(args, corpus, with_tracker: bool) -> tuple[float, float]:
-    """(tokens/s of the loop, seconds spent inside the tracker's events)."""
+def run_once(args, corpus, with_tracker: bool) -> tuple[float, dict[str, float]]:
+    """(tokens/s of the loop, seconds spent inside the tracker: {"total", "probe", "probes"})."""
     cfg = config(args, with_tracker=False)
-    hooks, spent = [], [0.0]
+    hooks, spent = [], {"total": 0.0, "probe": 0.0, "probes": 0}
     if with_tracker:  # the built-in loop's own registration, timed
         _, build = hookset._BUILDERS["difficulty"]
         tracker = build({}, cfg, None, corpus)
@@ -76,20 +95,27 @@ def run_once(args, corpus, with_tracker: bool) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = train(cfg, os.path.join(d, "run"), corpus=corpus, progress=False, strict_hooks=True, hooks=hooks)
-    return res.tokens_per_s, spent[0]
+    return res.tokens_per_s, spent
 
 
-def hook_only(steps: int = 2000, batch: int = 16, domains: int = 3) -> float:
-    """ms per step of the tracker's bookkeeping alone (no probes, no model)."""
+def hook_only(steps: int = 2000, batch: int = 16, micro: int = 2, domains: int = 3, repeats: int = 3) -> float:
+    """ms of CPU time per step of the tracker's bookkeeping alone (no probes, no model): ``micro``
+    micro-batches per step, as in the default recipe; the best of ``repeats``."""
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, 20_000, (batch,), generator=g) * 129, torch.randint(0, domains, (batch,), generator=g),
-             torch.rand(batch, generator=g) * 3) for _ in range(steps)]
-    tr = DifficultyTracker(domain_names=[f"d{i}" for i in range(domains)])
-    t0 = time.perf_counter()
-    for s, (ids, doms, losses) in enumerate(data):
-        tr.on_backward_end(batch, losses=losses, ids=ids, domains=doms)
-        tr.on_step_end(s, {"train/tokens": (s + 1) * batch * 128})
-    return (time.perf_counter() - t0) / steps * 1e3
+    b = batch // micro
+    data = [[(torch.randint(0, 20_000, (b,), generator=g) * 129, torch.randint(0, domains, (b,), generator=g),
+              torch.rand(b, generator=g) * 3) for _ in range(micro)] for _ in range(steps)]
+    best = float("inf")
+    for _ in range(repeats):
+        tr = DifficultyTracker(domain_names=[f"d{i}" for i in range(domains)])
+        t0 = time.process_time()
+        for s, micros in enumerate(data):
+            for ids, doms, losses in micros:
+                tr.on_backward_end(b, losses=losses, ids=ids, domains=doms)
+            tr.on_step_end(s, {"train/tokens": (s + 1) * batch * 128})
+        tr.state_dict()  # the last queued steps are applied too
+        best = min(best, (time.process_time() - t0) / steps * 1e3)
+    return best
 
 
 def main(argv=None):
@@ -106,22 +132,33 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     corpus = default_corpus()
     run_once(argparse.Namespace(**{**vars(args), "steps": 6}), corpus, True)  # warm-up: caches, allocator
-    base, with_t, accounted = [], [], []
+    base, with_t, accounted, probe_share, book_share, per_probe, book_ms = [], [], [], [], [], [], []
     for r in range(args.repeats):  # interleaved, so drifts in machine load hit both arms
         tps, _ = run_once(args, corpus, False)
         base.append(tps)
         tps, spent = run_once(args, corpus, True)
         with_t.append(tps)
         loop_s = args.tokens / tps
-        accounted.append(loop_s / max(loop_s - spent, 1e-9))
-        print(f"repeat {r}: without {base[-1]:,.0f} tok/s, with {with_t[-1]:,.0f} tok/s; tracker events took "
-              f"{spent:.2f}s of the {loop_s:.1f}s loop", flush=True)
+        inside = spent["total"]  # score_probe runs inside on_step_end: its time is part of the total
+        bookkeeping = inside - spent["probe"]
+        rest = max(loop_s - inside, 1e-9)  # the loop's own time
+        accounted.append(loop_s / rest)
+        probe_share.append(spent["probe"] / rest)
+        book_share.append(bookkeeping / rest)
+        per_probe.append(spent["probe"] / max(spent["probes"], 1))
+        book_ms.append(bookkeeping / args.steps * 1e3)
+        print(f"repeat {r}: without {base[-1]:,.0f} tok/s, with {with_t[-1]:,.0f} tok/s; inside the tracker "
+              f"{inside:.2f}s of the {loop_s:.1f}s loop ({spent['probes']} probe scorings {spent['probe']:.2f}s, "
+              f"bookkeeping {bookkeeping:.2f}s)", flush=True)
     b, w = statistics.median(base), statistics.median(with_t)
+    med = statistics.median
     print(f"\n{args.preset}, {args.device}, {args.steps} steps, probes every {args.eval_every} steps")
     print(f"without tracker: {b:,.0f} tokens/s   with tracker: {w:,.0f} tokens/s")
-    print(f"hook bookkeeping alone: {hook_only():.3f} ms/step (batch 16, 3 domains, no model)")
+    print(f"in the loop: probe scoring {med(per_probe) * 1e3:.0f} ms per probe = {100 * med(probe_share):.2f}% of the "
+          f"loop's time; bookkeeping {med(book_ms):.3f} ms/step = {100 * med(book_share):.2f}%")
+    print(f"bookkeeping alone: {hook_only():.3f} ms CPU/step (16 sequences in 2 micro-batches, 3 domains, no model)")
     print(f"ratio A/B (time with / time without, medians)          = {b / w:.4f}")
-    print(f"ratio in-run (loop time / loop time minus tracker time) = {statistics.median(accounted):.4f}"
+    print(f"ratio in-run (loop time / loop time minus tracker time) = {med(accounted):.4f}"
           "   target <= 1.02")
     print("(the A/B ratio is only as steady as the machine; the in-run ratio times the tracker inside the same run)")
 

@@ -141,7 +141,8 @@ class ExampleTable:
     Every kept id's statistics stay exact; ``sample_rate = 2**-level``.
 
     Visits of one id inside one ``update`` are applied in array order (a batch sampled with
-    replacement may hold an example twice), so the result equals one-at-a-time updates.
+    replacement may hold an example twice), and rows are kept in order of first visit, so the
+    table equals one-at-a-time updates however the visits are grouped into ``update`` calls.
     """
 
     def __init__(self, learned_loss: float = 1.0, max_examples: int | None = 1_000_000, capacity: int = 1024):
@@ -245,15 +246,17 @@ class ExampleTable:
         inverse = inverse.reshape(-1)
         if not len(ids):
             return UpdateStats(n_seen, n_nan, 0, n_finite, 0)
-        if n_new:
+        if n_new:  # rows in order of first visit, so the table does not depend on how updates are grouped
+            new_u = np.flatnonzero(new)
+            new_u = new_u[np.argsort(first[new_u], kind="stable")]
             new_slots = np.arange(self.n, self.n + n_new)
             self._grow(self.n + n_new)
             for c in self.cols.values():
                 c[new_slots] = 0
-            self.cols["id"][new_slots] = uniq[new]
-            self.cols["domain"][new_slots] = doms[first[new]]
-            self.index.insert(uniq[new], new_slots)
-            slot_u[new] = new_slots
+            self.cols["id"][new_slots] = uniq[new_u]
+            self.cols["domain"][new_slots] = doms[first[new_u]]
+            self.index.insert(uniq[new_u], new_slots)
+            slot_u[new_u] = new_slots
             self.n += n_new
         slots = slot_u[inverse]  # (n,) slot of every element
         if counts.max() == 1:

@@ -29,7 +29,9 @@ Any loop (the Monitor's events are marked)::
 ``P0`` is a (N, T+1) long tensor of token ids: x = P[:, :-1], y = P[:, 1:]. The built-in loop
 builds probes from the corpus's validation split (``midtrain.hookset``).
 
-Metrics (the public schema; <d> is a domain name):
+Metrics (the public schema; <d> is a domain name). The per-step inputs stay queued on the device
+and are applied (exactly, step by step) every ``stats_every`` steps, when the training-stream
+metrics are reported; probe metrics come every ``probe_every`` steps:
 
     difficulty/<d>/loss                 bias-corrected EMA of the domain's per-example train loss
     difficulty/<d>/learnability         -dL/dln(domain tokens) over the last ``window`` steps (nats;
@@ -132,7 +134,9 @@ class DifficultyTracker(Hook):
         autocast: bf16 autocast for probe forwards (default: on CUDA only).
         ignore_index: target value ignored in probe scoring.
         min_points: points a domain needs before its learnability is reported.
-        stats_every: steps between learnability regressions (the EMAs update every step).
+        stats_every: steps between reports of the training-stream metrics (EMAs, learnability, table
+            counts). In between, each step's losses, ids and domains stay queued on the device;
+            they are applied step by step (same numbers as per-step updates) with one host copy.
     """
 
     name = "difficulty"
@@ -172,7 +176,7 @@ class DifficultyTracker(Hook):
         self._ref_model = None  # the loaded reference, until every probe domain is scored
         self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
         self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
-        self.table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
+        self._table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
         self.ema = DomainEMA(ema_decay)
         self.series: dict[int, RingSeries] = {}  # domain -> (domain tokens, per-step mean loss)
         self.probe_series: dict[str, RingSeries] = {}  # domain -> (total tokens, probe mean loss)
@@ -182,7 +186,8 @@ class DifficultyTracker(Hook):
         self.n_losses = 0
         self.n_nan = 0
         self.model = None
-        self._pending: list[tuple] = []
+        self._pending: list[tuple] = []  # (losses, ids, domains, n) per micro-batch, still on the device
+        self._steps: list[tuple[int, float | None]] = []  # (len(_pending) at the step's end, train/tokens)
         self._warned: set[str] = set()
         self._ref_cache: dict[str, np.ndarray] = {}
         self._last_probe: dict[str, dict[str, np.ndarray]] = {}
@@ -215,7 +220,7 @@ class DifficultyTracker(Hook):
 
     # -- events -------------------------------------------------------------------------
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
-        """Queue this micro-batch (no device sync here: everything moves once per step)."""
+        """Queue this micro-batch (no device sync: the queue moves to the host every ``stats_every`` steps)."""
         if losses is None:
             self._warn_once("losses", "no per-example losses were given to on_backward_end; only the probe "
                                       "set is scored. Pass losses of shape (B,) (reduction='none').")
@@ -230,55 +235,98 @@ class DifficultyTracker(Hook):
                                    "data maps or forgetting events).")
         if isinstance(losses, torch.Tensor):
             losses = losses.detach()
-        self._pending.append((losses, ids, domains))
+        self._pending.append((losses, ids, domains, n))
 
-    def _collect(self):
-        if not self._pending:
-            return None, None, None
-        cat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if isinstance(xs[0], torch.Tensor) \
-            else np.concatenate([np.asarray(x).reshape(-1) for x in xs])  # noqa: E731
-        losses = _to_numpy(cat([p[0] for p in self._pending]), np.float64)
-        ids = doms = None
-        if all(p[1] is not None for p in self._pending):
-            ids = _to_numpy(cat([p[1] for p in self._pending]), np.int64)
-        if all(p[2] is not None for p in self._pending):
-            doms = _to_numpy(cat([p[2] for p in self._pending]), np.int64)
-        self._pending = []
+    def _host(self, entries: list[tuple]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Concatenate queued micro-batches and bring them to the host: (losses float64, ids int64 or
+        None, domains int64 or None), one entry per example. Tensors on one device go in a single
+        transfer (losses' float64 bits stacked with ids and domains); a micro-batch without ids or
+        domains gets a -1 placeholder (masked out by the caller)."""
+        lens = [e[3] for e in entries]
+        tensors = all(isinstance(x, torch.Tensor) for e in entries for x in e[:3] if x is not None)
+        has_ids = any(e[1] is not None for e in entries)
+        has_doms = any(e[2] is not None for e in entries)
+        if tensors:
+            dev = entries[0][0].device
+            if all(x.device == dev for e in entries for x in e[:3] if x is not None):
+                def cat(i: int, dtype) -> torch.Tensor:  # one concatenation, one dtype conversion
+                    xs = [e[i].reshape(-1) if e[i] is not None else torch.full((n,), -1, dtype=dtype, device=dev)
+                          for e, n in zip(entries, lens)]
+                    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+                    return x.to(dtype)
+
+                rows = [cat(0, torch.float64).view(torch.int64)]
+                if has_ids:
+                    rows.append(cat(1, torch.int64))
+                if has_doms:
+                    rows.append(cat(2, torch.int64))
+                host = torch.stack(rows).cpu().numpy() if len(rows) > 1 else rows[0].cpu().numpy()[None]
+                losses = host[0].view(np.float64)
+                return losses, host[1] if has_ids else None, host[-1] if has_doms else None
+        fill = lambda x, n, dt: _to_numpy(x, dt).reshape(-1) if x is not None else np.full(n, -1, dt)  # noqa: E731
+        losses = np.concatenate([_to_numpy(e[0], np.float64).reshape(-1) for e in entries])
+        ids = np.concatenate([fill(e[1], n, np.int64) for e, n in zip(entries, lens)]) if has_ids else None
+        doms = np.concatenate([fill(e[2], n, np.int64) for e, n in zip(entries, lens)]) if has_doms else None
         return losses, ids, doms
 
     def on_step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
-        losses, ids, doms = self._collect()
+        tokens = scalars.get("train/tokens")
+        self._steps.append((len(self._pending), None if tokens is None else float(tokens)))
+        stats = step % self.stats_every == 0
+        probe = bool(self.probe) and self.model is not None and step % self.probe_every == 0
         metrics: dict[str, float] = {}
-        if losses is not None and len(losses):
-            self._train_update(losses, ids, doms, scalars)
-        elif scalars.get("train/tokens") is not None:
-            self.total_tokens = float(scalars["train/tokens"])
+        if not (stats or probe):
+            # nothing to report: the step's losses stay queued (on the device) until the next
+            # stats step, so an ordinary step costs a list append (updates are exact in any grouping)
+            if self.save_every and (step + 1) % self.save_every == 0:
+                self.save()
+            return metrics
+        self._flush()
         for d in np.flatnonzero(self.ema.k).tolist():
             metrics[f"difficulty/{self._name(d)}/loss"] = self.ema.value(d)
-        if step % self.stats_every == 0:
+        if stats:
             for name, lr in self.learnability().items():
                 if lr.defined:
                     metrics[f"difficulty/{name}/learnability"] = lr.value
                     metrics[f"difficulty/{name}/learnability_se"] = lr.slope_log_tokens_se
                     metrics[f"difficulty/{name}/diminishing"] = float(lr.diminishing)
-        if self.probe and self.model is not None and step % self.probe_every == 0:
+        if probe:
             metrics.update(self.score_probe())
-        if self.table is not None:
-            ff = self.table.frac_forgotten
+        if self._table is not None:
+            ff = self._table.frac_forgotten
             if ff == ff:
                 metrics["difficulty/frac_forgotten"] = ff
-            metrics["difficulty/examples_tracked"] = float(len(self.table))
-            metrics["difficulty/sample_rate"] = self.table.sample_rate
+            metrics["difficulty/examples_tracked"] = float(len(self._table))
+            metrics["difficulty/sample_rate"] = self._table.sample_rate
         metrics["difficulty/nan_losses"] = float(self.n_nan)
         self._last_metrics.update(metrics)
         if self.save_every and (step + 1) % self.save_every == 0:
             self.save()
         return metrics
 
-    def _train_update(self, losses, ids, doms, scalars) -> None:
-        n = len(losses)
-        if doms is None:
-            doms = np.zeros(n, dtype=np.int64)
+    def _flush(self) -> None:
+        """Apply every queued step, in order, exactly as if each had been applied at its own step:
+        the table update is order-preserving (``ExampleTable.update``), and the per-step domain
+        means, token split, EMAs and regression points are computed per step below."""
+        steps = self._steps
+        done = steps[-1][0] if steps else 0  # queued micro-batches that belong to ended steps
+        entries, self._pending, self._steps = self._pending[:done], self._pending[done:], []
+        if not entries:
+            for _, tokens in steps:  # a loop without per-example losses: only the token count moves
+                if tokens is not None:
+                    self.total_tokens = tokens
+            return
+        losses, ids, doms = self._host(entries)
+        lens = np.array([e[3] for e in entries], dtype=np.int64)
+        ends = np.array([c for c, _ in steps], dtype=np.int64)  # micro-batches queued by each step's end
+        upto = np.concatenate([[0], np.cumsum(lens)])[ends]  # examples queued by each step's end
+        per_step = np.diff(np.concatenate([[0], upto]))  # (K,) examples of each step
+        K, M = len(steps), len(losses)
+        step_of = np.repeat(np.arange(K), per_step)  # (M,)
+
+        if doms is None or any(e[2] is None for e in entries):  # without domains: domain 0
+            doms = np.zeros(M, dtype=np.int64) if doms is None else \
+                np.where(np.repeat([e[2] is not None for e in entries], lens), doms, 0)
             if not self.domain_names:
                 self.domain_names.append("all")
         if doms.min() < 0:
@@ -288,36 +336,55 @@ class DifficultyTracker(Hook):
         if len(self.domain_tokens) < D:
             self.domain_tokens = np.concatenate([self.domain_tokens, np.zeros(D - len(self.domain_tokens))])
         ok = np.isfinite(losses)
-        self.n_nan += int(n - ok.sum())
-        self.n_losses += n
-        if ids is not None and self.table is not None:
-            self.table.update(ids, losses, doms)  # skips the same non-finite losses
+        self.n_nan += int(M - ok.sum())
+        self.n_losses += M
+        if ids is not None and self._table is not None:
+            with_id = np.repeat([e[1] is not None for e in entries], lens)
+            if with_id.all():
+                self._table.update(ids, losses, doms)  # skips the same non-finite losses
+            else:
+                self._table.update(ids[with_id], losses[with_id], doms[with_id])
             self._dirty = True
 
-        # tokens of this step, split over domains by their share of the examples
-        tokens = scalars.get("train/tokens")
-        if tokens is not None and np.isfinite(float(tokens)):
-            step_tokens = max(float(tokens) - self.total_tokens, 0.0)
-            self.total_tokens = float(tokens)
-        else:
-            self.token_unit = "examples"
-            step_tokens = float(n)
-            self.total_tokens += n
-        count = np.bincount(doms, minlength=D).astype(np.float64)  # (D,)
-        before = self.domain_tokens[:D].copy()
-        self.domain_tokens[:D] += step_tokens * count / n
+        key = step_of * D + doms  # (M,) step-major, so each step's bincount sums in its own order
+        count = np.bincount(key, minlength=K * D).reshape(K, D).astype(np.float64)
+        fcount = np.bincount(key[ok], minlength=K * D).reshape(K, D)
+        fsum = np.bincount(key[ok], weights=losses[ok], minlength=K * D).reshape(K, D)
+        for k, (_, tokens) in enumerate(steps):
+            n = per_step[k]
+            if n == 0:  # a step without per-example losses
+                if tokens is not None:
+                    self.total_tokens = tokens
+                continue
+            # tokens of this step, split over domains by their share of the examples
+            if tokens is not None and np.isfinite(tokens):
+                step_tokens = max(tokens - self.total_tokens, 0.0)
+                self.total_tokens = tokens
+            else:
+                self.token_unit = "examples"
+                step_tokens = float(n)
+                self.total_tokens += n
+            before = self.domain_tokens[:D].copy()
+            self.domain_tokens[:D] += step_tokens * count[k] / n
+            present = np.flatnonzero(fcount[k])
+            means = fsum[k, present] / fcount[k, present]  # per-step mean loss of each domain present
+            self.ema.update(present, means)
+            for d, m in zip(present.tolist(), means.tolist()):
+                # the loss was measured after `before[d]` tokens of the domain
+                s = self.series.get(d)
+                if s is None:  # (not setdefault: that would allocate a series every call)
+                    s = self.series[d] = RingSeries(self.window)
+                s.append(before[d], m)
 
-        fcount = np.bincount(doms[ok], minlength=D)
-        fsum = np.bincount(doms[ok], weights=losses[ok], minlength=D)
-        present = np.flatnonzero(fcount)
-        means = fsum[present] / fcount[present]  # per-step mean loss of each domain present
-        self.ema.update(present, means)
-        for d, m in zip(present.tolist(), means.tolist()):
-            # the loss was measured after `before[d]` tokens of the domain
-            self.series.setdefault(d, RingSeries(self.window)).append(before[d], m)
+    @property
+    def table(self) -> ExampleTable | None:
+        """The per-example table, brought up to date with every step that has ended."""
+        self._flush()
+        return self._table
 
     def learnability(self) -> dict[str, Any]:
         """Learnability of every domain with training data: {name: diagnostics Learnability}."""
+        self._flush()
         return {self._name(d): learnability(*s.arrays(), level=self.level, min_points=self.min_points)
                 for d, s in self.series.items()}
 
@@ -388,6 +455,7 @@ class DifficultyTracker(Hook):
     def score_probe(self, model=None) -> dict[str, float]:
         """Score every domain's probe set now (no_grad, eval mode, training mode restored)."""
         model = model or self.model
+        self._flush()  # total_tokens up to date (the probe history's x)
         out: dict[str, float] = {}
         ref_losses = self._reference_losses(model)
         for name, tokens in self.probe.items():
@@ -399,7 +467,9 @@ class DifficultyTracker(Hook):
             if name in ref_losses:
                 rec["reference_loss"] = ref_losses[name]
                 out[f"difficulty/{name}/reducible_loss"] = float((loss - ref_losses[name]).mean())
-            s = self.probe_series.setdefault(name, RingSeries(self.window))
+            s = self.probe_series.get(name)
+            if s is None:
+                s = self.probe_series[name] = RingSeries(self.window)
             s.append(self.total_tokens, float(loss.mean()))
             lr = learnability(*s.arrays(), level=self.level, min_points=4)
             if lr.defined:
@@ -412,9 +482,10 @@ class DifficultyTracker(Hook):
     def data_map(self) -> dict[str, np.ndarray]:
         """The per-example table's columns plus data-map ``region`` (0 easy, 1 ambiguous, 2 hard;
         ``diagnostics.difficulty.REGIONS``)."""
-        if self.table is None:
+        table = self.table
+        if table is None:
             raise ValueError("this DifficultyTracker keeps no per-example table (track_examples=False).")
-        a = self.table.to_arrays()
+        a = table.to_arrays()
         # easy vs hard: mean confidence above the learned level exp(-learned_loss) (absolute, so maps of
         # different runs compare); ambiguous: the top third by variability (Swayamdipta et al. 2020)
         a["region"] = data_map_regions(a["confidence"], a["variability"],
@@ -424,9 +495,9 @@ class DifficultyTracker(Hook):
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything saved under arrays/<array_name>.npz."""
         out: dict[str, np.ndarray] = {}
-        if self.table is not None:
+        if self.table is not None:  # (brought up to date)
             out.update(self.data_map())
-            out["sample_rate"] = np.array(self.table.sample_rate)
+            out["sample_rate"] = np.array(self._table.sample_rate)
         out["domain_names"] = np.array(self.domain_names, dtype=str)
         out["domain_tokens"] = self.domain_tokens.copy()
         out["learned_loss"] = np.array(self.learned_loss)
@@ -441,6 +512,9 @@ class DifficultyTracker(Hook):
 
     def save(self) -> None:
         """Write the arrays through the writer / callback (no-op without one or when unchanged)."""
+        if self.writer is None and self.save_fn is None:
+            return
+        self._flush()
         if not self._dirty or (self.writer is None and self.save_fn is None):
             return
         arrays = self.arrays()
@@ -461,10 +535,11 @@ class DifficultyTracker(Hook):
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self._flush()  # every ended step is in the state (a half-done step's micro-batches are not)
         return {
             "version": 1,
             "domain_names": list(self.domain_names),
-            "table": self.table.state_dict() if self.table is not None else None,
+            "table": self._table.state_dict() if self._table is not None else None,
             "ema": self.ema.state_dict(),
             "series": {int(d): s.state_dict() for d, s in self.series.items()},
             "probe_series": {n: s.state_dict() for n, s in self.probe_series.items()},
@@ -476,10 +551,11 @@ class DifficultyTracker(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.domain_names = list(state["domain_names"])
+        self._pending, self._steps = [], []
         if state.get("table") is not None:
-            if self.table is None:
-                self.table = ExampleTable(learned_loss=self.learned_loss)
-            self.table.load_state_dict(state["table"])
+            if self._table is None:
+                self._table = ExampleTable(learned_loss=self.learned_loss)
+            self._table.load_state_dict(state["table"])
         self.ema.load_state_dict(state["ema"])
         self.series = {int(d): RingSeries.from_state(s) for d, s in state["series"].items()}
         self.probe_series = {n: RingSeries.from_state(s) for n, s in state["probe_series"].items()}

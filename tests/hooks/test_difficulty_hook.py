@@ -195,12 +195,56 @@ def test_without_ids_it_tracks_domains_and_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not every step
         m = tr.on_step_end(0, {})
-        for s in range(1, 30):
+        for s in range(1, 31):  # metrics come every stats_every (10) steps
             tr.on_backward_end(2, losses=torch.tensor([1.0, 3.0]) * (1 + 1 / (s + 1)), domains=torch.tensor([0, 1]))
             m = tr.on_step_end(s, {})
     assert m["difficulty/examples_tracked"] == 0 and m["difficulty/b/loss"] > m["difficulty/a/loss"]
     assert tr.token_unit == "examples"  # no tokens given: learnability is per example seen
     assert tr.learnability()["a"].value > 0
+
+
+def test_queued_steps_equal_per_step_updates():
+    """Steps between stats steps stay queued and are applied together: every reported number, the table
+    and the state equal a tracker that applies each step at once (stats_every=1), bit for bit --
+    including repeated ids across the queued steps, NaN losses, a micro-batch without ids, a state_dict
+    taken mid-step and a step without losses."""
+    def stream():
+        for s, losses, ids, doms in _stream(steps=41, n_ids=30):
+            if s == 7:
+                losses[3] = float("nan")
+            yield s, losses, (None if s == 12 else ids * (2**40 + 1)), doms  # ids beyond float precision
+
+    def feed(tr):
+        out = {}
+        for s, losses, ids, doms in stream():
+            if s != 20:  # step 20 has no per-example losses
+                tr.on_backward_end(6, losses=losses[:6], ids=None if ids is None else ids[:6], domains=doms[:6])
+                if s == 33:
+                    tr.state_dict()  # a checkpoint between micro-batches: the half step stays queued
+                tr.on_backward_end(6, losses=losses[6:], ids=None if ids is None else ids[6:], domains=doms[6:])
+            out[s] = tr.on_step_end(s, {"train/tokens": (s + 1) * 12 * 32})
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        each = DifficultyTracker(domain_names=["a", "b"], stats_every=1, min_points=3, window=12)
+        m_each = feed(each)
+        grouped = DifficultyTracker(domain_names=["a", "b"], stats_every=10, min_points=3, window=12)
+        m_grouped = feed(grouped)
+    assert grouped._pending == [] and len(grouped._steps) == 0  # step 40 flushed
+    for s, rec in m_grouped.items():
+        assert (s % 10 == 0) == bool(rec), s  # nothing to report in between: nothing computed
+        for k, v in rec.items():
+            assert v == m_each[s][k] or (math.isnan(v) and math.isnan(m_each[s][k])), (s, k)
+        if s % 10 == 0:
+            assert rec.keys() == m_each[s].keys(), s
+    assert m_grouped[10]["difficulty/nan_losses"] == 1 and m_grouped[40]["difficulty/examples_tracked"] > 20
+    a, b = each.arrays(), grouped.arrays()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    sa, sb = each.state_dict(), grouped.state_dict()
+    np.testing.assert_array_equal(sa["ema"]["ema"], sb["ema"]["ema"])
+    assert sa["total_tokens"] == sb["total_tokens"] and sa["n_losses"] == sb["n_losses"] == 40 * 12
 
 
 def test_state_dict_resume_equals_uninterrupted():
