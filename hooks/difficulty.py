@@ -311,7 +311,7 @@ class DifficultyTracker(Hook):
         steps = self._steps
         done = steps[-1][0] if steps else 0  # queued micro-batches that belong to ended steps
         entries, self._pending, self._steps = self._pending[:done], self._pending[done:], []
-        if not entries:
+        if not sum(e[3] for e in entries):  # no per-example losses (or only empty micro-batches)
             for _, tokens in steps:  # a loop without per-example losses: only the token count moves
                 if tokens is not None:
                     self.total_tokens = tokens

@@ -185,6 +185,8 @@ def test_nan_losses_are_skipped_and_counted():
                        domains=torch.tensor([0, 0, 1, 1]))
     m = tr.on_step_end(0, {"train/tokens": 128})
     assert m["difficulty/nan_losses"] == 2 and m["difficulty/examples_tracked"] == 2
+    tr.on_backward_end(0, losses=torch.zeros(0), ids=torch.zeros(0, dtype=torch.long))  # an empty micro-batch
+    assert tr.on_step_end(10, {"train/tokens": 256})["difficulty/examples_tracked"] == 2 and tr.total_tokens == 256
     assert m["difficulty/a/loss"] == pytest.approx(1.0) and m["difficulty/b/loss"] == pytest.approx(2.0)
 
 
