@@ -1,0 +1,154 @@
+"""Fast paths of the representation diagnostics against their slow, obvious references:
+the verified float32 nearest-neighbour search of TwoNN (scipy brute-force distances), the
+block-diagonal label path of the information plane (dense N x N Hadamard products), the
+information-plane cache, and the spectrum returned by representation_metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from diagnostics.infoplane import _Var
+from diagnostics.spectra import (
+    eigenspectrum,
+    gram_entropy,
+    information_plane,
+    joint_gram_entropy,
+    kernel_gram,
+    mutual_information,
+    representation_metrics,
+    twonn_dimension,
+)
+from diagnostics.twonn import _two_nearest
+
+
+def brute_two_nearest(X):
+    d = cdist(X, X)
+    np.fill_diagonal(d, np.inf)
+    d.sort(axis=1)
+    return d[:, 0], d[:, 1]
+
+
+def lm_like(rng, N=600, D=96):
+    """Anisotropic cloud with a large common offset and a few huge-norm outlier tokens, as residual
+    streams have: the case where |x|^2 + |y|^2 - 2 x.y cancels worst."""
+    Z = rng.standard_normal((N, 8)) @ rng.standard_normal((8, D)) + 0.05 * rng.standard_normal((N, D))
+    Z += 40.0 * rng.standard_normal(D)  # common mean
+    Z[:5] *= 30.0  # outlier tokens
+    return Z
+
+
+def clustered(rng, n_clusters, size, spread, D=20):
+    """Tight clusters of `size` points: more near-equidistant neighbours than the candidate list."""
+    centres = rng.standard_normal((n_clusters, D))
+    return np.repeat(centres, size, axis=0) + spread * rng.standard_normal((n_clusters * size, D))
+
+
+@pytest.mark.parametrize("case", ["lm_like", "manifold", "clusters_1e-6", "clusters_1e-12"])
+def test_two_nearest_equals_brute_force(case):
+    rng = np.random.default_rng(50)
+    X = {"lm_like": lambda: lm_like(rng),
+         "manifold": lambda: rng.standard_normal((800, 3)) @ rng.standard_normal((3, 60)),
+         "clusters_1e-6": lambda: clustered(rng, 40, 8, 1e-6),
+         "clusters_1e-12": lambda: clustered(rng, 40, 8, 1e-12)}[case]()
+    r1, r2, passes = _two_nearest(torch.as_tensor(X))
+    b1, b2 = brute_two_nearest(X)
+    np.testing.assert_allclose(r1.numpy(), b1, rtol=1e-12)
+    np.testing.assert_allclose(r2.numpy(), b2, rtol=1e-12)
+    assert sum(passes.values()) == len(X)
+    # each pass is exercised where it should be: float32 settles ordinary clouds; clusters tighter
+    # than float32 can resolve go to float64; tighter than float64 can resolve, to brute force
+    if case in ("lm_like", "manifold"):
+        assert passes["float32"] >= 0.99 * len(X)
+    elif case == "clusters_1e-6":
+        assert passes["float64"] > 0 and passes["brute"] == 0
+    else:
+        assert passes["brute"] > 0
+    s1, s2, slow = _two_nearest(torch.as_tensor(X), fast=False)  # the brute-force pass alone
+    assert slow["brute"] == len(X)
+    np.testing.assert_allclose(s1.numpy(), b1, rtol=1e-12)
+
+
+def test_two_nearest_stays_exact_with_reduced_precision_matmuls():
+    # TF32 / bfloat16 float32 matmuls widen the rounding bound; the search must notice, not miss neighbours
+    rng = np.random.default_rng(51)
+    X = lm_like(rng, N=400, D=64)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        r1, r2, passes = _two_nearest(torch.as_tensor(X))
+    finally:
+        torch.set_float32_matmul_precision(old)
+    b1, b2 = brute_two_nearest(X)
+    np.testing.assert_allclose(r1.numpy(), b1, rtol=1e-12)
+    np.testing.assert_allclose(r2.numpy(), b2, rtol=1e-12)
+
+
+def test_twonn_dimension_reports_passes_and_equals_reference_on_lm_like_data():
+    rng = np.random.default_rng(52)
+    X = lm_like(rng, N=1000, D=128)
+    d, info = twonn_dimension(X, return_details=True)
+    assert sum(info["search_passes"].values()) == info["n_points"] == 1000
+    b1, b2 = brute_two_nearest(X)
+    log_mu = np.sort(np.log(b2 / b1))
+    n = int(1000 * 0.9)
+    y = -np.log1p(-np.arange(1, n + 1) / 1000)
+    assert d == pytest.approx((log_mu[:n] @ y) / (log_mu[:n] @ log_mu[:n]), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# information plane: label variables by blocks, against the dense N x N reference
+
+def dense_mi(A, B, kernel_a, kernel_b, alpha):
+    Ka, Kb = kernel_gram(A, kernel_a), kernel_gram(B, kernel_b)
+    return gram_entropy(Ka, alpha) + gram_entropy(Kb, alpha) - joint_gram_entropy(Ka, Kb, alpha=alpha)
+
+
+def labels(rng, N):
+    """Skewed labels: one big class, many small ones, several singletons (block sizes 1 .. ~N/4)."""
+    y = rng.choice(40, size=N, p=np.r_[0.25, np.full(39, 0.75 / 39)])
+    y[:6] = 100 + np.arange(6)  # singletons
+    return torch.as_tensor(rng.permutation(y))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.01, 2.0])
+def test_label_fast_path_equals_dense_reference(alpha):
+    rng = np.random.default_rng(53)
+    N = 300
+    T = torch.as_tensor(rng.standard_normal((N, 3)) @ rng.standard_normal((3, 16)))
+    y, z = labels(rng, N), labels(rng, N)
+    assert mutual_information(T, y, alpha) == pytest.approx(dense_mi(T, y, "gaussian", "onehot", alpha), rel=1e-10)
+    assert mutual_information(y, T, alpha) == pytest.approx(dense_mi(y, T, "onehot", "gaussian", alpha), rel=1e-10)
+    assert mutual_information(y, z, alpha) == pytest.approx(dense_mi(y, z, "onehot", "onehot", alpha), abs=1e-10)
+    assert _Var(y, "onehot", "median").entropy(alpha) == pytest.approx(gram_entropy(kernel_gram(y), alpha), rel=1e-12)
+    T2 = torch.tanh(T[:, :4])
+    assert mutual_information(T, T2, alpha) == pytest.approx(dense_mi(T, T2, "gaussian", "gaussian", alpha), rel=1e-12)
+
+
+def test_information_plane_cache_onehot_x_and_missing_variables():
+    rng = np.random.default_rng(54)
+    N = 200
+    x, y = labels(rng, N), labels(rng, N)
+    Ts = [torch.as_tensor(rng.standard_normal((N, 8))) for _ in range(3)]
+    cache: dict = {}
+    for T in Ts:  # the cache holds X and Y across layers; each call equals the dense reference
+        ip = information_plane(x, T, y, kernel_x="onehot", cache=cache)
+        assert ip["I_XT"] == pytest.approx(dense_mi(x, T, "onehot", "gaussian", 1.01), rel=1e-10)
+        assert ip["I_TY"] == pytest.approx(dense_mi(T, y, "gaussian", "onehot", 1.01), rel=1e-10)
+        assert ip["H_X"] == pytest.approx(gram_entropy(kernel_gram(x)), rel=1e-12)
+    only_y = information_plane(None, Ts[0], y)
+    assert "I_XT" not in only_y and only_y["I_TY"] == pytest.approx(ip_ty := dense_mi(Ts[0], y, "gaussian", "onehot", 1.01), rel=1e-10)
+    assert math.isfinite(ip_ty)
+    assert set(information_plane(Ts[1], Ts[0], None)) == {"I_XT", "H_X", "H_T"}
+
+
+def test_representation_metrics_returns_its_spectrum():
+    rng = np.random.default_rng(55)
+    Z = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 40))
+    m, spec = representation_metrics(Z, twonn=False, return_spectrum=True)
+    np.testing.assert_array_equal(spec, eigenspectrum(Z))
+    assert m == representation_metrics(Z, twonn=False)
