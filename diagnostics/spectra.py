@@ -44,7 +44,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from diagnostics._linalg import _as_matrix64, _as_tensor, _psd_eigvals, renyi_entropy  # noqa: F401
+from diagnostics._linalg import _as_matrix64, _psd_eigvals, renyi_entropy
 from diagnostics.infoplane import (
     gram_entropy,
     information_plane,

@@ -6,7 +6,9 @@ batch, with forward hooks on the chosen activation sites attached only for that 
 manager; always removed). Inside each forward hook the site's output is reduced at once: a fixed,
 seeded subsample of at most ``max_tokens`` token positions is gathered on the device, read out through
 the model's own final norm + unembedding (logit lens), moved to CPU as float64, and turned into the
-numbers of ``diagnostics.spectra``; nothing of the activations outlives the call.
+numbers of ``diagnostics.spectra``; nothing of the activations outlives the call. The probe batch
+is normalised in ``hooks._probe_inputs``, the sites and the readout head are found in
+``hooks._probe_sites``.
 
     probe = {d: val_batch_of(d) for d in ("prose", "code", "math")}     # fixed, per domain
     monitor = Monitor(model, [RepresentationProbe(probe, every=100)], run_dir="runs/demo")
@@ -34,23 +36,17 @@ known (given, set with ``set_writer``, or found on the Monitor's run-store sink)
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from diagnostics.phases import COMPRESSION_DIRECTION, detect_compression_onset, format_event
-from diagnostics.spectra import (
-    eigenspectrum,
-    gram_entropy,
-    joint_gram_entropy,
-    kernel_gram,
-    readout_loss,
-    representation_metrics,
-)
+from diagnostics.spectra import information_plane, readout_loss, representation_metrics
+from hooks._probe_inputs import _build_jobs, _normalise_probe
+from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
 from hooks.monitor import Hook
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
@@ -58,257 +54,6 @@ __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
 DEFAULT_METRICS = ("entropy", "effective_rank", "alpha_req", "twonn_id", "mi_xt", "mi_ty", "readout_loss")
 _EXTRA_METRICS = ("normalized_entropy", "alpha_req_r2")
 _DOMAIN_METRICS = ("entropy", "effective_rank", "alpha_req", "readout_loss", "normalized_entropy", "alpha_req_r2")
-_HF_KEYS = ("input_ids", "inputs_embeds", "attention_mask")
-_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln_f", "model.norm")
-
-LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
-
-
-# ----------------------------------------------------------------------------------------------------
-# probe inputs: whatever the user gives -> a list of forward "jobs" with fixed token subsamples
-
-@dataclass
-class _Input:
-    """One domain's probe input, normalised."""
-
-    args: tuple
-    kwargs: dict
-    ids: Optional[torch.Tensor]  # (B, T) integer token ids, if any
-    targets: Optional[torch.Tensor]  # token grid shape, next token, -1 = none
-    features: Optional[torch.Tensor]  # float inputs (grid..., D) when there are no token ids
-    valid: torch.Tensor  # bool, token grid shape
-
-    @property
-    def n(self) -> int:
-        return self.valid.numel()
-
-
-@dataclass
-class _Job:
-    """One forward pass: inputs plus the fixed rows (flat token positions) it contributes."""
-
-    args: tuple
-    kwargs: dict
-    n_tokens: int  # flat positions in this forward's token grid
-    rows: torch.Tensor  # (n,) long, flat positions into the grid
-    domain: torch.Tensor  # (n,) long, domain index of each row
-    x_label: Optional[torch.Tensor]  # (n,) current-token ids
-    x_feat: Optional[torch.Tensor]  # (n, Din) float inputs
-    y: Optional[torch.Tensor]  # (n,) next-token ids (-1 = none)
-
-
-def _shift_targets(ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Next token of every position of a (B, T) id grid; the last position (and masked ones) get -1."""
-    y = torch.full_like(ids, -1)
-    y[..., :-1] = ids[..., 1:]
-    if mask is not None:
-        m = mask.bool()
-        y[~m] = -1
-        y[..., :-1][~m[..., 1:]] = -1
-    return y
-
-
-def _one_input(b: Any, skip_first: int) -> _Input:
-    """Normalise one probe input: ids tensor, float tensor, (x, y), an object with .x/.y, or HF kwargs."""
-    kwargs: dict = {}
-    if isinstance(b, dict):
-        kwargs = {k: v for k, v in b.items() if k != "labels"}
-        ids = b.get("input_ids")
-        mask = b.get("attention_mask")
-        if ids is not None:
-            targets = _shift_targets(ids, mask) if b.get("labels") is None else _shift_targets(b["labels"], mask)
-            grid = ids.shape
-        else:
-            emb = b["inputs_embeds"]
-            grid, targets = emb.shape[:-1], None
-        valid = torch.ones(grid, dtype=torch.bool)
-        if mask is not None:
-            valid &= mask.bool().cpu()
-        if targets is not None:
-            valid &= targets.cpu() >= 0  # -1 (ours) and -100 (HF) mean "no target"
-        features = None if ids is not None else b["inputs_embeds"]
-        inp = _Input((), kwargs, None if ids is None else ids.cpu(), None if targets is None else targets.cpu(),
-                     None if features is None else features.detach().cpu(), valid)
-    else:
-        if isinstance(b, (tuple, list)) and len(b) == 2:
-            x, y = b
-        elif hasattr(b, "x") and hasattr(b, "y"):
-            x, y = b.x, b.y
-        elif isinstance(b, torch.Tensor):
-            x, y = b, None
-        else:
-            raise TypeError(f"cannot use {type(b).__name__} as a probe batch: give a (B, T) tensor of token ids, "
-                            "an (x, y) pair, a dict of keyword inputs, or a dict domain -> one of those")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"probe input must be a tensor, got {type(x).__name__}")
-        integer = not torch.is_floating_point(x) and not torch.is_complex(x)
-        if integer:
-            targets = _shift_targets(x) if y is None else y
-            grid = x.shape
-        else:
-            targets, grid = y, x.shape[:-1]
-        if targets is not None and tuple(targets.shape) != tuple(grid):
-            raise ValueError(f"probe targets have shape {tuple(targets.shape)} but the token grid is {tuple(grid)}")
-        valid = torch.ones(grid, dtype=torch.bool)
-        if targets is not None:
-            valid &= targets.cpu() >= 0
-        inp = _Input((x,), {}, x.cpu() if integer else None, None if targets is None else targets.cpu(),
-                     None if integer else x.detach().cpu(), valid)
-    if skip_first and inp.valid.dim() >= 2 and inp.valid.shape[-1] > skip_first:
-        inp.valid[..., :skip_first] = False  # first positions: attention-sink outliers
-    return inp
-
-
-def _normalise_probe(probe_batch: Any, skip_first: int) -> dict[Optional[str], _Input]:
-    if isinstance(probe_batch, dict) and not any(k in probe_batch for k in _HF_KEYS):
-        if not probe_batch:
-            raise ValueError("the probe batch dict is empty")
-        return {str(k).replace("/", "_"): _one_input(v, skip_first) for k, v in probe_batch.items()}
-    return {None: _one_input(probe_batch, skip_first)}
-
-
-def _build_jobs(inputs: dict[Optional[str], _Input], max_tokens: int, seed: int) -> list[_Job]:
-    """Fixed token subsample (seeded, sorted) per domain; domains of equal tensor shape share a forward."""
-    names = list(inputs)
-    quota = [max_tokens // len(names) + (1 if i < max_tokens % len(names) else 0) for i in range(len(names))]
-    chosen = []
-    for i, (name, inp) in enumerate(inputs.items()):
-        pos = inp.valid.reshape(-1).nonzero().squeeze(1)
-        if pos.numel() == 0:
-            raise ValueError(f"probe batch{'' if name is None else f' of domain {name!r}'} has no usable token")
-        g = torch.Generator().manual_seed(seed + 7919 * i)
-        take = pos[torch.randperm(pos.numel(), generator=g)[: quota[i]]].sort().values
-        chosen.append(take)
-    # group domains that can be concatenated along the batch dim into one forward
-    groups: list[list[int]] = []
-    for i, name in enumerate(names):
-        inp = inputs[name]
-        for grp in groups:
-            ref = inputs[names[grp[0]]]
-            if (not inp.kwargs and not ref.kwargs and len(inp.args) == 1 and len(ref.args) == 1
-                    and inp.args[0].shape[1:] == ref.args[0].shape[1:] and inp.args[0].dtype == ref.args[0].dtype):
-                grp.append(i)
-                break
-        else:
-            groups.append([i])
-    jobs = []
-    for grp in groups:
-        rows, dom, xl, xf, ys, offset = [], [], [], [], [], 0
-        for i in grp:
-            inp, take = inputs[names[i]], chosen[i]
-            rows.append(take + offset)
-            dom.append(torch.full_like(take, i))
-            if inp.ids is not None:
-                xl.append(inp.ids.reshape(-1)[take])
-            if inp.features is not None:
-                xf.append(inp.features.reshape(inp.n, -1)[take])
-            ys.append(inp.targets.reshape(-1)[take] if inp.targets is not None else torch.full_like(take, -1))
-            offset += inp.n
-        first = inputs[names[grp[0]]]
-        args = (torch.cat([inputs[names[i]].args[0] for i in grp]),) if len(grp) > 1 else first.args
-        has_y = any(inputs[names[i]].targets is not None for i in grp)
-        jobs.append(_Job(args, first.kwargs, offset, torch.cat(rows), torch.cat(dom),
-                         torch.cat(xl) if len(xl) == len(grp) else None,
-                         torch.cat(xf).double() if len(xf) == len(grp) else None,
-                         torch.cat(ys).long() if has_y else None))
-    return jobs
-
-
-# ----------------------------------------------------------------------------------------------------
-# which modules: names, globs, filters, types; defaults for the built-in GPT and HF-like models
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
-    seen = 0
-    while seen < 4:
-        seen += 1
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            break
-    return model
-
-
-def default_sites(model: nn.Module) -> list[str]:
-    """Every block's output plus the final norm.
-
-    Built-in GPT: ``blocks.<i>.resid_post`` and ``final_norm``. Otherwise the children of the longest
-    ``nn.ModuleList`` (the transformer blocks of HF-like models, e.g. ``transformer.h.<i>``) plus a
-    sibling final norm (``ln_f``, ``norm``, ...); for an ``nn.Sequential`` or anything else, the
-    top-level children.
-    """
-    if hasattr(model, "activation_sites"):
-        sites = [s for s in model.activation_sites() if s.endswith(".resid_post")]
-        return sites + (["final_norm"] if hasattr(model, "final_norm") else [])
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if lists:
-        name, ml = max(lists, key=lambda nm: len(nm[1]))
-        sites = [f"{name}.{i}" if name else str(i) for i in range(len(ml))]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        for norm in ("ln_f", "norm", "final_norm", "final_layer_norm"):
-            full = f"{parent}.{norm}" if parent else norm
-            try:
-                model.get_submodule(full)
-            except AttributeError:
-                continue
-            sites.append(full)
-            break
-        return sites
-    return [name for name, _ in model.named_children()]
-
-
-def _resolve_sites(model: nn.Module, layers: LayerSpec) -> list[str]:
-    named = dict(model.named_modules())
-    named.pop("", None)
-    if layers is None:
-        return default_sites(model)
-    if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
-        sites = [n for n, m in named.items() if isinstance(m, layers)]
-    elif callable(layers):
-        sites = [n for n in named if layers(n)]
-    else:
-        patterns = [layers] if isinstance(layers, str) else list(layers)
-        sites = []
-        for p in patterns:
-            hits = [p] if p in named else [n for n in named if fnmatch.fnmatchcase(n, p)]
-            if not hits:
-                some = ", ".join(list(named)[:12])
-                raise ValueError(f"no module named or matching {p!r}; modules include: {some}, ...")
-            sites += [h for h in hits if h not in sites]
-    if not sites:
-        raise ValueError(f"layers={layers!r} selects no module of {type(model).__name__}")
-    return sites
-
-
-def _find_readout(model: nn.Module, readout: Any) -> Optional[tuple[Optional[nn.Module], nn.Module]]:
-    """(final norm or None, unembedding Linear) of the model, or None when there is no LM head."""
-    if isinstance(readout, tuple):
-        return readout
-    head = getattr(model, "lm_head", None)
-    if head is None and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        return None
-    norm = None
-    for name in _NORM_NAMES:
-        try:
-            norm = model.get_submodule(name)
-            break
-        except AttributeError:
-            continue
-    return norm, head
-
-
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if hasattr(out, "to_tuple"):  # HF ModelOutput
-        return _first_tensor(out.to_tuple())
-    return None
 
 
 @contextlib.contextmanager
@@ -589,25 +334,23 @@ class RepresentationProbe(Hook):
             self._suspended = False
 
     def _shared(self, call: _Call) -> dict:
-        """X and Y Grams / entropies for the information plane, once per probe call."""
+        """X and Y of the information plane (the same for every site), once per probe call."""
         if call.shared:
             return call.shared
         sel = self._mi_rows
         x_label = torch.cat([j.x_label for j in self.jobs]) if all(j.x_label is not None for j in self.jobs) else None
         x_feat = torch.cat([j.x_feat for j in self.jobs]) if all(j.x_feat is not None for j in self.jobs) else None
         y = torch.cat([j.y for j in self.jobs]) if all(j.y is not None for j in self.jobs) else None
-        Kx = None
+        X, kernel_x = None, "gaussian"
         if self.mi_input == "embedding" and "__input__" in call.chunks:
-            Kx = kernel_gram(torch.cat(call.chunks.pop("__input__"))[sel], "gaussian")
+            X = torch.cat(call.chunks.pop("__input__"))[sel]
         elif self.mi_input in ("auto", "token") and x_label is not None:
-            Kx = kernel_gram(x_label[sel], "onehot")
+            X, kernel_x = x_label[sel], "onehot"
         elif self.mi_input == "auto" and x_feat is not None:
-            Kx = kernel_gram(x_feat[sel], "gaussian")
-        Ky = None
-        if y is not None and bool((y[sel] >= 0).all()):
-            Ky = kernel_gram(y[sel], "onehot")
-        call.shared.update(Kx=Kx, Ky=Ky, Hx=None if Kx is None else gram_entropy(Kx),
-                           Hy=None if Ky is None else gram_entropy(Ky), ready=True)
+            X = x_feat[sel]
+        Y = y[sel] if y is not None and bool((y[sel] >= 0).all()) else None
+        # cache: information_plane computes the X and Y kernels and entropies at the first site only
+        call.shared.update(X=X, kernel_x=kernel_x, Y=Y, cache={})
         return call.shared
 
     def _finalize(self, site: str) -> None:
@@ -622,22 +365,21 @@ class RepresentationProbe(Hook):
             self.skipped_sites[site] = "did not run in every forward pass of the probe"
             return
         want = set(self.metrics)
-        m = representation_metrics(Z, twonn=self.twonn)
+        m, spectrum = representation_metrics(Z, twonn=self.twonn, return_spectrum=True)
         out = call.out
         for k, v in m.items():
             if k in want:
                 out[f"repr/{site}/{k}"] = v
         if self.save_spectra and self.writer is not None:
-            call.spectra[site] = eigenspectrum(Z)
+            call.spectra[site] = spectrum
         if self.info_plane:
             sh = self._shared(call)
-            Kt = kernel_gram(Z[self._mi_rows], "gaussian")
-            Ht = gram_entropy(Kt)
-            if sh["Kx"] is not None and "mi_xt" in want:
-                out[f"repr/{site}/mi_xt"] = sh["Hx"] + Ht - joint_gram_entropy(sh["Kx"], Kt)
-            if sh["Ky"] is not None and "mi_ty" in want:
-                out[f"repr/{site}/mi_ty"] = Ht + sh["Hy"] - joint_gram_entropy(Kt, sh["Ky"])
-            del Kt
+            if sh["X"] is not None or sh["Y"] is not None:
+                ip = information_plane(sh["X"], Z[self._mi_rows], sh["Y"], kernel_x=sh["kernel_x"], cache=sh["cache"])
+                if "I_XT" in ip and "mi_xt" in want:
+                    out[f"repr/{site}/mi_xt"] = ip["I_XT"]
+                if "I_TY" in ip and "mi_ty" in want:
+                    out[f"repr/{site}/mi_ty"] = ip["I_TY"]
         ce = call.ce.pop(site, None)
         if ce and "readout_loss" in want:
             tot = sum(v[0] for v in ce.values())

@@ -4,7 +4,6 @@ generic modules, DDP rank skip, the built-in loop, online phase events."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diagnostics.spectra import mutual_information, representation_metrics
+from diagnostics.spectra import gram_entropy, joint_gram_entropy, kernel_gram, representation_metrics
 from hooks.monitor import MemorySink, Monitor
 from hooks.representation import RepresentationProbe, default_sites
 from midtrain.model import GPT, GPTConfig
@@ -94,12 +93,13 @@ def test_metrics_equal_a_manual_capture_and_readout_equals_the_model_loss():
     ref = representation_metrics(Z)
     for k in ("entropy", "effective_rank", "alpha_req", "twonn_id"):
         assert out[f"repr/blocks.1.resid_post/{k}"] == pytest.approx(ref[k], rel=1e-9, nan_ok=True)
-    # I(X;T) with X = the current token (one-hot) and I(T;Y) with Y = the next token
+    # I(X;T) with X = the current token (one-hot) and I(T;Y) with Y = the next token, against the
+    # dense N x N Hadamard-product reference (the hook takes the block-diagonal label path)
     cur, nxt = x.reshape(-1)[rows], y.reshape(-1)[rows]
-    assert out["repr/blocks.1.resid_post/mi_xt"] == pytest.approx(
-        mutual_information(cur, Z, 1.01, "onehot", "gaussian"), rel=1e-9)
-    assert out["repr/blocks.1.resid_post/mi_ty"] == pytest.approx(
-        mutual_information(Z, nxt, 1.01, "gaussian", "onehot"), rel=1e-9)
+    Kx, Kt, Ky = kernel_gram(cur, "onehot"), kernel_gram(Z, "gaussian"), kernel_gram(nxt, "onehot")
+    Hx, Ht, Hy = gram_entropy(Kx), gram_entropy(Kt), gram_entropy(Ky)
+    assert out["repr/blocks.1.resid_post/mi_xt"] == pytest.approx(Hx + Ht - joint_gram_entropy(Kx, Kt), rel=1e-9)
+    assert out["repr/blocks.1.resid_post/mi_ty"] == pytest.approx(Ht + Hy - joint_gram_entropy(Kt, Ky), rel=1e-9)
     # logit lens at the final norm = the model's own loss on those tokens
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[rows], nxt)
     assert out["repr/final_norm/readout_loss"] == pytest.approx(float(ce), rel=1e-5)
@@ -304,23 +304,53 @@ def test_ddp_non_zero_rank_skips(monkeypatch):
     assert rp.scheduled(0) and repr_keys(mon.on_step_end(0, loss=1.0))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_tiny_hf_gpt2_built_offline():
+def test_tiny_hf_gpt2_built_offline(one_thread):
+    """A Hugging Face GPT-2 built from a config (no download, no network): dict inputs with padding,
+    sites by default / name glob / filter / module type, readout through its own ln_f + lm_head,
+    X from its input embedding, per-domain batches, modes restored, no hooks left."""
+    pytest.importorskip("transformers")  # in the dev extra
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    model.train()
     ids = torch.randint(0, 64, (2, 16))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # right padding: never sampled, never a target
+    batch = {"input_ids": ids, "attention_mask": mask}
     rp = RepresentationProbe(batch, max_tokens=24, model=model)
     assert rp.sites == ["transformer.h.0", "transformer.h.1", "transformer.ln_f"]
     out = rp.probe()
-    assert math.isfinite(out["repr/transformer.h.1/readout_loss"])
+    assert all(m.training for m in model.modules()) and not any(m._forward_hooks for m in model.modules())
+    rows = rp.jobs[0].rows
+    assert not bool(((rows // 16 == 1) & (rows % 16 >= 11)).any())  # padded or target-less positions
+    model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
-    rows = rp.jobs[0].rows
     ce = F.cross_entropy(logits.reshape(-1, 64)[rows], rp.jobs[0].y)  # y = the next token at each row
     assert out["repr/transformer.ln_f/readout_loss"] == pytest.approx(float(ce), rel=1e-5)
+    assert math.isfinite(out["repr/transformer.h.1/readout_loss"])
+    for k in ("entropy", "effective_rank", "alpha_req", "twonn_id", "mi_xt", "mi_ty"):
+        assert math.isfinite(out[f"repr/transformer.h.1/{k}"]), k
+
+    # the same blocks chosen by glob, by filter and by type give the same numbers
+    def block_values(o):
+        return {k: v for k, v in o.items() if k.startswith("repr/transformer.h.")}
+    ref = block_values(out)
+    for layers in ("transformer.h.?", lambda n: n.startswith("transformer.h.") and n.count(".") == 2, GPT2Block):
+        o = RepresentationProbe(batch, layers=layers, max_tokens=24, model=model).probe()
+        assert block_values(o) == ref and "repr/transformer.ln_f/entropy" not in o
+
+    # X = the output of get_input_embeddings(); two domains of keyword inputs: one forward each
+    other = {"input_ids": torch.randint(0, 64, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    rp2 = RepresentationProbe({"a": batch, "b": other}, max_tokens=40, model=model, mi_input="embedding")
+    out2 = rp2.probe()
+    assert len(rp2.jobs) == 2
+    assert math.isfinite(out2["repr/transformer.h.0/mi_xt"])
+    assert "repr/transformer.h.0/a/entropy" in out2 and "repr/transformer.h.0/b/entropy" in out2
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 class HFLike(nn.Module):
@@ -373,6 +403,7 @@ def test_hf_like_keyword_inputs_attention_mask_and_per_domain_forwards():
     rp2 = RepresentationProbe(two, max_tokens=30, model=model)
     assert len(rp2.jobs) == 2  # keyword inputs: one forward per domain, metrics after the last
     out2 = rp2.probe()
+    assert len(rp2.jobs) == 2
     assert {"repr/h.1/a/entropy", "repr/h.1/b/readout_loss", "repr/h.1/mi_xt"} <= set(out2)
     assert all(not m._forward_hooks for m in model.modules())
 

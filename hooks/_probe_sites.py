@@ -1,0 +1,111 @@
+"""RepresentationProbe's activation sites: which modules to hook, and the model's readout head.
+
+``layers`` may be None (``default_sites``), a module name or glob, a list of them, a callable
+name -> bool, or a module type / tuple of types; ``_unwrap`` looks through torch.compile and DDP.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln_f", "model.norm")
+
+LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
+    seen = 0
+    while seen < 4:
+        seen += 1
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def default_sites(model: nn.Module) -> list[str]:
+    """Every block's output plus the final norm.
+
+    Built-in GPT: ``blocks.<i>.resid_post`` and ``final_norm``. Otherwise the children of the longest
+    ``nn.ModuleList`` (the transformer blocks of HF-like models, e.g. ``transformer.h.<i>``) plus a
+    sibling final norm (``ln_f``, ``norm``, ...); for an ``nn.Sequential`` or anything else, the
+    top-level children.
+    """
+    if hasattr(model, "activation_sites"):
+        sites = [s for s in model.activation_sites() if s.endswith(".resid_post")]
+        return sites + (["final_norm"] if hasattr(model, "final_norm") else [])
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if lists:
+        name, ml = max(lists, key=lambda nm: len(nm[1]))
+        sites = [f"{name}.{i}" if name else str(i) for i in range(len(ml))]
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        for norm in ("ln_f", "norm", "final_norm", "final_layer_norm"):
+            full = f"{parent}.{norm}" if parent else norm
+            try:
+                model.get_submodule(full)
+            except AttributeError:
+                continue
+            sites.append(full)
+            break
+        return sites
+    return [name for name, _ in model.named_children()]
+
+
+def _resolve_sites(model: nn.Module, layers: LayerSpec) -> list[str]:
+    named = dict(model.named_modules())
+    named.pop("", None)
+    if layers is None:
+        return default_sites(model)
+    if isinstance(layers, type) or (isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)):
+        sites = [n for n, m in named.items() if isinstance(m, layers)]
+    elif callable(layers):
+        sites = [n for n in named if layers(n)]
+    else:
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        sites = []
+        for p in patterns:
+            hits = [p] if p in named else [n for n in named if fnmatch.fnmatchcase(n, p)]
+            if not hits:
+                some = ", ".join(list(named)[:12])
+                raise ValueError(f"no module named or matching {p!r}; modules include: {some}, ...")
+            sites += [h for h in hits if h not in sites]
+    if not sites:
+        raise ValueError(f"layers={layers!r} selects no module of {type(model).__name__}")
+    return sites
+
+
+def _find_readout(model: nn.Module, readout: Any) -> Optional[tuple[Optional[nn.Module], nn.Module]]:
+    """(final norm or None, unembedding Linear) of the model, or None when there is no LM head."""
+    if isinstance(readout, tuple):
+        return readout
+    head = getattr(model, "lm_head", None)
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    norm = None
+    for name in _NORM_NAMES:
+        try:
+            norm = model.get_submodule(name)
+            break
+        except AttributeError:
+            continue
+    return norm, head
+
+
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if hasattr(out, "to_tuple"):  # HF ModelOutput
+        return _first_tensor(out.to_tuple())
+    return None
