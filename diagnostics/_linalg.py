@@ -32,7 +32,9 @@ def _as_matrix64(Z: Any) -> torch.Tensor:
     if Z.ndim != 2 or Z.shape[0] == 0 or Z.shape[1] == 0:
         raise ValueError(f"expected a non-empty (N, D) matrix, got shape {tuple(Z.shape)}")
     Z = Z.to(torch.float64)
-    if not torch.isfinite(Z).all():
+    # a finite sum proves every entry finite (a NaN or Inf would propagate); only an overflowing sum
+    # of finite entries needs the elementwise check
+    if not bool(torch.isfinite(Z.sum())) and not bool(torch.isfinite(Z).all()):
         raise ValueError("representation contains NaN or Inf")
     return Z
 

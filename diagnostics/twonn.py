@@ -12,6 +12,7 @@ found in three passes, each of which hands on only the rows it could not *prove*
    every true squared distance. The k smallest L of a row are its candidates; their distances are
    recomputed exactly as |x - y| in float64 and the two smallest kept. The row is verified when the
    (k+1)-th smallest L is >= r2^2: then no other point can be closer than the second neighbour.
+   L is symmetric, so only its blocks on and above the diagonal are multiplied.
 2. the rows that failed (near-duplicates, points closer than the float32 bound can resolve): the
    same search in float64 (u64 = 2^-53).
 3. what is left: exact float64 distances |x - y| to every point.
@@ -48,6 +49,50 @@ def _unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
     return u
 
 
+def _smallest_rows(Xd, sq, rows, kk, chunk):
+    """The kk smallest lower bounds L_ij (j != i) of each of `rows`, by row chunks: (values, indices)."""
+    vals, idx = [], []
+    for s in range(0, rows.numel(), chunk):
+        rr = rows[s : s + chunk]
+        L = torch.addmm(sq[None, :], Xd.index_select(0, rr), Xd.T, alpha=-2.0)  # (c, N)
+        L.add_(sq.index_select(0, rr)[:, None])
+        L[torch.arange(rr.numel(), device=Xd.device), rr] = float("inf")  # not its own neighbour
+        v, i = L.topk(kk, dim=1, largest=False)
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def _smallest_all(Xd, sq, kk, block):
+    """As _smallest_rows for every row, using the symmetry L_ij = L_ji: only the blocks on and above the
+    diagonal are multiplied (~55-60 % of the products); each block feeds its rows and its columns."""
+    N = Xd.shape[0]
+    starts = list(range(0, N, block))
+    parts: list[list] = [[] for _ in starts]  # per row block: (values, global indices) pieces
+    for bi, s in enumerate(starts):
+        e = min(s + block, N)
+        for bj in range(bi, len(starts)):
+            t = starts[bj]
+            f = min(t + block, N)
+            L = torch.addmm(sq[None, t:f], Xd[s:e], Xd[t:f].T, alpha=-2.0)  # (e - s, f - t)
+            L.add_(sq[s:e, None])
+            if bj == bi:
+                L.fill_diagonal_(float("inf"))
+            v, i = L.topk(min(kk, f - t), dim=1, largest=False)
+            parts[bi].append((v, i + t))
+            if bj != bi:
+                v, i = L.topk(min(kk, e - s), dim=0, largest=False)  # (kk, f - t): the columns' rows
+                parts[bj].append((v.T, i.T + s))
+    vals, idx = [], []
+    for pieces in parts:
+        V = torch.cat([p[0] for p in pieces], dim=1)
+        I = torch.cat([p[1] for p in pieces], dim=1)
+        v, j = V.topk(kk, dim=1, largest=False)
+        vals.append(v)
+        idx.append(I.gather(1, j))
+    return torch.cat(vals), torch.cat(idx)
+
+
 def _candidate_pass(X, Xc, rows, dtype, k, chunk):
     """One verified candidate search (module docstring, pass 1/2) for `rows` of X.
 
@@ -60,22 +105,20 @@ def _candidate_pass(X, Xc, rows, dtype, k, chunk):
     Xd = Xc.to(dtype)
     sq = (Xd * Xd).sum(dim=1) * (1.0 - tau)  # (N,) the |x|^2 terms of the lower bound
     kk = min(k + 1, N - 1)
+    if rows.numel() == N:
+        vals, idx = _smallest_all(Xd, sq, kk, block=max(256, chunk // 2))
+    else:
+        vals, idx = _smallest_rows(Xd, sq, rows, kk, chunk)
     r1 = torch.empty(rows.numel(), dtype=X.dtype, device=X.device)
     r2 = torch.empty_like(r1)
-    ok = torch.empty(rows.numel(), dtype=torch.bool, device=X.device)
-    for s in range(0, rows.numel(), chunk):
-        rr = rows[s : s + chunk]
-        L = torch.addmm(sq[None, :], Xd.index_select(0, rr), Xd.T, alpha=-2.0)  # (c, N)
-        L.add_(sq.index_select(0, rr)[:, None])
-        L[torch.arange(rr.numel(), device=X.device), rr] = float("inf")  # not its own neighbour
-        vals, idx = L.topk(kk, dim=1, largest=False)  # ascending
-        cand = idx[:, :k] if kk > k else idx
-        two = _exact_dist(X, rr, cand).topk(2, dim=1, largest=False).values  # (c, 2) ascending
+    for s in range(0, rows.numel(), chunk):  # exact float64 distances to the k candidates
+        cand = idx[s : s + chunk, :k]
+        two = _exact_dist(X, rows[s : s + chunk], cand).topk(2, dim=1, largest=False).values  # ascending
         r1[s : s + chunk], r2[s : s + chunk] = two[:, 0], two[:, 1]
-        if kk > k:
-            ok[s : s + chunk] = vals[:, k].to(X.dtype) >= two[:, 1] ** 2
-        else:
-            ok[s : s + chunk] = True  # every other point was a candidate
+    if kk > k:
+        ok = vals[:, k].to(X.dtype) >= r2**2  # no point outside the candidates can be nearer than r2
+    else:
+        ok = torch.ones(rows.numel(), dtype=torch.bool, device=X.device)  # every other point was a candidate
     return r1, r2, ok
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
+from diagnostics._linalg import _as_matrix64
 from diagnostics.infoplane import _Var
 from diagnostics.spectra import (
     eigenspectrum,
@@ -152,3 +153,15 @@ def test_representation_metrics_returns_its_spectrum():
     m, spec = representation_metrics(Z, twonn=False, return_spectrum=True)
     np.testing.assert_array_equal(spec, eigenspectrum(Z))
     assert m == representation_metrics(Z, twonn=False)
+
+
+def test_nonfinite_input_check_by_the_sum_and_its_fallback():
+    Z = np.random.default_rng(56).standard_normal((50, 6))
+    for bad in (np.nan, np.inf, -np.inf):
+        Zb = Z.copy()
+        Zb[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            eigenspectrum(Zb)
+    Zb = Z.copy()
+    Zb[:, 0] = 1e308  # finite entries whose sum overflows: the elementwise check must clear them
+    assert torch.equal(_as_matrix64(Zb), torch.as_tensor(Zb))
