@@ -27,7 +27,8 @@ def readout_loss(
     head_bias: Any = None,
     ignore_index: int = -1,
     chunk_size: int = 1024,
-) -> float:
+    reduction: str = "mean",
+) -> float | torch.Tensor:
     """Logit-lens cross-entropy (nats, mean over non-ignored tokens) of reading targets off hidden states.
 
     logits = norm(hidden) @ head_weight^T (+ head_bias), loss = CE(logits, targets): the loss the model
@@ -35,22 +36,31 @@ def readout_loss(
     (nostalgebraist 2020, "logit lens"). hidden (N, D) (or (..., D)), targets (N,) (or (...)),
     head_weight (V, D); norm is e.g. model.final_norm (None = identity). Logits are computed in float32
     (float64 if hidden is float64) in chunks of rows, so (N, V) never sits in memory at once.
+    reduction="none" returns the (N,) per-token losses instead (float64, on hidden's device; 0 where
+    the target is ignored), e.g. to pool them by domain.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     h = _as_tensor(hidden)
     h = h.reshape(-1, h.shape[-1])  # (N, D)
     y = _as_tensor(targets).reshape(-1).to(device=h.device, dtype=torch.long)  # (N,)
     dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     W = _as_tensor(head_weight).to(device=h.device, dtype=dtype)  # (V, D)
     b = None if head_bias is None else _as_tensor(head_bias).to(device=h.device, dtype=dtype)
-    total, count = 0.0, 0
+    total, count, per_token = 0.0, 0, []
     for s in range(0, h.shape[0], chunk_size):
         hc = h[s : s + chunk_size]
         if norm is not None:
             hc = norm(hc)
         logits = F.linear(hc.to(dtype), W, b)  # (c, V)
         yc = y[s : s + chunk_size]
+        if reduction == "none":
+            per_token.append(F.cross_entropy(logits, yc, ignore_index=ignore_index, reduction="none").double())
+            continue
         total += float(F.cross_entropy(logits, yc, ignore_index=ignore_index, reduction="sum"))
         count += int((yc != ignore_index).sum())
+    if reduction == "none":
+        return torch.cat(per_token) if per_token else torch.zeros(0, dtype=torch.float64, device=h.device)
     return total / count if count else float("nan")
 
 

@@ -316,22 +316,22 @@ class RepresentationProbe(Hook):
         if module is head or sub.shape[-1] != head.in_features:
             return
         y = job.y.to(sub.device)
-        dom = job.domain.to(sub.device)
         acc = call.ce.setdefault(site, {})
-        self._suspended = True
+        self._suspended = True  # our readout calls the final norm: not a probe event
         try:
-            for d in job.domain.unique().tolist():
-                m = (dom == d) & (y >= 0)
-                cnt = int(m.sum())
-                if cnt == 0:
-                    continue
-                ce = readout_loss(sub[m].float(), y[m], head.weight, norm=None if module is norm else norm,
-                                  head_bias=head.bias)
-                s = acc.setdefault(d, [0.0, 0])
-                s[0] += ce * cnt
-                s[1] += cnt
+            with _num_threads(self.metric_threads if sub.device.type == "cpu" else None):
+                ce = readout_loss(sub.float(), y, head.weight, norm=None if module is norm else norm,
+                                  head_bias=head.bias, reduction="none").cpu()  # (n,), 0 where y = -1
         finally:
             self._suspended = False
+        valid = job.y >= 0
+        for d in job.domain.unique().tolist():  # pooled per domain: sum of CE, token count
+            m = (job.domain == d) & valid
+            cnt = int(m.sum())
+            if cnt:
+                s = acc.setdefault(d, [0.0, 0])
+                s[0] += float(ce[m].sum())
+                s[1] += cnt
 
     def _shared(self, call: _Call) -> dict:
         """X and Y of the information plane (the same for every site), once per probe call."""

@@ -165,3 +165,21 @@ def test_nonfinite_input_check_by_the_sum_and_its_fallback():
     Zb = Z.copy()
     Zb[:, 0] = 1e308  # finite entries whose sum overflows: the elementwise check must clear them
     assert torch.equal(_as_matrix64(Zb), torch.as_tensor(Zb))
+
+
+def test_readout_per_token_losses_pool_to_the_mean():
+    import torch.nn.functional as F
+
+    from diagnostics.spectra import readout_loss
+
+    g = torch.Generator().manual_seed(57)
+    h, W = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    y = torch.randint(0, 30, (50,), generator=g)
+    y[:7] = -1
+    per = readout_loss(h, y, W, reduction="none", chunk_size=16)
+    manual = F.cross_entropy(h @ W.T, y, ignore_index=-1, reduction="none").double()
+    assert per.shape == (50,) and bool((per[:7] == 0).all())
+    torch.testing.assert_close(per, manual, rtol=1e-6, atol=1e-7)
+    assert float(per.sum() / (y >= 0).sum()) == pytest.approx(readout_loss(h, y, W), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        readout_loss(h, y, W, reduction="sum")
