@@ -349,6 +349,10 @@ class RepresentationProbe(Hook):
         elif self.mi_input == "auto" and x_feat is not None:
             X = x_feat[sel]
         Y = y[sel] if y is not None and bool((y[sel] >= 0).all()) else None
+        if "mi_xt" not in self.metrics:
+            X = None  # a coordinate nobody logs costs nothing
+        if "mi_ty" not in self.metrics:
+            Y = None
         # cache: information_plane computes the X and Y kernels and entropies at the first site only
         call.shared.update(X=X, kernel_x=kernel_x, Y=Y, cache={})
         return call.shared
