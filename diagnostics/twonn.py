@@ -167,6 +167,37 @@ def _two_nearest(X: torch.Tensor, k: int = 3, chunk: int = 1024, fast: bool = Tr
     return r1, r2, passes
 
 
+def _drop_duplicates(X: torch.Tensor) -> torch.Tensor:
+    """X without repeated rows (the same set as torch.unique(dim=0); TwoNN does not depend on the order).
+
+    Rows are sorted by their first column only; exact row comparisons are needed just inside runs of
+    equal first entries -- cheaper than torch.unique's lexicographic sort of whole rows. Many or long
+    runs (a constant first feature, many duplicates) fall back to torch.unique."""
+    N = X.shape[0]
+    order = torch.argsort(X[:, 0], stable=True)
+    first = X[order, 0]
+    tie = first[1:] == first[:-1]  # (N - 1,) neighbours in sort order with equal first entries
+    if not bool(tie.any()):
+        return X
+    run_start = torch.ones(N, dtype=torch.bool, device=X.device)
+    run_start[1:] = ~tie
+    starts = run_start.nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=torch.tensor([N], device=X.device))
+    if int((lengths > 1).sum()) > 256 or int(lengths.max()) > 64:
+        return torch.unique(X, dim=0)
+    keep = torch.ones(N, dtype=torch.bool, device=X.device)
+    starts = starts.tolist() + [N]
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b - a < 2:
+            continue
+        rows = order[a:b]  # a run of equal first entries, in original order (stable sort)
+        R = X[rows]
+        same = (R[:, None, :] == R[None, :, :]).all(dim=-1)  # (r, r)
+        dup = torch.triu(same, diagonal=1).any(dim=0)  # equals an earlier row of the run
+        keep[rows[dup]] = False
+    return X[keep]
+
+
 def twonn_dimension(
     X: Any,
     discard_fraction: float = 0.1,
@@ -195,7 +226,7 @@ def twonn_dimension(
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
     Xt = _as_matrix64(X)
     N0 = Xt.shape[0]
-    Xt = torch.unique(Xt, dim=0)  # drop exact duplicates
+    Xt = _drop_duplicates(Xt)  # exact duplicates (r1 = 0) removed
     N = Xt.shape[0]
     if N < 3:
         raise ValueError(f"TwoNN needs at least 3 distinct points, got {N}")

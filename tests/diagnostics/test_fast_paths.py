@@ -183,3 +183,24 @@ def test_readout_per_token_losses_pool_to_the_mean():
     assert float(per.sum() / (y >= 0).sum()) == pytest.approx(readout_loss(h, y, W), rel=1e-6)
     with pytest.raises(ValueError, match="reduction"):
         readout_loss(h, y, W, reduction="sum")
+
+
+@pytest.mark.parametrize("case", ["few", "many", "constant_first_column", "ties_not_duplicates"])
+def test_drop_duplicates_equals_torch_unique(case):
+    from diagnostics.twonn import _drop_duplicates
+
+    rng = np.random.default_rng(58)
+    X = rng.standard_normal((500, 6))
+    if case == "few":  # the run-by-run path
+        X = np.concatenate([X, X[[3, 7, 7, 11]]])
+    elif case == "many":  # > 256 runs: torch.unique
+        X = np.concatenate([X, X[:300]])
+    elif case == "constant_first_column":  # one run of 500: torch.unique
+        X[:, 0] = 1.0
+        X = np.concatenate([X, X[:5]])
+    else:  # equal first entries, different rows: nothing to drop
+        X[::2, 0] = X[1::2, 0]
+    X = torch.as_tensor(rng.permutation(X))
+    got = _drop_duplicates(X)
+    torch.testing.assert_close(torch.unique(got, dim=0), torch.unique(X, dim=0), rtol=0, atol=0)
+    assert got.shape[0] == torch.unique(X, dim=0).shape[0]
