@@ -44,7 +44,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from diagnostics._linalg import _as_matrix64, _psd_eigvals, renyi_entropy
+from diagnostics._linalg import _as_matrix64, _as_tensor, _psd_eigvals, renyi_entropy
 from diagnostics.infoplane import (
     gram_entropy,
     information_plane,
@@ -75,6 +75,7 @@ __all__ = [
     "ProbeResult",
     "fit_linear_probe",
     "representation_metrics",
+    "grouped_representation_metrics",
 ]
 
 
@@ -223,6 +224,30 @@ def _alpha_from_spectrum(lam: np.ndarray, fit_range: tuple[int, Optional[int]]) 
 # ----------------------------------------------------------------------------------------------------
 # everything at once (what a probe hook logs per layer)
 
+def _spectral_metrics(lam: np.ndarray, alpha: float, fit_range: tuple[int, Optional[int]]) -> dict[str, float]:
+    """entropy, normalized_entropy, effective_rank, alpha_req, alpha_req_r2 of a raw spectrum."""
+    total = lam.sum()
+    out: dict[str, float] = {}
+    if total > 0:
+        p = lam / total
+        S = renyi_entropy(p, alpha)
+        sv = np.sqrt(lam)
+        out["entropy"] = S
+        out["normalized_entropy"] = S / math.log(lam.size) if lam.size > 1 else 0.0
+        out["effective_rank"] = float(math.exp(renyi_entropy(sv / sv.sum(), 1.0)))
+    else:
+        out.update(entropy=float("nan"), normalized_entropy=float("nan"), effective_rank=float("nan"))
+    out["alpha_req"], out["alpha_req_r2"] = _alpha_from_spectrum(lam, fit_range)
+    return out
+
+
+def _twonn_or_nan(Z: torch.Tensor) -> float:
+    try:
+        return float(twonn_dimension(Z))
+    except ValueError:
+        return float("nan")
+
+
 def representation_metrics(
     Z: Any,
     center: bool = True,
@@ -241,23 +266,59 @@ def representation_metrics(
     """
     Z = _as_matrix64(Z)  # once: the spectrum and TwoNN share the float64 copy
     lam = _raw_spectrum(Z, center, normalize_rows)
-    total = lam.sum()
-    out: dict[str, float] = {}
-    if total > 0:
-        p = lam / total
-        S = renyi_entropy(p, alpha)
-        sv = np.sqrt(lam)
-        out["entropy"] = S
-        out["normalized_entropy"] = S / math.log(lam.size) if lam.size > 1 else 0.0
-        out["effective_rank"] = float(math.exp(renyi_entropy(sv / sv.sum(), 1.0)))
-    else:
-        out.update(entropy=float("nan"), normalized_entropy=float("nan"), effective_rank=float("nan"))
-    out["alpha_req"], out["alpha_req_r2"] = _alpha_from_spectrum(lam, fit_range)
+    out = _spectral_metrics(lam, alpha, fit_range)
     if twonn:
-        try:
-            out["twonn_id"] = float(twonn_dimension(Z))
-        except ValueError:
-            out["twonn_id"] = float("nan")
+        out["twonn_id"] = _twonn_or_nan(Z)
     if return_spectrum:
+        total = lam.sum()
         return out, (lam / total if total > 0 else lam)
     return out
+
+
+def grouped_representation_metrics(
+    Z: Any,
+    groups: Any,
+    alpha: float = 1.0,
+    fit_range: tuple[int, Optional[int]] = (6, 100),
+    twonn: bool = True,
+) -> tuple[dict[str, float], np.ndarray, dict[int, dict[str, float]]]:
+    """representation_metrics of Z and of each group of its rows (e.g. the domains of a probe batch).
+
+    groups: (N,) integer group of each row. Returns (metrics of all of Z, its eigenspectrum,
+    {group: metrics of Z[groups == group]} for groups of >= 3 rows, without TwoNN), centred, equal to
+    calling representation_metrics on each. When every group has more rows than Z has columns, the
+    pooled covariance comes from the groups' by the law of total covariance,
+    C = sum_g C_g + sum_g n_g (m_g - m)(m_g - m)^T (a sum of PSD terms: no cancellation), saving its
+    N x D x D product; otherwise each is computed on its own.
+    """
+    Z = _as_matrix64(Z)
+    g = _as_tensor(groups).reshape(-1).to(Z.device)
+    if g.numel() != Z.shape[0]:
+        raise ValueError(f"groups has {g.numel()} entries but Z has {Z.shape[0]} rows")
+    N, D = Z.shape
+    ids, counts = torch.unique(g, return_counts=True)
+    ids, counts = ids.tolist(), counts.tolist()
+    per: dict[int, dict[str, float]] = {}
+    if not all(n > D for n in counts):
+        pooled, spectrum = representation_metrics(Z, alpha=alpha, fit_range=fit_range, twonn=twonn,
+                                                  return_spectrum=True)
+        for i, n in zip(ids, counts):
+            if n >= 3:
+                per[i] = representation_metrics(Z[g == i], alpha=alpha, fit_range=fit_range, twonn=False)
+        return pooled, spectrum, per
+    m = Z.mean(dim=0)
+    C = torch.zeros(D, D, dtype=Z.dtype, device=Z.device)
+    for i, n in zip(ids, counts):
+        Zi = Z[g == i]
+        mi = Zi.mean(dim=0)
+        Zi = Zi - mi
+        Ci = Zi.T @ Zi  # (D, D) scatter of the group about its own mean
+        per[i] = _spectral_metrics(_psd_eigvals(Ci), alpha, fit_range)
+        dm = mi - m
+        C += Ci + n * torch.outer(dm, dm)
+    lam = _psd_eigvals(C)
+    pooled = _spectral_metrics(lam, alpha, fit_range)
+    if twonn:
+        pooled["twonn_id"] = _twonn_or_nan(Z)
+    total = lam.sum()
+    return pooled, (lam / total if total > 0 else lam), per

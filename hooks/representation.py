@@ -44,7 +44,12 @@ import torch
 import torch.nn as nn
 
 from diagnostics.phases import COMPRESSION_DIRECTION, detect_compression_onset, format_event
-from diagnostics.spectra import information_plane, readout_loss, representation_metrics
+from diagnostics.spectra import (
+    grouped_representation_metrics,
+    information_plane,
+    readout_loss,
+    representation_metrics,
+)
 from hooks._probe_inputs import _build_jobs, _normalise_probe
 from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
 from hooks.monitor import Hook
@@ -369,7 +374,11 @@ class RepresentationProbe(Hook):
             self.skipped_sites[site] = "did not run in every forward pass of the probe"
             return
         want = set(self.metrics)
-        m, spectrum = representation_metrics(Z, twonn=self.twonn, return_spectrum=True)
+        dm = want & set(_DOMAIN_METRICS) - {"readout_loss"} if self.per_domain and len(self.domains) > 1 else set()
+        if dm:  # pooled and per-domain spectra together (the pooled covariance from the domains')
+            m, spectrum, per = grouped_representation_metrics(Z, dom, twonn=self.twonn)
+        else:
+            (m, spectrum), per = representation_metrics(Z, twonn=self.twonn, return_spectrum=True), {}
         out = call.out
         for k, v in m.items():
             if k in want:
@@ -390,12 +399,9 @@ class RepresentationProbe(Hook):
             cnt = sum(v[1] for v in ce.values())
             out[f"repr/{site}/readout_loss"] = tot / cnt
         if self.per_domain and len(self.domains) > 1:
-            dm = want & set(_DOMAIN_METRICS) - {"readout_loss"}
             for i, name in enumerate(self.domains):
-                if dm and int((dom == i).sum()) >= 3:
-                    md = representation_metrics(Z[dom == i], twonn=False)
-                    for k in dm:
-                        out[f"repr/{site}/{name}/{k}"] = md[k]
+                for k in dm if i in per else ():
+                    out[f"repr/{site}/{name}/{k}"] = per[i][k]
                 if ce and i in ce and "readout_loss" in want:
                     out[f"repr/{site}/{name}/readout_loss"] = ce[i][0] / ce[i][1]
 

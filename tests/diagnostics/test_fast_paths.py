@@ -204,3 +204,24 @@ def test_drop_duplicates_equals_torch_unique(case):
     got = _drop_duplicates(X)
     torch.testing.assert_close(torch.unique(got, dim=0), torch.unique(X, dim=0), rtol=0, atol=0)
     assert got.shape[0] == torch.unique(X, dim=0).shape[0]
+
+
+@pytest.mark.parametrize("n_per_group", [120, 30])  # > D: pooled covariance from the groups'; < D: one by one
+def test_grouped_metrics_equal_separate_calls(n_per_group):
+    from diagnostics.spectra import grouped_representation_metrics
+
+    rng = np.random.default_rng(59)
+    D = 48
+    parts = [rng.standard_normal((n_per_group, 6)) @ rng.standard_normal((6, D)) + 5.0 * rng.standard_normal(D)
+             + 0.1 * rng.standard_normal((n_per_group, D)) for _ in range(3)]  # distinct group means
+    Z = np.concatenate(parts)
+    g = torch.arange(3).repeat_interleave(n_per_group)
+    pooled, spec, per = grouped_representation_metrics(Z, g, fit_range=(2, 30))
+    ref, ref_spec = representation_metrics(Z, fit_range=(2, 30), return_spectrum=True)
+    for k in ref:
+        assert pooled[k] == pytest.approx(ref[k], rel=1e-10), k
+    np.testing.assert_allclose(spec, ref_spec, rtol=1e-9, atol=1e-15)
+    assert set(per) == {0, 1, 2}
+    for i in range(3):
+        r = representation_metrics(Z[g.numpy() == i], fit_range=(2, 30), twonn=False)
+        assert per[i] == pytest.approx(r, rel=1e-12)
