@@ -170,12 +170,14 @@ def main(argv=None) -> dict:
         times = {m: [] for m in modes}
         own = {m: [] for m in modes}
         peaks = {m: [] for m in modes}
+        per_round = {m: [] for m in modes}   # median step time of each run: the spread of A/B
         rounds = args.rounds or {"tiny": 3, "small": 2}.get(preset, 2)
         for r in range(rounds):            # alternate the arms; rotate who goes first
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             for m in order:
                 t, o, peak = run(cfg, corpus, m, args.warmup)
                 times[m] += t
+                per_round[m].append(statistics.median(t))
                 own[m] += o
                 peaks[m].append(peak)
         med = {m: statistics.median(times[m]) for m in modes}
@@ -185,20 +187,25 @@ def main(argv=None) -> dict:
         print(f"preset {preset} on {args.device}: batch {args.batch_size} x {args.seq_len} tokens, grad_accum "
               f"{args.grad_accum}, {rounds} rounds x {steps} steps (first {args.warmup} dropped), "
               f"{torch.get_num_threads()} thread(s)")
-        print(f"  {'hook':<12} {'median step':>12} {'time ratio':>11} {'hook own/step':>14} {'own ratio':>10}"
+        print(f"  {'hook':<12} {'median step':>12} {'time ratio':>11} {'per-round range':>16} {'hook own/step':>14}"
+              f" {'own ratio':>10}"
               + ("" if args.no_memory else f" {'peak mem':>10} {'mem ratio':>10}"))
         for m in modes:
             own_s = statistics.mean(own[m]) if own[m] else 0.0
             own_ratio = (med["off"] + own_s) / med["off"]
-            line = (f"  {m:<12} {med[m] * 1e3:9.2f} ms {med[m] / med['off']:10.3f}x {own_s * 1e3:11.2f} ms"
+            rr = [a / b for a, b in zip(per_round[m], per_round["off"])]
+            line = (f"  {m:<12} {med[m] * 1e3:9.2f} ms {med[m] / med['off']:10.3f}x {min(rr):7.3f}-{max(rr):.3f}x"
+                    f" {own_s * 1e3:11.2f} ms"
                     f" {own_ratio:9.3f}x")
             if not args.no_memory:
                 line += f" {mem[m] / 2**20:7.1f} MiB {mem[m] / mem['off']:9.3f}x"
             print(line)
             results[(preset, m)] = {"step_s": med[m], "time_ratio": med[m] / med["off"], "own_s": own_s,
+                                    "round_ratio_min": min(rr), "round_ratio_max": max(rr),
                                     "own_ratio": own_ratio,
                                     "mem_ratio": (mem[m] / mem["off"]) if not args.no_memory else float("nan")}
-        print("  time ratio: A/B medians (noisy on a busy machine); own ratio: (off + the hook's own time) / off."
+        print("  time ratio: A/B medians; per-round range: the same ratio run by run (how steady the machine was);"
+              "\n  own ratio: (off + the hook's own time) / off."
               "\n  targets: microbatch <= 1.02x, layernorm <= 1.05x, per_example <= 1.3x", flush=True)
     return results
 
