@@ -254,27 +254,46 @@ def layer_normalize(x: torch.Tensor, eps: float, feature_dims: int = 1) -> torch
 
 def norm_gain_grads(x: torch.Tensor, G: torch.Tensor, eps: float, kind: str = "rmsnorm",
                     feature_dims: int = 1) -> torch.Tensor:
-    """Eq. (5) from the norm's INPUT x, without materialising xhat: (B, F).
+    """Eq. (5) from the norm's INPUT x: sum_t g_t * xhat_t -> (B, F).
 
-    xhat_t = (x_t - mu_t) r_t (mu_t = 0 for RMSNorm), so
-    sum_t g_t * xhat_t = sum_t r_t (g_t * x_t) - sum_t (mu_t r_t) g_t: one elementwise product
-    and per-position statistics, where ``norm_weight_grads(rms_normalize(x), G)`` makes three
-    full-size temporaries. ``kind``: "rmsnorm" or "layernorm". Same value to float rounding.
+    xhat comes from torch's fused ``rms_norm`` / ``layer_norm`` kernel (no weight), multiplied by
+    G in place and summed over positions: three kernels in all. This runs inside the backward,
+    where the training step has just evicted the caches, so the number of ops per call matters
+    more than their FLOPs (docs/gns.md, Speed). ``kind``: "rmsnorm" or "layernorm". Same value as
+    ``norm_weight_grads(rms_normalize(x), G)`` to float rounding.
     """
     if kind not in ("rmsnorm", "layernorm"):
         raise ValueError(f"kind must be 'rmsnorm' or 'layernorm', got {kind!r}")
     dt = accumulation_dtype(x, G)
-    xf = flatten_positions(x, feature_dims).to(dt)  # (B, T, F)
-    g = flatten_positions(G, feature_dims).to(dt)
-    F = xf.shape[2]
-    if kind == "rmsnorm":
-        ms = torch.linalg.vector_norm(xf, dim=2).square_().div_(F)  # (B, T) mean of x^2
-        r = torch.rsqrt(ms.add_(eps))
-        return torch.bmm(r.unsqueeze(1), g * xf).squeeze(1)  # (B, F)
-    var, mu = torch.var_mean(xf, dim=2, unbiased=False)  # (B, T)
-    r = torch.rsqrt(var.add_(eps))
-    gx = torch.bmm(r.unsqueeze(1), g * xf)  # (B, 1, F)
-    return gx.sub_(torch.bmm((mu * r).unsqueeze(1), g)).squeeze(1)
+    xf = flatten_positions(x, feature_dims)  # (B, T, F)
+    g = flatten_positions(G, feature_dims)
+    if xf.dtype != dt:
+        xf = xf.to(dt)
+    if g.dtype != dt:
+        g = g.to(dt)
+    norm = torch.nn.functional.rms_norm if kind == "rmsnorm" else torch.nn.functional.layer_norm
+    return norm(xf, (xf.shape[2],), eps=eps).mul_(g).sum(1)  # (B, F)
+
+
+def norm_gain_grads_from_output(y: torch.Tensor, G: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None = None, feature_dims: int = 1) -> torch.Tensor:
+    """Eq. (5) from the norm's OUTPUT y = xhat * w (+ b): sum_t g_t * xhat_t = (sum_t g_t * y_t
+    - b * sum_t g_t) / w -> (B, F).
+
+    Exact up to float rounding (y / w = xhat (1 + delta), |delta| <= machine epsilon) when no
+    entry of ``weight`` is zero or too small to divide by; the caller checks that. In the
+    backward, y has just been read by the next layer's weight gradient (it is in cache) while
+    the norm's input is not: two kernels on hot data instead of three on cold.
+    """
+    dt = accumulation_dtype(y, G)
+    if y.dtype != dt:
+        y = y.to(dt)
+    if G.dtype != dt:
+        G = G.to(dt)
+    v = flatten_positions(G * y, feature_dims).sum(1)  # (B, F) sum_t g * y
+    if bias is not None:
+        v -= bias.reshape(-1) * flatten_positions(G, feature_dims).sum(1)
+    return v.div_(weight.reshape(-1))
 
 
 def norm_weight_grads(xhat: torch.Tensor, G: torch.Tensor, feature_dims: int = 1) -> torch.Tensor:

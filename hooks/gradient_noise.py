@@ -170,12 +170,13 @@ class _PerExample:
 
     def harvest(self) -> None:
         """After one micro-batch's backward: add its examples' squared norms, per parameter."""
-        res = self.pe.sq_norms(loss_scale="mean")
-        idx = [self.index[n] for n in res.params if n in self.index]
-        if not idx:
+        res = self.pe.sq_norms(loss_scale="mean", summaries=False)
+        names = [n for n in res.params if n in self.index]
+        if not names:
             return
-        sums = torch.stack([res.params[n].sum().float().to(self.device)
-                            for n in res.params if n in self.index])
+        idx = [self.index[n] for n in names]
+        # every parameter's (N,) norms: one stack and one sum (N is the same for all)
+        sums = torch.stack([res.params[n] for n in names]).sum(1).float().to(self.device)
         vec = torch.zeros(len(self.index), device=self.device).index_copy_(
             0, torch.tensor(idx, device=self.device), sums)
         self.acc = vec if self.acc is None else self.acc + vec

@@ -152,6 +152,10 @@ class _Site:
         self.feature_dims = module.weight.dim() if kind in ("layernorm", "rmsnorm") else 1
         self.verify = kind in ("layernorm", "rmsnorm") and not isinstance(module, _BUILTIN)
         self.called = False
+        # norms: y = xhat * w (+ b) exactly (builtin, or checked by _verify_norm), so the gain's
+        # gradient can come from the output (pegrad.norm_gain_grads_from_output)
+        self.plain = kind in ("layernorm", "rmsnorm") and not self.verify
+        self.gain_ok = (None, False)  # (weight._version, usable) cache of _gain_ok
 
     def eps(self, x):
         e = _norm_eps(self.module)
@@ -165,8 +169,11 @@ class _Site:
 class _Call:
     """One forward call of a site; holds its stored input until the output's gradient arrives."""
 
-    def __init__(self, site, pass_id, saved):
+    def __init__(self, site, pass_id, saved, out=None):
         self.site, self.pass_id, self.saved = site, pass_id, saved
+        # a norm's output y (no copy: the next layer keeps it anyway), with its version: used
+        # only if nothing modified it in place by the time its gradient arrives
+        self.out, self.out_version = out, (out._version if out is not None else None)
 
 
 class _Group:
@@ -371,8 +378,9 @@ class PerExampleGradNorms:
         if site.verify and not site.called:
             self._verify_norm(site, x, output)
         site.called = True
-        saved = x.detach()
-        call = _Call(site, self._pass, saved)
+        out = output.detach() if (site.plain and output.dtype in (torch.float32, torch.float64)
+                                  and output.shape == x.shape and self._gain_ok(site)) else None
+        call = _Call(site, self._pass, x.detach(), out)
         for role, pid in site.roles:
             if pid not in pids:
                 continue
@@ -398,15 +406,35 @@ class PerExampleGradNorms:
             yf = y.detach().to(xhat.dtype)
             tol = 1e-3 if y.dtype in (torch.float32, torch.float64) else 3e-2
             scale = yf.norm() + 1e-12
-            if min(float((yf - (xhat * w + b)).norm() / scale),
-                   float((yf - (xhat * (1 + w) + b)).norm() / scale)) > tol:
+            plain = float((yf - (xhat * w + b)).norm() / scale)
+            site.plain = plain <= 1e-5  # exactly xhat * w (+ b), as far as float32 tells
+            if min(plain, float((yf - (xhat * (1 + w) + b)).norm() / scale)) > tol:
                 raise _Unsupported(f"{type(site.module).__name__} output is not "
                                    f"{site.kind}(x) * weight (+ bias); cannot attribute its gradient")
 
+    def _gain_ok(self, site) -> bool:
+        """Can the norm's output stand in for its input: no gain entry too small to divide by.
+        Checked again when the gain changed (once per optimizer step), every norm in one check
+        (few ops: each costs tens of microseconds here); any tiny entry: all use the input."""
+        if site.gain_ok[0] != site.module.weight._version:
+            sites = [s for s in self._sites.values() if s.plain]
+            ok = False
+            try:
+                with torch.no_grad():
+                    w = torch.cat([s.module.weight.reshape(-1) for s in sites])
+                    ok = bool(w.abs().amin() >= torch.finfo(torch.float32).tiny ** 0.5)
+            except (RuntimeError, TypeError):   # mixed devices / dtypes: use the inputs
+                ok = False
+            for s in sites:
+                s.gain_ok = (s.module.weight._version, ok)
+        return site.gain_ok[1]
+
     # -- backward: compute right away, free the inputs ---------------------------------------------
     def _on_output_grad(self, call: _Call, grad: torch.Tensor):
-        site, saved = call.site, call.saved
-        call.saved = None
+        site, saved, out = call.site, call.saved, call.out
+        call.saved = call.out = None
+        if out is not None and out._version != call.out_version:
+            out = None  # modified in place after the forward: use the input
         self._live_calls.discard(call)
         if saved is None:
             for _, pid in site.roles:  # not a bypass: keep the parameter-hook safety net quiet
@@ -425,12 +453,12 @@ class PerExampleGradNorms:
                     continue
                 self._arrivals[pid] += 1
                 grp.arrived += 1
-                self._contribute(call.pass_id, pid, grp, site, role, saved, G)
+                self._contribute(call.pass_id, pid, grp, site, role, saved, G, out)
         except Exception as e:
             self._fail(site, e)
         return None
 
-    def _contribute(self, pass_id, pid, grp, site, role, saved, G):
+    def _contribute(self, pass_id, pid, grp, site, role, saved, G, out=None):
         if site.kind == "linear" and role == "weight":
             A, Gf = pegrad.flatten_positions(saved), pegrad.flatten_positions(G)
             if grp.calls == 1:
@@ -466,7 +494,11 @@ class PerExampleGradNorms:
             grp.emb.append((ids, Gf))
             grp.num_embeddings = site.module.num_embeddings
         else:  # vector: norm gain, norm bias, linear bias -> (B, F) per-example gradient
-            if role == "weight":
+            if role == "weight" and out is not None:  # from the output y = xhat * w (+ b)
+                m = site.module
+                b = m.bias.detach() if isinstance(getattr(m, "bias", None), torch.Tensor) else None
+                v = pegrad.norm_gain_grads_from_output(out, G, m.weight.detach(), b, site.feature_dims)
+            elif role == "weight":
                 v = pegrad.norm_gain_grads(saved, G, site.eps(saved), site.kind, site.feature_dims)
             else:
                 v = pegrad.bias_grads(G, site.feature_dims)
@@ -529,7 +561,7 @@ class PerExampleGradNorms:
     # -- results ---------------------------------------------------------------------------------
     def stored_tensors(self) -> list[torch.Tensor]:
         """Activations held right now (empty after every backward of a normal step)."""
-        out = [c.saved for c in list(self._live_calls) if c.saved is not None]
+        out = [t for c in list(self._live_calls) for t in (c.saved, c.out) if t is not None]
         for grp in self._groups.values():
             out += grp.tensors()
         return out
@@ -540,13 +572,16 @@ class PerExampleGradNorms:
         self._results.clear()
         self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}
 
-    def sq_norms(self, *, loss_scale: float | str = 1.0, reset: bool = True) -> PerExampleSqNorms:
+    def sq_norms(self, *, loss_scale: float | str = 1.0, reset: bool = True,
+                 summaries: bool = True) -> PerExampleSqNorms:
         """Per-example squared gradient norms of every example backpropagated since the last reset.
 
         ``loss_scale``: each example's weight in the backpropagated loss (``1/B`` for a mean),
         or "mean" for 1/B of each forward pass; the norms are divided by ``loss_scale^2``
         (``diagnostics.pegrad.rescale_sq_norms``), i.e. reported for the per-example loss.
         ``reset``: forget these examples afterwards (the default: one call per micro-batch).
+        ``summaries=False``: leave ``total``, ``groups`` and ``layers`` empty (per parameter only;
+        what GradientNoiseScale reads, without the per-name grouping on every micro-batch).
         """
         for (p, pid), grp in list(self._groups.items()):
             if grp.arrived > 0:
@@ -574,11 +609,11 @@ class PerExampleGradNorms:
             if chunks:
                 params[name] = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         n = sum(sizes)
-        total = torch.zeros(n) if not params else sum(params.values())
         groups: dict[str, torch.Tensor] = {}
         layers: dict[str, torch.Tensor] = {}
+        total = torch.zeros(n) if not params else sum(params.values()) if summaries else torch.zeros(0)
         pid_of = {name: pid for pid, name in self._names.items()}
-        for name, sq in params.items():
+        for name, sq in (params.items() if summaries else ()):
             g = _functional_group(name, self._kinds[pid_of[name]])
             groups[g] = groups[g] + sq if g in groups else sq
             layer = _layer_of(name)

@@ -100,6 +100,53 @@ def test_norm_layers_match_per_example_autograd():
         assert rel_err(pegrad.norm_gain_grads(x2, t2, 1e-5, kind, 2), ref) < 1e-10
     with pytest.raises(ValueError, match="kind"):
         pegrad.norm_gain_grads(x, target, 1e-6, "batchnorm")
+    # from the output y = xhat * w + b (what the hook uses when the gain has no zero entry)
+    with torch.no_grad():
+        y = ln(x)
+    assert rel_err(pegrad.norm_gain_grads_from_output(y, target, ln.weight, ln.bias),
+                   pegrad.norm_weight_grads(xhat, target)) < 1e-10
+    w2 = torch.rand(2, 3, dtype=torch.float64) + 0.5
+    y2 = pegrad.rms_normalize(x2, 1e-5, 2) * w2
+    assert rel_err(pegrad.norm_gain_grads_from_output(y2, t2, w2, feature_dims=2),
+                   pegrad.norm_weight_grads(pegrad.rms_normalize(x2, 1e-5, 2), t2, 2)) < 1e-10
+
+
+class NormThenInplace(nn.Module):
+    """A LayerNorm whose output is changed in place afterwards (optionally), between Linears."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.inp, self.ln, self.out, self.inplace = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3), inplace
+
+    def forward(self, x):
+        h = self.ln(self.inp(x))
+        if self.inplace:
+            h.add_(0.5)  # autograd allows it (add's backward needs no input): the stored y is stale
+        return self.out(torch.tanh(h)).pow(2).mean((1, 2))  # (B,)
+
+
+@pytest.mark.parametrize("case", ["plain", "inplace", "zero_gain"])
+def test_norm_gain_from_output_or_input_matches_autograd(case):
+    """The hook stores a norm's output instead of its input when it can; an output modified in
+    place, or a gain with a zero entry (y / w undefined), falls back to the input. Same norms."""
+    torch.manual_seed(7)
+    model = NormThenInplace(case == "inplace").double()
+    with torch.no_grad():
+        model.ln.weight.normal_()
+        if case == "zero_gain":
+            model.ln.weight[2] = 0.0
+    x = torch.randn(4, 7, 5, dtype=torch.float64)
+    truth = {}
+    for b in range(4):
+        gs = torch.autograd.grad(model(x[b:b + 1]).sum(), [model.ln.weight, model.ln.bias])
+        for n, g in zip(("ln.weight", "ln.bias"), gs):
+            truth.setdefault(n, []).append(g.pow(2).sum())
+    with PerExampleGradNorms(model) as pe:
+        model(x).sum().backward()
+        res = pe.sq_norms()
+        assert not pe.stored_tensors()
+    for n in ("ln.weight", "ln.bias"):
+        assert rel_err(res.params[n], torch.stack(truth[n])) < 1e-10
 
 
 def test_tied_embedding_head_cross_term():
