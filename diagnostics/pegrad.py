@@ -163,19 +163,30 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False, met
     if method not in ("ghost", "materialize"):
         raise ValueError(f"method must be 'ghost', 'materialize' or 'auto', got {method!r}")
     dt = accumulation_dtype(A, G)
-    out = torch.empty(B, dtype=dt, device=g.device)
-    if method == "ghost":
-        for sl in _chunks(B, 2 * T * T, max_elements):
-            ac, gc = a[sl].to(dt), g[sl].to(dt)
-            aa = torch.bmm(ac, ac.transpose(1, 2))  # (b, T, T)  a_t . a_s
-            gg = torch.bmm(gc, gc.transpose(1, 2))  # (b, T, T)  g_t . g_s
-            out[sl] = torch.linalg.vecdot(aa.flatten(1), gg.flatten(1))  # sum_{t,s} eq. (2)
+    if a.dtype != dt:
+        a = a.to(dt)
+    if g.dtype != dt:
+        g = g.to(dt)
+
+    def ghost(ac, gc):
+        aa = torch.bmm(ac, ac.transpose(1, 2))  # (b, T, T)  a_t . a_s
+        gg = torch.bmm(gc, gc.transpose(1, 2))  # (b, T, T)  g_t . g_s
+        return torch.linalg.vecdot(aa.flatten(1), gg.flatten(1))  # sum_{t,s} eq. (2)
+
+    def materialize(ac, gc):
+        # (b, Din, Dout) = eq. (1) transposed: a^T g reads both operands in their stored
+        # layout (one transposed GEMM flag), a little faster on CPU than g^T a
+        w = torch.bmm(ac.transpose(1, 2), gc).flatten(1)
+        return torch.linalg.vecdot(w, w)
+
+    f, per = (ghost, 2 * T * T) if method == "ghost" else (materialize, d_in * d_out)
+    chunks = list(_chunks(B, per, max_elements))
+    if len(chunks) == 1:  # the usual case: no output buffer, no slicing (each op costs here)
+        out = f(a, g)
     else:
-        for sl in _chunks(B, d_in * d_out, max_elements):
-            # (b, Din, Dout) = eq. (1) transposed: a^T g reads both operands in their stored
-            # layout (one transposed GEMM flag), a little faster on CPU than g^T a
-            w = torch.bmm(a[sl].to(dt).transpose(1, 2), g[sl].to(dt))
-            out[sl] = torch.linalg.vector_norm(w.flatten(1), dim=1).square()
+        out = torch.empty(B, dtype=dt, device=g.device)
+        for sl in chunks:
+            out[sl] = f(a[sl], g[sl])
     if bias:
         out = out + bias_sq_norms(G).to(dt)
     return out
