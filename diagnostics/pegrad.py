@@ -177,7 +177,7 @@ def linear_sq_norms(A: torch.Tensor, G: torch.Tensor, *, bias: bool = False, met
         # (b, Din, Dout) = eq. (1) transposed: a^T g reads both operands in their stored
         # layout (one transposed GEMM flag), a little faster on CPU than g^T a
         w = torch.bmm(ac.transpose(1, 2), gc).flatten(1)
-        return torch.linalg.vecdot(w, w)
+        return torch.linalg.vector_norm(w, dim=1).square()  # measured a little faster than vecdot
 
     f, per = (ghost, 2 * T * T) if method == "ghost" else (materialize, d_in * d_out)
     chunks = list(_chunks(B, per, max_elements))

@@ -460,9 +460,9 @@ class PerExampleGradNorms:
 
     def _contribute(self, pass_id, pid, grp, site, role, saved, G, out=None):
         if site.kind == "linear" and role == "weight":
+            if grp.calls == 1:  # the usual case: straight to the formula (it flattens itself)
+                return self._store(pass_id, pid, self._linear(saved, G))
             A, Gf = pegrad.flatten_positions(saved), pegrad.flatten_positions(G)
-            if grp.calls == 1:
-                return self._store(pass_id, pid, self._linear(A, Gf))
             emb_call = grp.emb_calls[0]() if len(grp.emb_calls) == 1 else None
             if (grp.kinds == ["embedding", "linear"] and grp.partial is None and not grp.emb
                     and emb_call is not None and emb_call.saved is not None):
@@ -542,7 +542,7 @@ class PerExampleGradNorms:
 
     def _store(self, pass_id, pid, sq):
         self._groups.pop((pass_id, pid), None)
-        self._results.setdefault(pass_id, {})[pid] = sq.detach()
+        self._results.setdefault(pass_id, {})[pid] = sq.detach() if sq.requires_grad else sq
 
     # -- safety net: a gradient that bypassed every module we watch -------------------------------
     def _make_param_hook(self, pid):
