@@ -7,7 +7,9 @@ this file only gathers its inputs at the right moments:
 
 - a forward hook on each supported module stores what its backward needs (the layer input for
   ``nn.Linear``, the token ids for ``nn.Embedding``, the input to re-normalise for LayerNorm /
-  RMSNorm), detached, and registers a tensor hook on the module's output;
+  RMSNorm, and also a norm's output y = xhat * w (+ b) when y / w is safe: the gain's gradient
+  then comes from y, which the next layer has just read in the backward), detached, no copies,
+  and registers a tensor hook on the module's output;
 - that tensor hook receives dL/d(output) during backward, computes the per-example squared norms
   right there and drops the stored input, so activations live no longer than autograd's own.
 
