@@ -45,7 +45,6 @@ Conventions and limits:
 
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -55,6 +54,9 @@ import torch
 import torch.nn as nn
 
 from diagnostics import pegrad
+from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
+    _Call, _Group, _Site, _Unsupported, _functional_group, _layer_of, module_kind,
+)
 
 __all__ = ["PerExampleGradNorms", "PerExampleSqNorms", "module_kind"]
 
@@ -73,124 +75,6 @@ class PerExampleSqNorms:
     layers: dict[str, torch.Tensor]  # "blocks.3" -> (N,) sum over that layer's params
     batch_sizes: list[int] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)  # module name -> reason
-
-
-# ----------------------------------------------------------------------------------------------
-# which modules we understand
-
-
-def _norm_eps(m: nn.Module):
-    for attr in ("eps", "variance_epsilon"):
-        if isinstance(getattr(m, attr, None), (int, float)):
-            return float(getattr(m, attr))
-    return None
-
-
-def module_kind(m: nn.Module) -> tuple[str | None, str]:
-    """("linear" | "embedding" | "layernorm" | "rmsnorm" | None, reason when None).
-
-    Subclasses count only when they keep the parent's ``forward`` (so y = x W^T + b still holds).
-    Custom norms match by class name "RMSNorm" / "LayerNorm" or by having ``.weight`` and ``.eps``
-    and no other parameter; their output is checked once against xhat * weight (+ bias).
-    """
-    t = type(m)
-    if isinstance(m, nn.Linear):
-        return ("linear", "") if t.forward is nn.Linear.forward else (None, f"{t.__name__} overrides nn.Linear.forward")
-    if isinstance(m, nn.Embedding):
-        if t.forward is not nn.Embedding.forward:
-            return None, f"{t.__name__} overrides nn.Embedding.forward"
-        if m.scale_grad_by_freq:
-            return None, "nn.Embedding(scale_grad_by_freq=True) scales by batch-wide counts"
-        return "embedding", ""
-    if isinstance(m, nn.LayerNorm):
-        return ("layernorm", "") if t.forward is nn.LayerNorm.forward else (None, f"{t.__name__} overrides forward")
-    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
-        return ("rmsnorm", "") if t.forward is nn.RMSNorm.forward else (None, f"{t.__name__} overrides forward")
-    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-        return None, f"{t.__name__} is not supported (batch statistics couple examples / other normalisation)"
-    names = {n for n, _ in m.named_parameters(recurse=False)}
-    name = t.__name__
-    if isinstance(getattr(m, "weight", None), nn.Parameter) and _norm_eps(m) is not None:
-        if "LayerNorm" in name and names <= {"weight", "bias"}:
-            return "layernorm", ""
-        if names == {"weight"}:
-            return "rmsnorm", ""
-    return None, f"{name} (no per-example rule for this module type)"
-
-
-_BUILTIN = tuple(c for c in (nn.Linear, nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c)
-
-
-def _functional_group(pname: str, kinds: set[str]) -> str:
-    if "embedding" in kinds:
-        return "embeddings"
-    if kinds & {"layernorm", "rmsnorm"}:
-        return "norms"
-    low = pname.lower()
-    if "attn" in low or "attention" in low:
-        return "attention"
-    if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward")):
-        return "mlp"
-    if "head" in low:
-        return "head"
-    return "other"
-
-
-def _layer_of(pname: str) -> str | None:
-    """"blocks.3.attn.qkv.weight" -> "blocks.3": the prefix through the first numeric component."""
-    m = re.match(r"^((?:[^.]+\.)*?\d+)\.", pname)
-    return m.group(1) if m else None
-
-
-class _Unsupported(Exception):
-    pass
-
-
-class _Site:
-    """A module we handle: what to store and which parameters (roles) it feeds."""
-
-    def __init__(self, name, module, kind, roles):
-        self.name, self.module, self.kind, self.roles = name, module, kind, roles  # roles: [(role, pid)]
-        self.feature_dims = module.weight.dim() if kind in ("layernorm", "rmsnorm") else 1
-        self.verify = kind in ("layernorm", "rmsnorm") and not isinstance(module, _BUILTIN)
-        self.called = False
-        # norms: y = xhat * w (+ b) exactly (builtin, or checked by _verify_norm), so the gain's
-        # gradient can come from the output (pegrad.norm_gain_grads_from_output)
-        self.plain = kind in ("layernorm", "rmsnorm") and not self.verify
-        self.gain_ok = (None, False)  # (weight._version, usable) cache of _gain_ok
-
-    def eps(self, x):
-        e = _norm_eps(self.module)
-        return torch.finfo(x.dtype).eps if e is None else e
-
-    def normalize(self, x):
-        f = pegrad.rms_normalize if self.kind == "rmsnorm" else pegrad.layer_normalize
-        return f(x, self.eps(x), self.feature_dims)
-
-
-class _Call:
-    """One forward call of a site; holds its stored input until the output's gradient arrives."""
-
-    def __init__(self, site, pass_id, saved, out=None):
-        self.site, self.pass_id, self.saved = site, pass_id, saved
-        # a norm's output y (no copy: the next layer keeps it anyway), with its version: used
-        # only if nothing modified it in place by the time its gradient arrives
-        self.out, self.out_version = out, (out._version if out is not None else None)
-
-
-class _Group:
-    """Contributions of every call that uses one parameter in one forward pass."""
-
-    def __init__(self):
-        self.calls, self.arrived, self.kinds = 0, 0, []
-        self.vec = None  # (B, F) summed per-example gradients of a 1-d style parameter
-        self.lin, self.emb = [], []  # buffered (A, G) / (ids, G) when a matrix is used twice
-        self.emb_calls = []  # weak refs to embedding calls: a tied head computes its rows at their ids
-        self.partial = None  # (||H_b||^2, H_b[ids]) of a tied head, waiting for the embedding
-
-    def tensors(self):
-        out = [t for pair in self.lin + self.emb for t in pair]
-        return out + ([t for t in self.partial if t is not None] if self.partial is not None else [])
 
 
 # ----------------------------------------------------------------------------------------------
