@@ -24,19 +24,11 @@ import torch.multiprocessing as mp
 from hooks.gradient_noise import GradientNoiseScale
 from hooks.monitor import MemorySink, Monitor
 from tests.hooks.test_gradient_noise import (b_simple_and_se, exact_b_simple, lsq_loss, lsq_problem,
-                                             only_gns, run_hook)
+                                             one_thread, only_gns, run_hook)  # noqa: F401 (autouse fixture)
 
 
 WORLD, STEPS, B = 2, 4, 3
 TRUTH_STEPS, TRUTH_PER_RANK, TRUTH_SEED = 2500, 32, 20   # ground-truth runs: global batch 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ddp_step_batches(seed, N, per_rank, steps=STEPS):
