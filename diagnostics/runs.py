@@ -43,203 +43,26 @@ This module imports neither torch nor anything from ``hooks``/``midtrain``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import numbers
 import os
 import platform
-import re
 import socket
 import sys
-import tempfile
 import warnings
-from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-
-RUN_JSON = "run.json"
-METRICS_FILE = "metrics.jsonl"
-ARRAYS_DIR = "arrays"
-CHECKPOINTS_DIR = "checkpoints"
-RECOMMENDATIONS_FILE = "recommendations.json"
-REPORT_FILE = "report.html"
-
-_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
-_ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-_VAL_LOSS_RE = re.compile(r"^val/([^/]+)/loss$")
-# keys a caller may not set through ``extra`` (create) or ``update_info``
-_RESERVED_CREATE = ("schema_version", "config", "parent")
-
-
-class RunDirError(Exception):
-    """A run directory is missing, incomplete or malformed; the message names the file (and line)."""
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None):
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-        self.line = line
-
-
-class RunDirWarning(UserWarning):
-    """Something in a run directory was repaired or skipped (e.g. a truncated last line)."""
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _jsonable(obj: Any) -> Any:
-    """``json.dumps(default=...)``: the few non-JSON types configs commonly hold."""
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    raise TypeError(f"values of type {type(obj).__name__} cannot be stored in {RUN_JSON} "
-                    f"(use str, numbers, bools, None, lists or dicts)")
-
-
-def _dumps_info(info: dict) -> str:
-    return json.dumps(info, indent=2, default=_jsonable) + "\n"
-
-
-def _atomic_write(path: Path, data: str | bytes | None = None, writer=None) -> None:
-    """Write ``path`` via a hidden temp file in the same directory and ``os.replace``.
-
-    Readers see either the old file or the new one, never a partial write. The
-    temp file is removed if anything fails. ``writer(fileobj)`` may be given
-    instead of ``data`` (binary mode).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        binary = writer is not None or isinstance(data, bytes)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            if writer is not None:
-                writer(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _versions() -> dict[str, str | None]:
-    """Package versions from installed metadata (does not import torch)."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in ("midtrain", "torch", "numpy", "pandas"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    torch = sys.modules.get("torch")  # already imported by the caller: its exact build string
-    if torch is not None:
-        out["torch"] = getattr(torch, "__version__", out["torch"])
-        out["cuda"] = getattr(getattr(torch, "version", None), "cuda", None)
-    return out
-
-
-def _read_info(path: Path) -> dict:
-    """Read and validate ``path/run.json``; RunDirError naming what is missing or broken."""
-    if not path.exists():
-        raise RunDirError(f"run directory {path} does not exist", path)
-    if not path.is_dir():
-        raise RunDirError(f"{path} is not a directory (expected a run directory holding {RUN_JSON})", path)
-    info_path = path / RUN_JSON
-    if not info_path.is_file():
-        raise RunDirError(f"{info_path} is missing: {path} is not a run directory "
-                          f"(create one with RunWriter.create)", info_path)
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunDirError(f"{info_path} is corrupt: {e}", info_path) from e
-    if not isinstance(info, dict):
-        raise RunDirError(f"{info_path} is corrupt: expected a JSON object, got {type(info).__name__}",
-                          info_path)
-    version = info.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise RunDirError(f"{info_path} has no integer 'schema_version'", info_path)
-    if version > SCHEMA_VERSION:
-        raise RunDirError(f"{info_path} has schema_version {version}, newer than this midtrain "
-                          f"understands ({SCHEMA_VERSION}); upgrade midtrain to read it", info_path)
-    if not isinstance(info.get("config", {}), dict):
-        raise RunDirError(f"{info_path}: 'config' must be a JSON object", info_path)
-    return info
-
-
-def _parse_metrics(path: Path) -> tuple[list[dict], list[str], str | None]:
-    """Parse ``metrics.jsonl``.
-
-    Returns ``(records, lines, dropped)``: the records, their raw lines (same
-    order, without newlines) and the text of a dropped truncated last line
-    (``None`` if there was none). Blank lines are skipped. A last line without
-    a trailing newline that does not parse is the mark of a killed writer and
-    is dropped; any other bad line raises RunDirError naming file and line.
-    """
-    if not path.exists():
-        return [], [], None
-    text = path.read_text(encoding="utf-8", errors="strict")
-    pieces = text.split("\n")
-    complete = text.endswith("\n") or text == ""
-    if complete:
-        pieces = pieces[:-1]  # the "" after the final newline
-    records, lines, dropped = [], [], None
-    for lineno, line in enumerate(pieces, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(pieces) and not complete:
-                dropped = line
-                break
-            raise RunDirError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})",
-                              path, lineno) from e
-        if not isinstance(rec, dict):
-            raise RunDirError(f"{path}:{lineno}: a record must be a JSON object, got "
-                              f"{type(rec).__name__}", path, lineno)
-        step = rec.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise RunDirError(f"{path}:{lineno}: record has no integer 'step' "
-                              f"(got {step!r})", path, lineno)
-        records.append(rec)
-        lines.append(line)
-    return records, lines, dropped
-
-
-def _clean_value(key: str, value: Any) -> Any:
-    """A record value as a plain JSON scalar, or TypeError naming the key."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    hint = " (call .item() on a 0-d tensor/array)" if hasattr(value, "item") else ""
-    raise TypeError(f"record value for {key!r} has type {type(value).__name__}; values must be "
-                    f"numbers, bools, strings or None{hint}")
+from diagnostics._run_io import (  # noqa: F401  (constants and errors are public here)
+    SCHEMA_VERSION, RUN_JSON, METRICS_FILE, ARRAYS_DIR, CHECKPOINTS_DIR, RECOMMENDATIONS_FILE,
+    REPORT_FILE, _CHECKPOINT_RE, _ARRAY_NAME_RE, _VAL_LOSS_RE, _RESERVED_CREATE, RunDirError,
+    RunDirWarning, _now, _dumps_info, _atomic_write, _versions, _read_info,
+    _parse_metrics, _clean_value,
+)
 
 
 def _normalize_parent(parent: Any) -> dict | None:
