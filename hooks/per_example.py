@@ -509,5 +509,6 @@ class PerExampleGradNorms:
             self._results.clear()
             for key in [k for k, g in self._groups.items() if k[0] != self._pass]:
                 del self._groups[key]  # forward passes that never got a backward
+            self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}  # bounded over a run
         return PerExampleSqNorms(params=params, total=total, groups=groups, layers=layers,
                                  batch_sizes=sizes, unsupported=dict(self.unsupported))

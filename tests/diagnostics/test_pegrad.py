@@ -286,6 +286,10 @@ def test_loss_scale_conventions_and_micro_batches():
     with torch.no_grad():  # evaluation forwards store nothing
         model(x, y)
     assert pe.stored_tensors() == []
+    for _ in range(5):  # read after every backward (as the GNS hook does): bookkeeping stays bounded
+        model(x, y)[1].backward()
+        assert rel_err(pe.sq_norms(loss_scale=1.0 / B).total, truth) < RTOL
+    assert len(pe._pass_batch) == 1
     pe.detach()
 
 
