@@ -72,6 +72,7 @@ __all__ = [
     "layer_normalize",
     "norm_weight_grads",
     "norm_gain_grads",
+    "norm_gain_grads_from_output",
     "bias_grads",
     "rmsnorm_sq_norms",
     "layernorm_sq_norms",

@@ -84,6 +84,9 @@ def _clean(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+_RESID_ELEMENTS = 1 << 22  # largest (knots, n, B) residual block _hinge_stats builds at once (32 MiB)
+
+
 def _hinge_stats(t: np.ndarray, Y: np.ndarray, knots: np.ndarray):
     """Fit H0 and every hinge model to the columns of Y at once (normal equations, float64).
 
@@ -101,8 +104,13 @@ def _hinge_stats(t: np.ndarray, Y: np.ndarray, knots: np.ndarray):
     XtX = np.einsum("kni,knj->kij", X, X)  # (K, 3, 3)
     XtY = np.einsum("kni,nb->kib", X, Y)  # (K, 3, B)
     coef = np.linalg.solve(XtX, XtY)  # (K, 3, B)
-    fitted = np.einsum("kni,kib->knb", X, coef)  # (K, n, B)
-    rss1 = ((Y[None] - fitted) ** 2).sum(axis=1)  # (K, B)
+    # residuals knot by knot in chunks: a (K, n, B) array would grow with the square of the
+    # history (K ~ n knots), hundreds of MB per probed site late in a long run
+    step = max(1, _RESID_ELEMENTS // max(1, n * Y.shape[1]))
+    rss1 = np.concatenate([
+        ((Y[None] - np.einsum("kni,kib->knb", X[a:a + step], coef[a:a + step])) ** 2).sum(axis=1)
+        for a in range(0, len(knots), step)
+    ]) if len(knots) else np.zeros((0, Y.shape[1]))  # (K, B)
     tiny = 1e-300
     lr = n * (np.log(np.maximum(rss0, tiny))[None, :] - np.log(np.maximum(rss1, tiny)))
     return lr, coef[:, 1, :], coef[:, 1, :] + coef[:, 2, :]

@@ -139,11 +139,11 @@ def reference_checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
         from diagnostics.runs import load_run
 
-        cks = load_run(path).checkpoints()
-        if not cks:
+        latest = load_run(path).latest_checkpoint()
+        if latest is None:
             raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is a run directory without "
                               "checkpoints.")
-        return cks[-1][1]
+        return latest[1]
     if not os.path.isfile(path):
         raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is neither a checkpoint file nor a "
                           "run directory.")

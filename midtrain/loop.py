@@ -294,9 +294,9 @@ def train(
                 f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
                 "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
             )
-        cks = old.checkpoints()
-        if cks:
-            ckpt = _load_checkpoint(cks[-1][1])
+        latest = old.latest_checkpoint()
+        if latest is not None:
+            ckpt = _load_checkpoint(latest[1])
             start_step, tokens = ckpt["step"], ckpt["tokens"]
         if start_step >= total:
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")

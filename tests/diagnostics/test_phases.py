@@ -156,3 +156,19 @@ def test_detect_phases_alpha_req_uses_the_opposite_direction():
                        2.0 - piecewise(steps, 1500) + rng.normal(0, 0.03, steps.size)})
     (ev,) = detect_phases(df, metric="alpha_req")
     assert abs(ev["step"] - 1500) <= 200 and "alpha_req rises after it" in ev["text"]
+
+
+def test_hinge_stats_in_knot_chunks_equal_one_block(monkeypatch):
+    """The residuals are formed a few knots at a time (bounded memory); the statistics must not change."""
+    from diagnostics import phases
+
+    rng = np.random.default_rng(3)
+    n = 60
+    t = np.linspace(0.0, 1.0, n)
+    Y = rng.normal(size=(n, 7)) + np.minimum(t, 0.5)[:, None]
+    knots = np.arange(3, n - 3)
+    whole = phases._hinge_stats(t, Y, knots)
+    monkeypatch.setattr(phases, "_RESID_ELEMENTS", 5 * n * Y.shape[1])  # 5 knots per chunk, last one short
+    chunked = phases._hinge_stats(t, Y, knots)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
