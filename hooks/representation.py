@@ -322,10 +322,15 @@ class RepresentationProbe(Hook):
             return
         y = job.y.to(sub.device)
         acc = call.ce.setdefault(site, {})
+        norm = None if module is norm else norm
+        # the norm runs in its own parameters' dtype (a bf16 nn.LayerNorm rejects float32 input);
+        # readout_loss computes the logits in float32 either way
+        w = next(norm.parameters(), None) if isinstance(norm, nn.Module) else None
+        h = sub.to(w.dtype) if w is not None and w.is_floating_point() else sub.float()
         self._suspended = True  # our readout calls the final norm: not a probe event
         try:
             with _num_threads(self.metric_threads if sub.device.type == "cpu" else None):
-                ce = readout_loss(sub.float(), y, head.weight, norm=None if module is norm else norm,
+                ce = readout_loss(h, y, head.weight, norm=norm,
                                   head_bias=head.bias, reduction="none").cpu()  # (n,), 0 where y = -1
         finally:
             self._suspended = False

@@ -525,3 +525,37 @@ def test_hookset_option_errors_name_the_hook():
         build_hooks(cfg, tiny_gpt(), default_corpus())
     cfg.monitor.representation = {"enabled": False}
     assert build_hooks(cfg, tiny_gpt(), default_corpus()) == []
+
+
+class LayerNormLM(nn.Module):
+    """Embedding, two residual Linear blocks, nn.LayerNorm and a head (as in many HF models)."""
+
+    def __init__(self, V=40, D=16):
+        super().__init__()
+        self.wte = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList(nn.Linear(D, D) for _ in range(2))
+        self.ln_f = nn.LayerNorm(D)
+        self.lm_head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        for b in self.blocks:
+            h = h + torch.tanh(b(h))
+        return self.lm_head(self.ln_f(h))
+
+
+def test_readout_through_a_bfloat16_layernorm():
+    """The logit lens runs the final norm in the model's own dtype (a bf16 nn.LayerNorm rejects
+    float32 input), then the logits in float32: the loss matches the float32 model's."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (4, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(1)
+        m = LayerNormLM().to(dtype)
+        rp = RepresentationProbe((x, y), layers=["blocks.0"], max_tokens=48, model=m, skip_first=0,
+                                 readout=(m.ln_f, m.lm_head))
+        out[dtype] = rp.probe()["repr/blocks.0/readout_loss"]
+    assert math.isfinite(out[torch.bfloat16])
+    assert out[torch.bfloat16] == pytest.approx(out[torch.float32], rel=2e-2)
