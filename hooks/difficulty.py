@@ -60,7 +60,7 @@ import torch
 
 from diagnostics.difficulty import (DomainEMA, ExampleTable, RingSeries, data_map_regions, learnability,
                                     sequence_scores)
-from hooks.monitor import Hook
+from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
 
@@ -219,6 +219,9 @@ class DifficultyTracker(Hook):
                     break
 
     # -- events -------------------------------------------------------------------------
+    def scheduled(self, step: int) -> bool:
+        return not non_zero_rank()  # DDP: rank 0 keeps the table and scores the probes
+
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         """Queue this micro-batch (no device sync: the queue moves to the host every ``stats_every`` steps)."""
         if losses is None:
@@ -515,7 +518,7 @@ class DifficultyTracker(Hook):
         if self.writer is None and self.save_fn is None:
             return
         self._flush()
-        if not self._dirty or (self.writer is None and self.save_fn is None):
+        if not self._dirty:
             return
         arrays = self.arrays()
         if self.writer is not None:

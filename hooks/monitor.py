@@ -93,6 +93,14 @@ class NullSink:
         pass
 
 
+def non_zero_rank() -> bool:
+    """True on a torch.distributed rank other than 0: hooks that measure on one rank (probes,
+    per-example tables) are not scheduled there; the other ranks train on."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 class Hook:
     """Base class for measurement hooks. Override what you need.
 

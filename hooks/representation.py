@@ -52,7 +52,7 @@ from diagnostics.spectra import (
 )
 from hooks._probe_inputs import _build_jobs, _normalise_probe
 from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
-from hooks.monitor import Hook
+from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
 
@@ -78,12 +78,6 @@ def _num_threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def _distributed_non_zero_rank() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,7 +227,7 @@ class RepresentationProbe(Hook):
         self.writer = writer
 
     def scheduled(self, step: int) -> bool:
-        if _distributed_non_zero_rank():
+        if non_zero_rank():
             return False  # DDP: rank 0 measures, the others train on
         if step == 0 or step % self.every == 0:
             return True

@@ -10,7 +10,7 @@ import torch
 
 from diagnostics.difficulty import roc_auc
 from diagnostics.runs import load_run
-from hooks import DifficultyTracker, Monitor, NullSink, per_example_loss
+from hooks import DifficultyTracker, MemorySink, Monitor, NullSink, per_example_loss
 from midtrain.config import ConfigError, Phase, TrainConfig
 from midtrain.data import Corpus, Domain
 from midtrain.hookset import build_hooks
@@ -188,6 +188,23 @@ def test_nan_losses_are_skipped_and_counted():
     tr.on_backward_end(0, losses=torch.zeros(0), ids=torch.zeros(0, dtype=torch.long))  # an empty micro-batch
     assert tr.on_step_end(10, {"train/tokens": 256})["difficulty/examples_tracked"] == 2 and tr.total_tokens == 256
     assert m["difficulty/a/loss"] == pytest.approx(1.0) and m["difficulty/b/loss"] == pytest.approx(2.0)
+
+
+def test_ddp_non_zero_rank_is_not_scheduled(monkeypatch):
+    """Under DDP only rank 0 keeps the table and scores probes; the other ranks train on."""
+    import torch.distributed as dist
+
+    tr = DifficultyTracker(domain_names=["a"], stats_every=1)
+    sink = MemorySink()
+    mon = Monitor(None, [tr], sinks=[sink], strict=True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    mon.on_backward_end(2, losses=torch.ones(2), ids=torch.arange(2), domains=torch.zeros(2, dtype=torch.long))
+    assert not any(k.startswith("difficulty/") for k in mon.on_step_end(0, loss=1.0))
+    assert tr.total_tokens == 0
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    mon.on_backward_end(2, losses=torch.ones(2), ids=torch.arange(2), domains=torch.zeros(2, dtype=torch.long))
+    assert mon.on_step_end(1, loss=1.0)["difficulty/examples_tracked"] == 2
 
 
 def test_without_ids_it_tracks_domains_and_says_so_once():
