@@ -206,6 +206,10 @@ def detect_compression_onset(
     stat, k = float(stat[0]), int(best[0])
     if k < 0:
         return None  # no knot gives a rise followed by a fall
+    knot_idx = int(knots[k])
+    post_slope, post_p = _post_slope_p(x[knot_idx:], ys[knot_idx:])
+    if guard and post_p > alpha:
+        return None  # decided by the observed knot alone: no bootstrap needed
 
     # parametric residual bootstrap under H0 (one line, the fitted slope)
     X0 = np.stack([np.ones(n), t], axis=1)
@@ -218,9 +222,7 @@ def detect_compression_onset(
     stat_star, _, _, _ = _sup_lr(t, Ystar, knots)
     p_value = (1.0 + float((stat_star >= stat - 1e-12).sum())) / (n_boot + 1.0)
 
-    knot_idx = int(knots[k])
-    post_slope, post_p = _post_slope_p(x[knot_idx:], ys[knot_idx:])
-    if p_value > alpha or (guard and post_p > alpha):
+    if p_value > alpha:
         return None
     fit = hinge_fit(x, direction * y, float(x[knot_idx]))
     return {
