@@ -4,6 +4,9 @@ On the built-in GPT, times one training step's forward + backward:
 
     plain       loss.backward(), nothing attached
     ours        the same with PerExampleGradNorms attached, plus .sq_norms()
+    ours, book-keeping  the same with PerExampleGradNorms(bookkeeping=True): where per-example
+                gradients are materialised, the batch weight gradient is their sum (autograd's
+                weight GEMM is not run); gradients equal plain ones up to float summation order
     torch.func  vmap(grad(loss_i)) over examples, then the norms of the per-example gradients
     opacus      GradSampleModule (per-example gradients materialised by hooks), if installed;
                 and GradSampleModuleFastGradientClipping (ghost norms) where it applies
@@ -13,8 +16,9 @@ Linear layer, the cheaper of the ghost Gram form T^2 (Din + Dout) and the materi
 T Din Dout multiply-adds per example; when materialising is cheaper this is one more weight-gradient
 GEMM, +1/3 of the layer's training work. torch.func's vmap(grad) computes per-example gradients
 INSTEAD of the batch gradient, so in that regime it does less work than a training step that also
-measures; ours can only win where the ghost form is cheaper, i.e. T < Din Dout / (Din + Dout)),
-and the largest relative difference of the per-example total squared norm against torch.func. Default run (tiny B=8 T=128, small B=4
+measures; the default hooks can only win where the ghost form is cheaper, i.e.
+T < Din Dout / (Din + Dout); book-keeping removes that extra GEMM, so it does the work of vmap(grad)
+plus the norms, without vmap's overhead), and the largest relative difference of the per-example total squared norm against torch.func. Default run (tiny B=8 T=128, small B=4
 T=128, CPU, float32; timings are the best of a few round-robin repetitions) takes about two
 minutes on two cores::
 
@@ -75,6 +79,13 @@ def bench(preset, B, T, reps, tie, method):
         model(x, y)[1].backward()
 
     pe = PerExampleGradNorms(model, method=method, attach=False)
+    model_bk = copy.deepcopy(model)
+    pe_bk = PerExampleGradNorms(model_bk, method=method, bookkeeping=True)
+
+    def bookkept():
+        model_bk.zero_grad(set_to_none=True)
+        model_bk(x, y)[1].backward()
+        return pe_bk.sq_norms(loss_scale="mean").total
 
     def plain_then_ours():       # hooks stay attached between steps, as in the GNS hook
         model.zero_grad(set_to_none=True)
@@ -99,14 +110,19 @@ def bench(preset, B, T, reps, tie, method):
         twin(x, y)[1].backward()
 
     pe.attach()
-    t, out = timeit({"plain": plain_twin, "ours": plain_then_ours, "func": func}, reps)
+    t, out = timeit({"plain": plain_twin, "ours": plain_then_ours, "bk": bookkept, "func": func}, reps)
     pe.detach()
+    pe_bk.detach()
+    grad_rel = max(float((pb.grad - pt.grad).abs().max() / pt.grad.abs().max().clamp(min=1e-30))
+                   for pb, pt in zip(model_bk.parameters(), twin.parameters()) if pt.grad is not None)
     sq_func = out["func"]
     row = {"preset": preset, "tied": tie, "B": B, "T": T, "params_M": model.num_params(False) / 1e6,
            "floor": flop_floor(model, T),
            "plain_s": t["plain"], "ours_s": t["ours"], "func_s": t["func"],
            "ours/plain": t["ours"] / t["plain"], "ours/func": t["ours"] / t["func"],
-           "maxrel_ours_vs_func": rel_diff(out["ours"], sq_func)}
+           "maxrel_ours_vs_func": rel_diff(out["ours"], sq_func),
+           "bk_s": t["bk"], "bk/plain": t["bk"] / t["plain"], "bk/func": t["bk"] / t["func"],
+           "maxrel_bk_vs_func": rel_diff(out["bk"], sq_func), "bk_grad_rel": grad_rel}
     row.update(bench_opacus(model, x, y, reps, sq_func))
     return row
 
@@ -196,6 +212,10 @@ def main(argv=None):
                   f"   (FLOP floor of exact norms: +{r['floor']:.0%} of the Linear layers' fwd+bwd)")
             print(f"  torch.func vmap    {r['func_s'] * 1e3:9.1f} ms   ours/torch.func = {r['ours/func']:.3f}")
             print(f"  max rel diff of per-example total vs torch.func: {r['maxrel_ours_vs_func']:.2e}")
+            print(f"  ours, book-keeping {r['bk_s'] * 1e3:9.1f} ms   ours_bk/plain = {r['bk/plain']:.2f}"
+                  f"   ours_bk/torch.func = {r['bk/func']:.3f}")
+            print(f"    max rel diff vs torch.func {r['maxrel_bk_vs_func']:.2e}; weight gradients vs plain "
+                  f"(max |diff| / max |grad| per parameter) {r['bk_grad_rel']:.1e}")
             if "opacus" in r:
                 print(f"  opacus: {r['opacus']}")
             else:

@@ -77,6 +77,7 @@ __all__ = [
     "rmsnorm_sq_norms",
     "layernorm_sq_norms",
     "linear_grads",
+    "linear_weight_grad_and_sq_norms",
     "add_embedding_grads",
     "linear_grad_rows",
     "tied_embedding_head_cross",
@@ -345,6 +346,40 @@ def linear_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     a, g = flatten_positions(A), flatten_positions(G)
     dt = accumulation_dtype(A, G)
     return torch.bmm(g.to(dt).transpose(1, 2), a.to(dt))
+
+
+def linear_weight_grad_and_sq_norms(A: torch.Tensor, G: torch.Tensor, *,
+                                    max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """The batch weight gradient as the sum of the materialised per-example gradients, eq. (1),
+    and their squared norms, from the same GEMMs (where per-example gradients are instantiated
+    anyway, their sum is the batch gradient: the layerwise hybrid of Bu et al. 2023, "Differentially
+    private optimization on large model at small cost", arXiv 2210.00038, does the same).
+
+    Returns ``(dW, sq)``: ``dW`` (Dout, Din) = sum_b sum_t g_t a_t^T, which is what autograd's
+    weight-gradient GEMM computes (mathematically equal; the float summation order differs: per
+    example first, then over examples), and ``sq`` (B,) as ``linear_sq_norms(method="materialize")``.
+    Where materialising is the cheaper exact form, this replaces autograd's weight GEMM instead of
+    adding one. Same dtype in and out (float32 or float64 inputs expected); chunks of examples keep
+    each temporary within ``max_elements``.
+    """
+    a, g = flatten_positions(A), flatten_positions(G)  # (B, T, Din), (B, T, Dout)
+    if a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"A {tuple(A.shape)} and G {tuple(G.shape)} disagree on batch/positions")
+    if a.dtype != g.dtype:
+        raise ValueError(f"A and G must share a dtype (got {a.dtype} and {g.dtype})")
+    B, _, d_in = a.shape
+    d_out = g.shape[2]
+    chunks = list(_chunks(B, d_in * d_out, max_elements))
+    if len(chunks) == 1:  # the usual case: no buffers, no slicing
+        per = torch.bmm(g.transpose(1, 2), a)  # (B, Dout, Din)
+        return per.sum(0), torch.linalg.vector_norm(per.flatten(1), dim=1).square()
+    dW = torch.zeros(d_out, d_in, dtype=a.dtype, device=a.device)
+    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    for sl in chunks:
+        per = torch.bmm(g[sl].transpose(1, 2), a[sl])
+        dW += per.sum(0)
+        sq[sl] = torch.linalg.vector_norm(per.flatten(1), dim=1).square()
+    return dW, sq
 
 
 def add_embedding_grads(W: torch.Tensor, ids: torch.Tensor, G: torch.Tensor, *,

@@ -82,10 +82,10 @@ class _PerExample:
     multiplies by accum^2 once the step's number of backwards is known.
     """
 
-    def __init__(self, model, modules: str, names: list[str], device):
+    def __init__(self, model, modules: str, names: list[str], device, bookkeeping: bool = False):
         from hooks.per_example import PerExampleGradNorms
 
-        self.pe = PerExampleGradNorms(model, modules=modules, attach=False)
+        self.pe = PerExampleGradNorms(model, modules=modules, attach=False, bookkeeping=bookkeeping)
         self.index = {n: i for i, n in enumerate(names)}
         self.device, self.attached, self.broken = device, False, False
         self.reset()

@@ -116,6 +116,8 @@ class _Call:
         # a norm's output y (no copy: the next layer keeps it anyway), with its version: used
         # only if nothing modified it in place by the time its gradient arrives
         self.out, self.out_version = out, (out._version if out is not None else None)
+        self.bookkept = None  # pid of a weight whose gradient _BookkeptLinear forms (per_example.py)
+        self.weight_done = False
 
 
 class _Group:

@@ -102,6 +102,11 @@ class GradientNoiseScale(Hook):
         fallback: what ``auto`` does on steps with one batch size: "per_example" (per-example
             norms when hooks.per_example is installed; costs a per-layer computation in the
             backward, see docs/gns.md) or "none" (measure nothing; a one-time message).
+        bookkeeping: per-example modes: where a Linear's per-example gradients are materialised,
+            its batch weight gradient is their sum, so autograd's own weight GEMM is not run
+            (``hooks.per_example.PerExampleGradNorms(bookkeeping=True)``): cheaper, but the weight
+            gradients then equal those of a run without the hook only up to float rounding
+            (~1e-7 relative in float32), not bit for bit. Off by default.
     """
 
     name = "gns"
@@ -110,7 +115,7 @@ class GradientNoiseScale(Hook):
                  group_details: bool = False, tokens_per_example: float | None = None,
                  grad_scale=None, grads_unscaled: bool = False, ddp_model=None,
                  world_size: int | None = None, process_group=None, fallback: str = "per_example",
-                 name: str = "gns"):
+                 name: str = "gns", bookkeeping: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown GNS mode {mode!r}; valid modes: {', '.join(MODES)}")
         if fallback not in ("per_example", "none"):
@@ -126,6 +131,7 @@ class GradientNoiseScale(Hook):
             raise ValueError(f"ema (the EMA decay) must be in [0, 1), got {ema}")
         self.mode, self.every, self.ema, self.fallback = mode, every, float(ema), fallback
         self.name = name
+        self.bookkeeping = bool(bookkeeping)
         self._group_fn = _group_fn(groups)
         self.group_details = bool(group_details)
         self.tokens_per_example = None if tokens_per_example is None else float(tokens_per_example)
@@ -186,7 +192,7 @@ class GradientNoiseScale(Hook):
                 self.mode == "auto" and self.fallback == "per_example" and self._world() <= 1
                 and _per_example_available()):
             self._pe = _PerExample(model, "norms" if self.mode == "layernorm" else "all",
-                                   [n for n, _ in named], self._device)
+                                   [n for n, _ in named], self._device, bookkeeping=self.bookkeeping)
             self._want_pe = True    # auto: from the start; dropped once a step accumulates
         if self.mode == "ddp":
             if self._world() <= 1:

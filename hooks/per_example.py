@@ -39,6 +39,9 @@ Conventions and limits:
   in_proj, ...) are named in one warning, listed in ``.unsupported`` and left out of the totals,
   never miscounted. A parameter that receives a gradient outside its module's forward call
   (``F.linear(x, lin.weight)``) is caught by a hook on the parameter and excluded the same way.
+- ``bookkeeping=True`` is the one option that touches the training graph: where a Linear's
+  per-example gradients are materialised anyway, its weight gradient becomes their sum
+  (``_BookkeptLinear``) and autograd's weight GEMM is skipped; equal up to float rounding.
 - One backward per forward, forward and backward while attached, no activation checkpointing.
   Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (DESIGN section 8).
 """
@@ -89,16 +92,24 @@ class PerExampleGradNorms:
             callable ``(name, module) -> bool``. Modules sharing a parameter with a selected one are
             always included, so the shared parameter is counted whole.
         method: linear layers, "auto" | "ghost" | "materialize" (``diagnostics.pegrad``).
+        bookkeeping: where a Linear's per-example gradients are materialised (the cheaper exact form,
+            e.g. short sequences or narrow layers), form its batch weight gradient as their sum
+            instead of autograd's own weight GEMM, which then is not run (one GEMM instead of two).
+            The weight gradient is the same up to float summation order (per example, then over
+            examples; about 1e-7 relative in float32), so training is no longer bit-identical to
+            running without the hook: off by default. Float32 / float64 layers only (under autocast
+            or in bf16 the layer keeps autograd's gradient); see docs/gns.md, Speed.
         attach: register the hooks now (also done by ``with``; ``detach`` removes them).
         strict: raise instead of warning and excluding when a module cannot be handled at runtime.
     """
 
     def __init__(self, model: nn.Module, modules: str | Iterable[str] | Callable = "all", *,
                  method: str = "auto", attach: bool = True, strict: bool = False,
-                 max_elements: int = pegrad.DEFAULT_MAX_ELEMENTS):
+                 max_elements: int = pegrad.DEFAULT_MAX_ELEMENTS, bookkeeping: bool = False):
         if method not in ("auto", "ghost", "materialize"):
             raise ValueError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
         self.model, self.method, self.strict, self.max_elements = model, method, strict, max_elements
+        self.bookkeeping = bool(bookkeeping)
         self.unsupported: dict[str, str] = {}
         self._select = self._selector(modules)
         self._handles: list = []
@@ -239,9 +250,10 @@ class PerExampleGradNorms:
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
             try:
-                self._record_call(site, args, output)
+                return self._record_call(site, args, output)
             except Exception as e:  # a diagnostic never kills training
                 self._fail(site, e)
+            return None
 
         return hook
 
@@ -280,7 +292,33 @@ class PerExampleGradNorms:
             if kind == "embedding":
                 grp.emb_calls.append(weakref.ref(call))
         self._live_calls.add(call)
+        new = None
+        if self.bookkeeping and site.kind == "linear":
+            pid = next((q for role, q in site.roles if role == "weight" and q in pids), None)
+            if pid is not None and self._bookkeep_ok(site, x, output, pid):
+                call.bookkept = pid
+                bias = getattr(site.module, "bias", None)
+                new = output = _BookkeptLinear.apply(output.detach(), x, site.module.weight, bias, self, call)
         output.register_hook(lambda grad, call=call: self._on_output_grad(call, grad))
+        return new
+
+    def _bookkeep_ok(self, site, x, output, pid) -> bool:
+        """Is this call's weight gradient to be formed from its per-example gradients: float32/64
+        throughout, and the per-example gradients materialised anyway (pegrad's cheaper form, or a
+        tied head whose (B, V, D) gradients fit, the eq. (6) path)."""
+        w = site.module.weight
+        if not (x.dtype == output.dtype == w.dtype and w.dtype in (torch.float32, torch.float64)
+                and x.dim() >= 2 and w.dim() == 2 and x.shape[-1] == w.shape[1]):
+            return False
+        B, (d_out, d_in) = int(x.shape[0]), w.shape
+        kinds = self._groups[(self._pass, pid)].kinds
+        if kinds == ["embedding", "linear"]:
+            return B * d_out * d_in <= self.max_elements
+        if kinds != ["linear"]:
+            return False
+        T = x.numel() // max(1, B * d_in)
+        method = self.method if self.method != "auto" else pegrad.choose_linear_method(T, d_in, d_out)
+        return method == "materialize"
 
     def _verify_norm(self, site, x, y):
         """Custom norm classes: check once that y = xhat * w (+ b), or xhat * (1 + w) (+ b)."""
@@ -335,8 +373,8 @@ class PerExampleGradNorms:
             G = grad.detach()
             for role, pid in site.roles:
                 grp = self._groups.get((call.pass_id, pid))
-                if grp is None or pid not in self._params:
-                    continue
+                if grp is None or pid not in self._params or pid == call.bookkept:
+                    continue  # a book-kept weight: _BookkeptLinear.backward measures it
                 self._arrivals[pid] += 1
                 grp.arrived += 1
                 self._contribute(call.pass_id, pid, grp, site, role, saved, G, out)
@@ -391,6 +429,41 @@ class PerExampleGradNorms:
             grp.vec = v if grp.vec is None else grp.vec + v
         if grp.arrived >= grp.calls:
             self._finalize(pass_id, pid, grp)
+
+    def _bookkept_weight_grad(self, call, x, g):
+        """_BookkeptLinear.backward: this call's weight gradient, with its per-example norms taken
+        on the way; any failure excludes the module and falls back to the plain gradient."""
+        site, pid = call.site, call.bookkept
+        grp = self._groups.get((call.pass_id, pid))
+        gw = None
+        if not call.weight_done and grp is not None and site.name in self._sites and pid in self._params:
+            call.weight_done = True
+            try:
+                self._arrivals[pid] += 1
+                grp.arrived += 1
+                gw = self._contribute_bookkept(call.pass_id, pid, grp, site, x, g)
+            except Exception as e:  # a diagnostic never kills training: the plain gradient below
+                gw = None
+                self._fail(site, e)
+        if gw is None:
+            gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return gw
+
+    def _contribute_bookkept(self, pass_id, pid, grp, site, x, g):
+        if grp.calls == 1 and grp.kinds == ["linear"]:
+            gw, sq = pegrad.linear_weight_grad_and_sq_norms(x, g, max_elements=self.max_elements)
+            self._store(pass_id, pid, sq)
+            return gw
+        emb_call = grp.emb_calls[0]() if len(grp.emb_calls) == 1 else None
+        if (grp.kinds == ["embedding", "linear"] and grp.partial is None and not grp.emb
+                and emb_call is not None and emb_call.saved is not None):
+            H = pegrad.linear_grads(x, g)  # tied head: keep H_b for eq. (6), their sum is dW
+            grp.partial = (None, H)
+            if grp.arrived >= grp.calls:
+                self._finalize(pass_id, pid, grp)
+            return H.sum(0)
+        self._contribute(pass_id, pid, grp, site, "weight", x, g)  # used twice: the general path
+        return None
 
     def _linear(self, A, G):
         return pegrad.linear_sq_norms(A, G, method=self.method, max_elements=self.max_elements)
@@ -512,3 +585,30 @@ class PerExampleGradNorms:
             self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}  # bounded over a run
         return PerExampleSqNorms(params=params, total=total, groups=groups, layers=layers,
                                  batch_sizes=sizes, unsupported=dict(self.unsupported))
+
+
+class _BookkeptLinear(torch.autograd.Function):
+    """Wraps a Linear's output (already computed by the module, passed in detached, not recomputed)
+    so that its backward forms the weight gradient through ``PerExampleGradNorms`` (sum of the
+    per-example gradients, whose norms it keeps) and the input / bias gradients as autograd does."""
+
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, owner, call):
+        ctx.save_for_backward(x, weight)
+        ctx.owner, ctx.call = owner, call
+        # y (detached, no history) is returned itself, re-rooted here: marked dirty, not a view,
+        # so later in-place ops on the Linear's output stay allowed, and nothing is copied
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[1]:
+            gx = g @ w
+        if ctx.needs_input_grad[2]:
+            gw = ctx.owner._bookkept_weight_grad(ctx.call, x, g)
+        if ctx.needs_input_grad[3]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        return None, gx, gw, gb, None, None
