@@ -4,5 +4,6 @@ from hooks.gradient_noise import GradientNoiseScale
 from hooks.monitor import Hook, MemorySink, Monitor, NullSink, RunStoreSink, StdoutSink
 from hooks.difficulty import DifficultyTracker, per_example_loss
 from hooks.representation import RepresentationProbe
+from hooks.sinks import WandbSink  # wandb itself is imported only when a WandbSink is built
 
-__all__ = ["GradientNoiseScale", "Hook", "MemorySink", "Monitor", "NullSink", "RunStoreSink", "StdoutSink", "DifficultyTracker", "per_example_loss", "RepresentationProbe"]
+__all__ = ["GradientNoiseScale", "Hook", "MemorySink", "Monitor", "NullSink", "RunStoreSink", "StdoutSink", "DifficultyTracker", "per_example_loss", "RepresentationProbe", "WandbSink"]

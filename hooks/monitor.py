@@ -181,6 +181,7 @@ class Monitor:
             else:
                 self.sinks.append(RunStoreSink(RunWriter.create(run_dir, config={})))
         self.disabled: dict[str, str] = {}
+        self.failed_sinks: dict[str, str] = {}  # sink class name -> error; such a sink gets no more records
         self.step: int | None = None
         self._armed = False
         self._active: list[Hook] = []
@@ -265,8 +266,23 @@ class Monitor:
         self.last_record = record
         if not self.enabled:
             return
-        for s in self.sinks:
-            s.log_dict(record)
+        for s in list(self.sinks):
+            try:
+                s.log_dict(record)
+            except Exception as e:  # a failing sink (network, disk) never stops training
+                if self.strict:
+                    raise
+                self.sinks.remove(s)
+                name = type(s).__name__
+                self.failed_sinks[name] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"midtrain: sink {name} raised while writing step {record.get('step')} "
+                              f"({type(e).__name__}: {e}); it receives no more records. Training "
+                              f"continues{'; the other sinks still write' if self.sinks else ''}.",
+                              RuntimeWarning, stacklevel=2)
+                try:
+                    s.close()
+                except Exception:
+                    pass
 
     # -- state -------------------------------------------------------------------
     def summary(self) -> dict[str, float]:
@@ -290,7 +306,13 @@ class Monitor:
             except Exception:
                 pass
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except Exception as e:
+                if self.strict:
+                    raise
+                warnings.warn(f"midtrain: sink {type(s).__name__} failed to close ({type(e).__name__}: {e})",
+                              RuntimeWarning, stacklevel=2)
 
     def __enter__(self):
         return self

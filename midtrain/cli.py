@@ -59,6 +59,9 @@ def _load_config(args):
         cfg.seed = args.seed
     if args.device:
         cfg.device = args.device
+    if getattr(args, "wandb", None) or getattr(args, "wandb_mode", None):
+        cfg.wandb = {**(cfg.wandb or {}), **({"project": args.wandb} if args.wandb else {}),
+                     **({"mode": args.wandb_mode} if args.wandb_mode else {})}
     if getattr(args, "reference", None):
         cfg.monitor.difficulty = {**(cfg.monitor.difficulty or {}), "reference_checkpoint": args.reference}
     if args.steps is not None:
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference", metavar="CKPT_OR_RUN", help="reference model for the difficulty tracker's "
                    "reducible loss: a checkpoint file or a run directory (its latest checkpoint); sets "
                    "[monitor.difficulty] reference_checkpoint")
+    t.add_argument("--wandb", metavar="PROJECT", help="also mirror the metrics to this Weights & Biases project "
+                   "(sets [wandb] project; needs pip install \"midtrain[wandb]\")")
+    t.add_argument("--wandb-mode", choices=["online", "offline", "disabled"],
+                   help="wandb mode (offline: no API key, sync later with `wandb sync`)")
     t.add_argument("--quiet", action="store_true", help="no progress line")
     t.set_defaults(func=cmd_train)
 

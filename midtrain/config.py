@@ -158,6 +158,9 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+    # Weights & Biases mirror of the run store (hooks.sinks.WandbSink): empty = off; keys
+    # project, name, mode ("online" | "offline" | "disabled"), entity, tags, group, notes, job_type
+    wandb: dict[str, Any] = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
 
     # -- schedule ---------------------------------------------------------
@@ -234,6 +237,10 @@ class TrainConfig:
                     raise ConfigError(f"[{f.name}] must be a table, got {type(v).__name__}.")
                 _check_keys(v, sub, f"[{f.name}]")
                 kw[f.name] = sub(**v)
+            elif f.name == "wandb":
+                if not isinstance(v, dict):
+                    raise ConfigError(f"[wandb] must be a table, got {type(v).__name__}.")
+                kw["wandb"] = dict(v)
             elif f.name == "phases":
                 if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
                     raise ConfigError("phases must be a list of tables ([[phases]] in TOML).")
@@ -296,7 +303,22 @@ class TrainConfig:
         for k in ("eval_every", "checkpoint_every", "log_every"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")
+        self._validate_wandb()
         return self
+
+    def _validate_wandb(self) -> None:
+        bad = sorted(set(self.wandb) - set(WANDB_KEYS))
+        if bad:
+            raise ConfigError(f"[wandb]: unknown key(s) {bad}; known: {', '.join(WANDB_KEYS)}.")
+        mode = self.wandb.get("mode")
+        if mode is not None and mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"[wandb] mode must be online, offline or disabled, got {mode!r}.")
+        tags = self.wandb.get("tags")
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise ConfigError(f"[wandb] tags must be a list of strings, got {tags!r}.")
+
+    def wandb_enabled(self) -> bool:
+        return bool(self.wandb) and bool(self.wandb.get("enabled", True))
 
 
 def _check_keys(d: dict, cls: type, where: str) -> None:
@@ -350,6 +372,9 @@ def load_toml(path) -> TrainConfig:
     return config_from_dict(d)
 
 
+WANDB_KEYS = ("enabled", "project", "name", "mode", "entity", "tags", "group", "notes", "job_type")
+
+
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     base = default_config().to_dict()
     merged = dict(base)
@@ -392,11 +417,14 @@ def dumps_toml(cfg: TrainConfig) -> str:
     lines = ["# midtrain run config (midtrain config --dump). Steps are optimizer steps;",
              "# batch_size is global sequences per step; lr schedules are per phase.", ""]
     for k, v in d.items():
-        if k not in ("model", "data", "optim", "monitor", "phases") and v is not None:
+        if k not in ("model", "data", "optim", "monitor", "phases", "wandb") and v is not None:
             lines.append(f"{k} = {_toml_value(v)}")
     for sect in ("model", "data", "optim"):
         lines += ["", f"[{sect}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in d[sect].items() if v is not None]
+    if d.get("wandb"):
+        lines += ["", "[wandb]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d["wandb"].items() if v is not None]
     for name, opts in d["monitor"].items():  # [monitor.gns], [monitor.representation], ...
         lines += ["", f"[monitor.{name}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in opts.items() if v is not None]

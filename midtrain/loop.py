@@ -213,6 +213,20 @@ def _incompatible(old: dict, new: dict) -> list[str]:
 
 # -- the loop -----------------------------------------------------------------------
 
+
+def _wandb_sink(cfg: TrainConfig, out_dir: str):
+    """The [wandb] mirror of the run store (hooks.sinks.WandbSink); a failure to start is a clear
+    ConfigError before anything is trained or written (except wandb's own folder)."""
+    from hooks.sinks import WandbSink
+
+    opts = {k: v for k, v in cfg.wandb.items() if k != "enabled"}
+    try:
+        return WandbSink(run_dir=out_dir, config=cfg.to_dict(), **opts)
+    except Exception as e:
+        raise ConfigError(f"[wandb]: could not start the wandb run ({type(e).__name__}: {e}). Nothing was "
+                          "trained. Fix it, set mode = \"offline\" (no API key needed), or remove [wandb].") from e
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str,
@@ -350,6 +364,8 @@ def train(
         hooks = build_hooks(cfg, model, corpus)
 
     # -- run store (rank 0 only) and monitor ----------------------------------------
+    # wandb first: a bad [wandb] (not installed, no API key online) stops here, before run.json
+    extra_sinks = [_wandb_sink(cfg, out_dir)] if master and cfg.wandb_enabled() else []
     writer = None
     if master:
         if parent is not None:
@@ -364,7 +380,7 @@ def train(
             total_steps=total, phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
             platform=platform.platform(),
         )
-    monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer)] if writer else [NullSink()],
+    monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer), *extra_sinks] if writer else [NullSink()],
                       strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 else None)
     if ckpt is not None and ckpt.get("monitor"):
         monitor.load_state_dict(ckpt["monitor"])
