@@ -1,53 +1,23 @@
-"""Parts of ``hooks.gradient_noise``: parameter groups and the per-example (B_small = 1) adapter.
+"""Parts of ``hooks.gradient_noise``: the ``groups=`` argument and the per-example (B_small = 1) adapter.
 
-``default_groups`` names a parameter's groups (kind and layer); ``_group_fn`` turns the hook's
-``groups=`` argument into a function; ``_PerExample`` accumulates ``hooks.per_example`` norms per
-parameter over a step's micro-batches.
+``_group_fn`` turns the hook's ``groups=`` argument into a function ``(name, owner modules) ->
+[group, ...]`` (default: ``hooks._groups.default_groups``, the classifier ``hooks.per_example``
+uses too); ``_PerExample`` accumulates ``hooks.per_example`` norms per parameter over a step's
+micro-batches.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------
-# parameter groups
-
-_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)\.")
-_EMB = {"wte", "wpe", "lm_head", "unembed", "embed_out"}
-_ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "qkv", "c_attn"}
-_MLP = {"c_fc", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
+from hooks._groups import default_groups
 
 
-def _kind(name: str, module: nn.Module | None) -> str:
-    path = name.lower().split(".")[:-1]                   # module path without "weight"/"bias"
-    cls = type(module).__name__.lower() if module is not None else ""
-    if "norm" in cls or any("norm" in t or t.startswith("ln") for t in path):
-        return "norms"          # checked first: "blocks.0.attn_norm" is a norm, not attention
-    if isinstance(module, nn.Embedding) or any("emb" in t or t in _EMB for t in path):
-        return "embeddings"     # token/position embeddings and the output head (tied or not)
-    if any("attn" in t or "attention" in t or t in _ATTN for t in path):
-        return "attention"
-    if any("mlp" in t or "ffn" in t or "feed_forward" in t or t in _MLP for t in path):
-        return "mlp"
-    return "other"
-
-
-def default_groups(name: str, module: nn.Module | None = None) -> list[str]:
-    """A parameter's groups: its kind (embeddings | attention | mlp | norms | other) and, inside a
-    numbered stack (``blocks.3.``, ``layers.3.``, ``h.3.``), its layer ``blocks.<i>``."""
-    out = [_kind(name, module)]
-    m = _LAYER.search(name)
-    if m:
-        out.append(f"blocks.{m.group(1)}")
-    return out
-
-
-def _group_fn(groups) -> Callable[[str, nn.Module | None], Iterable[str]] | None:
+def _group_fn(groups) -> Callable[[str, list[nn.Module]], Iterable[str]] | None:
     if groups is True:
         return default_groups
     if groups is False or groups is None:
@@ -61,25 +31,18 @@ def _group_fn(groups) -> Callable[[str, nn.Module | None], Iterable[str]] | None
                      f"group -> regex, got {type(groups).__name__}")
 
 
-def _per_example_available() -> bool:
-    try:
-        return importlib.util.find_spec("hooks.per_example") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _is_ddp(m) -> bool:
-    return hasattr(m, "register_comm_hook") and hasattr(m, "module")
-
-
 # ----------------------------------------------------------------------------------------------
 
 class _PerExample:
     """B_small = 1 (Gray et al. 2024): per-example |g_i|^2 from hooks.per_example, summed per parameter.
 
     ``acc[p] = sum_i |g_{i,p}|^2`` over this step's examples, where g_i is example i's gradient of
-    (its loss / accum): ``sq_norms(loss_scale="mean")`` undoes each micro-batch's 1/B; the hook
-    multiplies by accum^2 once the step's number of backwards is known.
+    (its loss / accum): ``harvest`` undoes each micro-batch's 1/B of the mean (a factor B^2 on
+    the sum); the hook multiplies by accum^2 once the step's number of backwards is known.
+
+    Per micro-batch, ``harvest`` is one stack, one sum and one (index_)add into ``acc``: which
+    rows of ``acc`` the returned parameters fill (and the mask ``tracked``) is fixed by the set
+    of parameters that got norms, so it is built once per such layout and cached on the device.
     """
 
     def __init__(self, model, modules: str, names: list[str], device, bookkeeping: bool = False):
@@ -88,6 +51,10 @@ class _PerExample:
         self.pe = PerExampleGradNorms(model, modules=modules, attach=False, bookkeeping=bookkeeping)
         self.index = {n: i for i, n in enumerate(names)}
         self.device, self.attached, self.broken = device, False, False
+        # parameters of ours that per-example norms can cover (0: nothing to measure with them)
+        self.n_covered = sum(1 for n in self.pe._names.values() if n in self.index)
+        self._layouts: dict[tuple[str, ...], tuple] = {}
+        self._weights: dict[tuple[int, ...], torch.Tensor] = {}
         self.reset()
 
     def attach(self) -> None:
@@ -103,20 +70,54 @@ class _PerExample:
 
     def reset(self) -> None:
         self.acc: torch.Tensor | None = None
-        self.tracked = torch.zeros(len(self.index), device=self.device)     # (P,) 1 = has norms
+        self.tracked: torch.Tensor | None = None    # (P,) 1 = has norms (None: none yet)
+        self._last_layout = None
         self.n_examples = 0
+
+    def _layout(self, key: tuple[str, ...]):
+        """(positions in ``key`` of our parameters or None for all, their rows of ``acc`` as a
+        device tensor or None when they are all rows in order, the (P,) mask)."""
+        lay = self._layouts.get(key)
+        if lay is None:
+            keep = [j for j, n in enumerate(key) if n in self.index]
+            rows = [self.index[key[j]] for j in keep]
+            mask = torch.zeros(len(self.index), device=self.device)
+            mask[rows] = 1.0
+            identity = rows == list(range(len(self.index)))
+            lay = (None if len(keep) == len(key) else keep,
+                   None if identity else torch.tensor(rows, device=self.device), mask, bool(rows))
+            if len(self._layouts) < 64:     # a handful in practice (all / norms / a subset)
+                self._layouts[key] = lay
+        return lay
 
     def harvest(self) -> None:
         """After one micro-batch's backward: add its examples' squared norms, per parameter."""
-        res = self.pe.sq_norms(loss_scale="mean", summaries=False)
-        names = [n for n in res.params if n in self.index]
-        if not names:
+        res = self.pe.sq_norms(loss_scale=1.0, summaries=False)    # B^2 applied once, below
+        if not res.params:
             return
-        idx = [self.index[n] for n in names]
-        # every parameter's (N,) norms: one stack and one sum (N is the same for all)
-        sums = torch.stack([res.params[n] for n in names]).sum(1).float().to(self.device)
-        vec = torch.zeros(len(self.index), device=self.device).index_copy_(
-            0, torch.tensor(idx, device=self.device), sums)
-        self.acc = vec if self.acc is None else self.acc + vec
-        self.tracked[idx] = 1.0
-        self.n_examples += sum(res.batch_sizes)
+        lay = self._layout(tuple(res.params))
+        keep, rows, mask, any_ours = lay
+        if not any_ours:
+            return
+        vals = list(res.params.values())
+        stacked = torch.stack(vals if keep is None else [vals[j] for j in keep])   # (p, N)
+        sizes = res.batch_sizes
+        if len(sizes) == 1:      # the usual case: one forward pass, loss mean over B examples
+            sums, alpha = stacked.sum(1), float(sizes[0]) ** 2
+        else:                    # several passes since the last harvest: B_k^2 per example
+            w = self._weights.get(tuple(sizes))
+            if w is None:
+                w = torch.cat([torch.full((b,), float(b) ** 2) for b in sizes]).to(stacked)
+                self._weights = {tuple(sizes): w}
+            sums, alpha = stacked @ w, 1.0
+        sums = sums.float().to(self.device)
+        if rows is None:         # every parameter, in order
+            self.acc = sums.mul(alpha) if self.acc is None else self.acc.add_(sums, alpha=alpha)
+        else:
+            if self.acc is None:
+                self.acc = torch.zeros(len(self.index), device=self.device)
+            self.acc.index_add_(0, rows, sums, alpha=alpha)
+        if lay is not self._last_layout:    # a new set of parameters this step: widen the mask
+            self.tracked = mask if self.tracked is None else torch.maximum(self.tracked, mask)
+            self._last_layout = lay
+        self.n_examples += sum(sizes)

@@ -8,8 +8,6 @@ parameter in one forward pass.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 
@@ -59,27 +57,6 @@ def module_kind(m: nn.Module) -> tuple[str | None, str]:
 
 
 _BUILTIN = tuple(c for c in (nn.Linear, nn.Embedding, nn.LayerNorm, getattr(nn, "RMSNorm", None)) if c)
-
-
-def _functional_group(pname: str, kinds: set[str]) -> str:
-    if "embedding" in kinds:
-        return "embeddings"
-    if kinds & {"layernorm", "rmsnorm"}:
-        return "norms"
-    low = pname.lower()
-    if "attn" in low or "attention" in low:
-        return "attention"
-    if any(k in low for k in ("mlp", "ffn", "feed_forward", "feedforward")):
-        return "mlp"
-    if "head" in low:
-        return "head"
-    return "other"
-
-
-def _layer_of(pname: str) -> str | None:
-    """"blocks.3.attn.qkv.weight" -> "blocks.3": the prefix through the first numeric component."""
-    m = re.match(r"^((?:[^.]+\.)*?\d+)\.", pname)
-    return m.group(1) if m else None
 
 
 class _Unsupported(Exception):

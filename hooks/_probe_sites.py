@@ -1,7 +1,8 @@
 """RepresentationProbe's activation sites: which modules to hook, and the model's readout head.
 
 ``layers`` may be None (``default_sites``), a module name or glob, a list of them, a callable
-name -> bool, or a module type / tuple of types; ``_unwrap`` looks through torch.compile and DDP.
+name -> bool, or a module type / tuple of types; ``_unwrap`` looks through torch.compile and DDP
+(``_unwrap_ddp`` also returns the DDP wrapper: GradientNoiseScale's comm hook needs it).
 """
 
 from __future__ import annotations
@@ -17,18 +18,25 @@ _NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln
 LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
-    seen = 0
-    while seen < 4:
-        seen += 1
+def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(the plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``),
+    the outermost DistributedDataParallel wrapper met on the way or None)."""
+    ddp = None
+    for _ in range(4):
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            if ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
+                ddp = model
             model = model.module
         else:
             break
-    return model
+    return model, ddp
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
+    return _unwrap_ddp(model)[0]
 
 
 def default_sites(model: nn.Module) -> list[str]:

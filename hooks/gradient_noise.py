@@ -46,8 +46,9 @@ Metrics (one record per measured step; docs/gns.md, "Hook modes")::
     gns/b_small           examples behind gns/small_sq
     gns/b_big             examples behind gns/big_sq
     gns/skipped           steps skipped so far for non-finite gradients (EMAs untouched)
-    gns/<group>/b_simple  the same per parameter group: embeddings, attention, mlp, norms, other,
-                          blocks.<i> (group_details=True adds the group's other quantities)
+    gns/<group>/b_simple  the same per parameter group (hooks._groups): embeddings, attention,
+                          mlp, norms, head, other, blocks.<i> (group_details=True adds the
+                          group's other quantities)
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ import torch
 from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
-from hooks._gns_parts import _PerExample, _group_fn, _is_ddp, _per_example_available, default_groups
+from hooks._gns_parts import _PerExample, _group_fn
+from hooks._groups import default_groups
+from hooks._probe_sites import _unwrap_ddp
 from hooks.monitor import Hook
 
 __all__ = ["GradientNoiseScale", "MODES", "default_groups"]
@@ -72,6 +75,12 @@ ONE_BATCH_SIZE_MSG = (
     "GNS estimator has nothing to compare. It needs gradient accumulation (grad_accum >= 2), "
     "several data-parallel processes, or per-example mode (mode='per_example', hooks.per_example). "
     "GNS is not measured on such steps; training is unaffected."
+)
+PE_TAKEOVER_MSG = (
+    "mode 'auto': steps with one batch size only (grad_accum = 1, one process) are measured with "
+    "per-example gradient norms (hooks.per_example, B_small = 1). They are attached at the end of "
+    "the first such step after accumulating steps, so that one step is not measured; this applies "
+    "to every later switch too and is said only once."
 )
 
 
@@ -100,8 +109,9 @@ class GradientNoiseScale(Hook):
             processes do not average their gradients (then .grad is local).
         process_group: the data-parallel group (default: the world).
         fallback: what ``auto`` does on steps with one batch size: "per_example" (per-example
-            norms when hooks.per_example is installed; costs a per-layer computation in the
-            backward, see docs/gns.md) or "none" (measure nothing; a one-time message).
+            norms, when hooks.per_example supports some module of the model; costs a per-layer
+            computation in the backward, see docs/gns.md) or "none" (measure nothing; a
+            one-time message).
         bookkeeping: per-example modes: where a Linear's per-example gradients are materialised,
             its batch weight gradient is their sum, so autograd's own weight GEMM is not run
             (``hooks.per_example.PerExampleGradNorms(bookkeeping=True)``): cheaper, but the weight
@@ -120,11 +130,6 @@ class GradientNoiseScale(Hook):
             raise ValueError(f"unknown GNS mode {mode!r}; valid modes: {', '.join(MODES)}")
         if fallback not in ("per_example", "none"):
             raise ValueError(f"fallback must be 'per_example' or 'none', got {fallback!r}")
-        if mode in ("per_example", "layernorm") and not _per_example_available():
-            raise ValueError(
-                f"mode {mode!r} needs hooks.per_example (PerExampleGradNorms: per-example gradient "
-                "norms), which is not installed. Use mode='microbatch' (grad_accum >= 2), 'ddp' "
-                "(several processes) or 'auto'.")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         if not 0.0 <= float(ema) < 1.0:
@@ -154,11 +159,12 @@ class GradientNoiseScale(Hook):
     def attach(self, model, monitor=None) -> None:
         if model is None:
             raise ValueError("GradientNoiseScale needs the model: Monitor(model, [GradientNoiseScale()])")
-        ddp = self._ddp_model or getattr(monitor, "ddp_model", None)
-        if _is_ddp(model):
-            ddp, model = ddp or model, model.module
-        model = getattr(model, "_orig_mod", model)    # torch.compile'd: its parameters are shared
-        owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+        model, wrapper = _unwrap_ddp(model)   # torch.compile'd / DDP: the parameters are shared
+        ddp = self._ddp_model or getattr(monitor, "ddp_model", None) or wrapper
+        owners: dict[int, list[nn.Module]] = {}    # every module holding a parameter (ties: all)
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(m)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # ties: once
         if not named:
             raise ValueError("GradientNoiseScale: the model has no trainable parameters")
@@ -171,7 +177,7 @@ class GradientNoiseScale(Hook):
         rows: list[list[int]] = [list(range(len(named)))]
         if self._group_fn is not None:
             for i, (n, p) in enumerate(named):
-                for g in self._group_fn(n, owner.get(id(p))):
+                for g in self._group_fn(n, owners.get(id(p), [])):
                     if g not in names:
                         names.append(g)
                         rows.append([])
@@ -189,11 +195,20 @@ class GradientNoiseScale(Hook):
             for i, p in enumerate(self._params):
                 self._handles.append(p.register_hook(self._make_grad_hook(i)))
         if self.mode in ("per_example", "layernorm") or (
-                self.mode == "auto" and self.fallback == "per_example" and self._world() <= 1
-                and _per_example_available()):
+                self.mode == "auto" and self.fallback == "per_example" and self._world() <= 1):
             self._pe = _PerExample(model, "norms" if self.mode == "layernorm" else "all",
                                    [n for n, _ in named], self._device, bookkeeping=self.bookkeeping)
-            self._want_pe = True    # auto: from the start; dropped once a step accumulates
+            if not self._pe.n_covered:     # no module of this model has a per-example rule
+                what = ("normalisation layer" if self.mode == "layernorm" else "module")
+                why = "; ".join(f"{k}: {v}" for k, v in self._pe.pe.unsupported.items()) or "none found"
+                self._pe = None
+                if self.mode != "auto":
+                    raise ValueError(
+                        f"mode {self.mode!r}: per-example gradient norms (hooks.per_example) cover "
+                        f"no trainable parameter of this model (no supported {what}; unsupported: "
+                        f"{why}). Use mode='microbatch' (grad_accum >= 2), 'ddp' or 'auto'.")
+            else:
+                self._want_pe = True    # auto: from the start; dropped once a step accumulates
         if self.mode == "ddp":
             if self._world() <= 1:
                 raise ValueError("mode 'ddp' needs several processes (torch.distributed initialised "
@@ -454,8 +469,7 @@ class GradientNoiseScale(Hook):
             return "microbatch" if self.mode == "microbatch" else "ddp-local"
         self.n_unmeasured += 1
         if self._pe is not None and not self._pe.broken and self.mode == "auto":
-            self._notice("one batch size only this step: per-example gradient norms "
-                         "(hooks.per_example) take over from the next step.")
+            self._notice(PE_TAKEOVER_MSG)    # once per hook (and run: notices are checkpointed)
             return None
         self._notice(ONE_BATCH_SIZE_MSG if self._n_recorded >= 1 or self._n_backward == 1 else
                      "no micro-batch gradient was seen this step (call monitor.on_step_begin "

@@ -57,8 +57,9 @@ import torch
 import torch.nn as nn
 
 from diagnostics import pegrad
+from hooks._groups import layer_of, param_kind
 from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
-    _Call, _Group, _Site, _Unsupported, _functional_group, _layer_of, module_kind,
+    _Call, _Group, _Site, _Unsupported, module_kind,
 )
 
 __all__ = ["PerExampleGradNorms", "PerExampleSqNorms", "module_kind"]
@@ -573,9 +574,9 @@ class PerExampleGradNorms:
         total = torch.zeros(n) if not params else sum(params.values()) if summaries else torch.zeros(0)
         pid_of = {name: pid for pid, name in self._names.items()}
         for name, sq in (params.items() if summaries else ()):
-            g = _functional_group(name, self._kinds[pid_of[name]])
+            g = param_kind(name, self._kinds[pid_of[name]])   # hooks._groups, as GNS's groups
             groups[g] = groups[g] + sq if g in groups else sq
-            layer = _layer_of(name)
+            layer = layer_of(name)
             if layer is not None:
                 layers[layer] = layers[layer] + sq if layer in layers else sq
         if reset:

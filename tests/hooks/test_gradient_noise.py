@@ -252,7 +252,7 @@ def test_default_groups():
     assert default_groups("transformer.h.11.mlp.c_fc.weight") == ["mlp", "blocks.11"]
     assert default_groups("transformer.h.0.ln_1.bias") == ["norms", "blocks.0"]
     assert default_groups("tok_emb.weight") == ["embeddings"]
-    assert default_groups("lm_head.weight") == ["embeddings"]
+    assert default_groups("lm_head.weight") == ["head"]        # untied; tied: embeddings (test_gns_groups)
     assert default_groups("scale") == ["other"]
     # custom groups: a mapping group -> regex
     model = tiny_gpt()
@@ -322,18 +322,29 @@ def test_nan_gradient_skips_step_and_keeps_ema():
 # ----------------------------------------------------------------------------------------------
 # (5) one batch size only; modes that are not available
 
-@pytest.mark.parametrize("why", ["not installed", "fallback none"])
-def test_single_batch_size_says_what_is_needed_once_and_keeps_running(monkeypatch, why):
-    import hooks.gradient_noise as gn
+class RawAffine(nn.Module):
+    """y = x w + b by matmul in its own forward: no per-example rule (hooks.per_example)."""
 
-    if why == "not installed":
-        monkeypatch.setattr(gn, "_per_example_available", lambda: False)
+    def __init__(self, d):
+        super().__init__()
+        self.w, self.b = nn.Parameter(0.1 * torch.randn(d, 1)), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x @ self.w + self.b
+
+
+@pytest.mark.parametrize("why", ["no supported module", "fallback none"])
+def test_single_batch_size_says_what_is_needed_once_and_keeps_running(why):
     X, y, model = lsq_problem()
+    if why == "no supported module":     # auto cannot fall back to per-example norms
+        model = RawAffine(X.shape[1])
     sink, hook = MemorySink(), GradientNoiseScale(fallback="none" if why == "fallback none" else "per_example")
-    mon = Monitor(model, [hook], sinks=[sink], strict=True)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
+        mon = Monitor(model, [hook], sinks=[sink], strict=True)
         plain_loop(model, mon, draw(4, steps=3, accum=1, b=4, N=len(X)), lambda i: lsq_loss(model, X, y, i))
+    assert hook._pe is None       # not built (fallback none) or built, found useless, dropped
+    assert any("RawAffine" in str(x.message) for x in w) == (why == "no supported module")
     msgs = [str(x.message) for x in w if "GradientNoiseScale" in str(x.message)]
     assert len(msgs) == 1
     assert "accumulation" in msgs[0] and "processes" in msgs[0] and "per-example" in msgs[0]
@@ -346,13 +357,14 @@ def test_single_batch_size_says_what_is_needed_once_and_keeps_running(monkeypatc
     assert sink.records[-1]["gns/b_big"] == 8 and hook.last_mode == "microbatch"
 
 
-def test_unavailable_modes_are_clear_errors(monkeypatch):
-    import hooks.gradient_noise as gn
-
-    monkeypatch.setattr(gn, "_per_example_available", lambda: False)
-    for mode in ("per_example", "layernorm"):
-        with pytest.raises(ValueError, match="hooks.per_example"):
-            GradientNoiseScale(mode=mode)
+def test_unavailable_modes_are_clear_errors():
+    X, _, lin = lsq_problem()
+    # per-example modes on a model they cannot measure: refused at attach, with the reason
+    for mode, model in [("per_example", RawAffine(X.shape[1])), ("layernorm", lin)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # PerExampleGradNorms names the unsupported module
+            with pytest.raises(ValueError, match=r"hooks\.per_example.*no supported"):
+                Monitor(model, [GradientNoiseScale(mode=mode)], strict=True)
     with pytest.raises(ValueError, match="valid modes"):
         GradientNoiseScale(mode="bogus")
     with pytest.raises(ValueError, match="every"):
