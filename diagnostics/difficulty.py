@@ -3,8 +3,9 @@
 Pure math on numpy arrays (and, for the logit-level scores, torch tensors); no model, no loop,
 so the same code runs inside ``hooks.DifficultyTracker`` and offline on a saved table or a
 run's metrics. Definitions and the papers they come from are in docs/difficulty.md. The
-streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``, ``DomainEMA``) lives in
-``diagnostics.difficulty_table`` and is re-exported here.
+streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``) lives in
+``diagnostics.difficulty_table`` and is re-exported here; the per-domain loss EMAs are
+``diagnostics.ema.BiasCorrectedEMA``, the one EMA the GNS tracker uses too.
 
     Data Maps     Swayamdipta et al. 2020, "Dataset Cartography" (arXiv 2009.10795), sec. 2:
                   confidence = mean over visits of p(y*|x), variability = std over visits,
@@ -42,13 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.difficulty_table import DomainEMA, ExampleTable, IdIndex, RingSeries, UpdateStats, hash_ids
+from diagnostics.difficulty_table import ExampleTable, IdIndex, RingSeries, UpdateStats, hash_ids
 
 __all__ = [
     "ExampleTable", "UpdateStats", "IdIndex", "hash_ids",
     "data_map_regions", "REGIONS", "roc_auc",
     "Learnability", "ols_slope", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
-    "RingSeries", "DomainEMA", "sequence_scores", "reducible_loss", "domain_curves",
+    "RingSeries", "sequence_scores", "reducible_loss", "domain_curves",
 ]
 
 # -----------------------------------------------------------------------------

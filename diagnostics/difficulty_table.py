@@ -9,7 +9,8 @@ and re-exported by ``diagnostics.difficulty`` (import from there). Definitions: 
                   a deterministic hash sample bounds the rows.
     IdIndex       id -> row map: vectorised open addressing on splitmix64-mixed ids.
     RingSeries    the last ``capacity`` (x, y) points of a curve.
-    DomainEMA     bias-corrected EMAs of one scalar per domain.
+
+The per-domain loss EMAs are ``diagnostics.ema.BiasCorrectedEMA`` (one per domain, in the hook).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries", "DomainEMA"]
+__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries"]
 
 # -----------------------------------------------------------------------------
 # id -> slot hashing (vectorised open addressing, no Python dict)
@@ -386,37 +387,3 @@ class RingSeries:
             r.append(float(x), float(y))
         r.total = int(s["total"])
         return r
-
-
-class DomainEMA:
-    """Bias-corrected EMAs of one scalar per domain (Kingma & Ba 2015, sec. 3)."""
-
-    def __init__(self, decay: float = 0.9):
-        if not 0 <= decay < 1:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay}.")
-        self.decay = float(decay)
-        self.ema = np.zeros(0)
-        self.k = np.zeros(0, dtype=np.int64)
-
-    def _fit(self, d: int) -> None:
-        if d > len(self.ema):
-            self.ema = np.concatenate([self.ema, np.zeros(d - len(self.ema))])
-            self.k = np.concatenate([self.k, np.zeros(d - len(self.k), dtype=np.int64)])
-
-    def update(self, domain_idx: np.ndarray, values: np.ndarray) -> None:
-        domain_idx = np.asarray(domain_idx, dtype=np.int64)
-        if domain_idx.size:
-            self._fit(int(domain_idx.max()) + 1)
-        self.ema[domain_idx] = self.decay * self.ema[domain_idx] + (1 - self.decay) * np.asarray(values)
-        self.k[domain_idx] += 1
-
-    def value(self, d: int) -> float:
-        if d >= len(self.k) or self.k[d] == 0:
-            return float("nan")
-        return float(self.ema[d] / (1 - self.decay ** self.k[d]))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "ema": self.ema.copy(), "k": self.k.copy()}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.decay, self.ema, self.k = float(s["decay"]), np.asarray(s["ema"], float), np.asarray(s["k"], np.int64)

@@ -58,8 +58,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from diagnostics.difficulty import (DomainEMA, ExampleTable, RingSeries, data_map_regions, learnability,
-                                    sequence_scores)
+from diagnostics.difficulty import ExampleTable, RingSeries, data_map_regions, learnability, sequence_scores
+from diagnostics.ema import BiasCorrectedEMA
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
@@ -102,6 +102,31 @@ def _logits(out):
     if isinstance(out, (tuple, list)):
         out = out[0]
     return getattr(out, "logits", out)
+
+
+def _emas_from_state(s: Mapping[str, Any]) -> tuple[float, dict[int, BiasCorrectedEMA]]:
+    """(decay, {domain: BiasCorrectedEMA}) from a state's "ema" entry, in either layout:
+
+    version 2: {"decay", "domains": {d: BiasCorrectedEMA.state_dict()}};
+    version 1 (checkpoints written before the tracker used BiasCorrectedEMA, by the former
+    ``DomainEMA``): {"decay", "ema": (D,) biased EMAs m_d, "k": (D,) update counts}. It holds the
+    same two numbers per domain (m = BiasCorrectedEMA.biased, k = n_updates); domains with k = 0
+    were never updated and get no EMA. The checkpoint's decay wins over the constructor's, as before."""
+    decay = float(s["decay"])
+    if "domains" in s:
+        emas = {}
+        for d, es in s["domains"].items():
+            emas[int(d)] = e = BiasCorrectedEMA(decay)
+            e.load_state_dict(es)
+        return decay, emas
+    m, k = np.asarray(s["ema"], dtype=np.float64), np.asarray(s["k"], dtype=np.int64)
+    if m.shape != k.shape or m.ndim != 1:
+        raise ValueError(f"DifficultyTracker: malformed EMA state (ema {m.shape}, k {k.shape}).")
+    emas = {}
+    for d in np.flatnonzero(k).tolist():
+        emas[d] = e = BiasCorrectedEMA(decay)
+        e.load_state_dict({"decay": decay, "biased": float(m[d]), "n_updates": int(k[d])})
+    return decay, emas
 
 
 class DifficultyTracker(Hook):
@@ -156,6 +181,8 @@ class DifficultyTracker(Hook):
             raise ValueError(f"DifficultyTracker: save_every must be a positive integer or None, got {save_every!r}.")
         if not 0 < level < 1:
             raise ValueError(f"DifficultyTracker: level must be in (0, 1), got {level}.")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"DifficultyTracker: ema_decay must be in [0, 1), got {ema_decay}.")
         self.domain_names: list[str] = list(domain_names) if domain_names is not None else []
         self.probe: dict[str, torch.Tensor] = {}
         for d, t in (probe or {}).items():
@@ -177,7 +204,8 @@ class DifficultyTracker(Hook):
         self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
         self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
         self._table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
-        self.ema = DomainEMA(ema_decay)
+        self.ema_decay = float(ema_decay)
+        self.ema: dict[int, BiasCorrectedEMA] = {}  # domain -> EMA of its per-step mean train loss
         self.series: dict[int, RingSeries] = {}  # domain -> (domain tokens, per-step mean loss)
         self.probe_series: dict[str, RingSeries] = {}  # domain -> (total tokens, probe mean loss)
         self.domain_tokens = np.zeros(len(self.domain_names))
@@ -285,8 +313,8 @@ class DifficultyTracker(Hook):
                 self.save()
             return metrics
         self._flush()
-        for d in np.flatnonzero(self.ema.k).tolist():
-            metrics[f"difficulty/{self._name(d)}/loss"] = self.ema.value(d)
+        for d in sorted(self.ema):
+            metrics[f"difficulty/{self._name(d)}/loss"] = self.ema[d].value
         if stats:
             for name, lr in self.learnability().items():
                 if lr.defined:
@@ -371,8 +399,11 @@ class DifficultyTracker(Hook):
             self.domain_tokens[:D] += step_tokens * count[k] / n
             present = np.flatnonzero(fcount[k])
             means = fsum[k, present] / fcount[k, present]  # per-step mean loss of each domain present
-            self.ema.update(present, means)
             for d, m in zip(present.tolist(), means.tolist()):
+                e = self.ema.get(d)
+                if e is None:
+                    e = self.ema[d] = BiasCorrectedEMA(self.ema_decay)
+                e.update(m)
                 # the loss was measured after `before[d]` tokens of the domain
                 s = self.series.get(d)
                 if s is None:  # (not setdefault: that would allocate a series every call)
@@ -540,10 +571,10 @@ class DifficultyTracker(Hook):
     def state_dict(self) -> dict[str, Any]:
         self._flush()  # every ended step is in the state (a half-done step's micro-batches are not)
         return {
-            "version": 1,
+            "version": 2,  # 2: "ema" holds one BiasCorrectedEMA state per domain (1: DomainEMA arrays)
             "domain_names": list(self.domain_names),
             "table": self._table.state_dict() if self._table is not None else None,
-            "ema": self.ema.state_dict(),
+            "ema": {"decay": self.ema_decay, "domains": {int(d): e.state_dict() for d, e in self.ema.items()}},
             "series": {int(d): s.state_dict() for d, s in self.series.items()},
             "probe_series": {n: s.state_dict() for n, s in self.probe_series.items()},
             "domain_tokens": self.domain_tokens.copy(),
@@ -559,7 +590,7 @@ class DifficultyTracker(Hook):
             if self._table is None:
                 self._table = ExampleTable(learned_loss=self.learned_loss)
             self._table.load_state_dict(state["table"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema_decay, self.ema = _emas_from_state(state["ema"])
         self.series = {int(d): RingSeries.from_state(s) for d, s in state["series"].items()}
         self.probe_series = {n: RingSeries.from_state(s) for n, s in state["probe_series"].items()}
         self.domain_tokens = np.asarray(state["domain_tokens"], dtype=np.float64).copy()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diagnostics.difficulty import (DomainEMA, ExampleTable, IdIndex, RingSeries, data_map_regions, domain_curves,
+from diagnostics.difficulty import (ExampleTable, IdIndex, RingSeries, data_map_regions, domain_curves,
                                     fit_power_law, learnability, local_exponent, ols_slope, reducible_loss, roc_auc,
                                     sequence_scores)
 
@@ -280,9 +280,6 @@ def test_small_containers():
     r2 = RingSeries.from_state(r.state_dict())
     r2.append(6, 60)
     assert r2.arrays()[0].tolist() == [3, 4, 5, 6] and r2.total == 7
-    ema = DomainEMA(0.9)
-    ema.update(np.array([1]), np.array([2.0]))
-    assert ema.value(1) == pytest.approx(2.0) and math.isnan(ema.value(0))  # bias-corrected
     assert reducible_loss([2.0, 1.0], [0.5, 1.5]).tolist() == [1.5, -0.5]
 
 
