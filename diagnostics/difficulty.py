@@ -311,7 +311,15 @@ def reducible_loss(loss, reference_loss):
 def domain_curves(metrics, domain: str):
     """Loss curves of one domain from a run's metrics DataFrame (``Run.metrics``): columns
     step, tokens (train/tokens), train_ema (difficulty/<d>/loss), probe (difficulty/<d>/probe_loss),
-    val (val/<d>/loss), learnability; rows where any of them is present."""
+    val (val/<d>/loss), learnability; rows where any of them is present.
+
+    Within a row, probe and val measure the same parameters: those before step ``step``'s optimizer
+    update (``midtrain.loop`` evaluates before the update; ``hooks.DifficultyTracker`` scores its probe
+    set at the step's start). train_ema averages the losses of the forward passes of steps up to
+    ``step``, each taken on its own step's pre-update parameters. ``tokens`` is train/tokens of the
+    record, which counts step ``step``'s batch: the measured parameters had seen ``tokens`` minus
+    that batch. (Runs written before this alignment logged probe_loss one update later, after step
+    ``step``'s update.)"""
     import pandas as pd
 
     cols = {"tokens": "train/tokens", "train_ema": f"difficulty/{domain}/loss",

@@ -377,6 +377,63 @@ def test_probe_scoring_leaves_training_untouched_and_reducible_loss():
     assert "difficulty/a/probe_loss" not in mon.on_step_end(1)  # every 2 steps
 
 
+@pytest.mark.parametrize("announce", [True, False])
+def test_probe_scores_the_parameters_validation_sees(announce):
+    """A loop like midtrain.loop: validation at step s runs before step s's update, and so does the
+    probe (scored at the step's start: on_step_begin, or the first on_backward_end when the loop does
+    not announce the step), so probe_loss and val loss in one record measure the same parameters.
+    (Before, the probe was scored in on_step_end, one update later.)"""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    probe = {"a": torch.randint(0, 32, (6, 9))}
+    tr = DifficultyTracker(probe=probe, probe_every=2, domain_names=["a"])
+    mon = Monitor(model, [tr], sinks=[NullSink()], strict=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = probe["a"][:, :-1], probe["a"][:, 1:]
+
+    def val_loss():  # what the loop's evaluate() would log for these sequences now
+        model.eval()
+        with torch.no_grad():
+            out = per_example_loss(model(x)[0], y).mean().item()
+        model.train()
+        return out
+
+    for step in range(5):
+        before = val_loss()
+        if announce:
+            mon.on_step_begin(step)
+        _, losses = model(x, y, reduction="none")
+        losses.mean().backward()
+        mon.on_backward_end(len(x), losses=losses.detach(), ids=torch.arange(len(x)),
+                            domains=torch.zeros(len(x), dtype=torch.long))
+        mon.on_grads_ready()
+        opt.step()
+        opt.zero_grad()
+        rec = mon.on_step_end(step, tokens=(step + 1) * x.numel())
+        if step % 2:
+            assert "difficulty/a/probe_loss" not in rec
+            continue
+        after = val_loss()
+        assert abs(after - before) > 1e-3  # one update moves the loss: the test can tell them apart
+        assert rec["difficulty/a/probe_loss"] == pytest.approx(before, rel=1e-6)
+    # the probe history's x: train tokens seen by the scored parameters (0 at step 0)
+    assert tr.probe_series["a"].arrays()[0].tolist() == [0.0, 2 * x.numel(), 4 * x.numel()]
+
+
+def test_probe_without_a_step_start_is_scored_at_the_step_end():
+    """A caller that only calls the hook's on_step_end (no Monitor) still gets the probe, scored then."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    probe = {"a": torch.randint(0, 32, (4, 9))}
+    tr = DifficultyTracker(probe=probe, probe_every=1)
+    tr.attach(model, None)
+    rec = tr.on_step_end(0, {})
+    model.eval()
+    with torch.no_grad():
+        ref = per_example_loss(model(probe["a"][:, :-1])[0], probe["a"][:, 1:]).mean().item()
+    assert rec["difficulty/a/probe_loss"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_table_is_saved_to_the_run_store_and_through_a_callback(tmp_path):
     mon = Monitor(None, [DifficultyTracker(domain_names=["a", "b"])], run_dir=str(tmp_path / "r"))
     for s, losses, ids, doms in _stream(steps=5):
