@@ -43,13 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.difficulty_table import ExampleTable, IdIndex, RingSeries, UpdateStats, hash_ids
+from diagnostics.difficulty_table import (ExampleTable, IdIndex, RingSeries, UpdateStats, emas_from_state,
+                                          hash_ids)
 
 __all__ = [
     "ExampleTable", "UpdateStats", "IdIndex", "hash_ids",
     "data_map_regions", "REGIONS", "roc_auc",
     "Learnability", "ols_slope", "ols_slope_test", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
-    "RingSeries", "sequence_scores", "reducible_loss", "domain_curves",
+    "RingSeries", "emas_from_state", "sequence_scores", "reducible_loss", "domain_curves",
 ]
 
 # -----------------------------------------------------------------------------

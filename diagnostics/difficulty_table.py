@@ -10,18 +10,21 @@ and re-exported by ``diagnostics.difficulty`` (import from there). Definitions: 
     IdIndex       id -> row map: vectorised open addressing on splitmix64-mixed ids.
     RingSeries    the last ``capacity`` (x, y) points of a curve.
 
-The per-domain loss EMAs are ``diagnostics.ema.BiasCorrectedEMA`` (one per domain, in the hook).
+The per-domain loss EMAs are ``diagnostics.ema.BiasCorrectedEMA`` (one per domain, in the hook);
+``emas_from_state`` reads their checkpointed state (and the former ``DomainEMA`` layout).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries"]
+from diagnostics.ema import BiasCorrectedEMA
+
+__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries", "emas_from_state"]
 
 # -----------------------------------------------------------------------------
 # id -> slot hashing (vectorised open addressing, no Python dict)
@@ -387,3 +390,29 @@ class RingSeries:
             r.append(float(x), float(y))
         r.total = int(s["total"])
         return r
+
+
+def emas_from_state(s: Mapping[str, Any]) -> tuple[float, dict[int, BiasCorrectedEMA]]:
+    """(decay, {domain: BiasCorrectedEMA}) from the "ema" entry of a DifficultyTracker state, in
+    either layout:
+
+    version 2: {"decay", "domains": {d: BiasCorrectedEMA.state_dict()}};
+    version 1 (checkpoints written before the tracker used BiasCorrectedEMA, by the former
+    ``DomainEMA``): {"decay", "ema": (D,) biased EMAs m_d, "k": (D,) update counts}. It holds the
+    same two numbers per domain (m = BiasCorrectedEMA.biased, k = n_updates); domains with k = 0
+    were never updated and get no EMA. The checkpoint's decay wins over the constructor's, as before."""
+    decay = float(s["decay"])
+    if "domains" in s:
+        emas = {}
+        for d, es in s["domains"].items():
+            emas[int(d)] = e = BiasCorrectedEMA(decay)
+            e.load_state_dict(es)
+        return decay, emas
+    m, k = np.asarray(s["ema"], dtype=np.float64), np.asarray(s["k"], dtype=np.int64)
+    if m.shape != k.shape or m.ndim != 1:
+        raise ValueError(f"malformed per-domain EMA state (ema {m.shape}, k {k.shape}).")
+    emas = {}
+    for d in np.flatnonzero(k).tolist():
+        emas[d] = e = BiasCorrectedEMA(decay)
+        e.load_state_dict({"decay": decay, "biased": float(m[d]), "n_updates": int(k[d])})
+    return decay, emas

@@ -58,15 +58,16 @@ metrics are reported; probe metrics come every ``probe_every`` steps:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from diagnostics.difficulty import ExampleTable, RingSeries, data_map_regions, learnability, sequence_scores
+from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
+                                    sequence_scores)
 from diagnostics.ema import BiasCorrectedEMA
+from hooks._probe_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
@@ -102,38 +103,6 @@ def _length(x, what: str) -> int:
                          + ("; compute per-sequence losses (reduction='none' or hooks.per_example_loss)."
                             if what == "losses" else "."))
     return shape[0]
-
-
-def _logits(out):
-    """Logits from a model's output: a tensor, a (logits, ...) tuple, or an object with .logits."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return getattr(out, "logits", out)
-
-
-def _emas_from_state(s: Mapping[str, Any]) -> tuple[float, dict[int, BiasCorrectedEMA]]:
-    """(decay, {domain: BiasCorrectedEMA}) from a state's "ema" entry, in either layout:
-
-    version 2: {"decay", "domains": {d: BiasCorrectedEMA.state_dict()}};
-    version 1 (checkpoints written before the tracker used BiasCorrectedEMA, by the former
-    ``DomainEMA``): {"decay", "ema": (D,) biased EMAs m_d, "k": (D,) update counts}. It holds the
-    same two numbers per domain (m = BiasCorrectedEMA.biased, k = n_updates); domains with k = 0
-    were never updated and get no EMA. The checkpoint's decay wins over the constructor's, as before."""
-    decay = float(s["decay"])
-    if "domains" in s:
-        emas = {}
-        for d, es in s["domains"].items():
-            emas[int(d)] = e = BiasCorrectedEMA(decay)
-            e.load_state_dict(es)
-        return decay, emas
-    m, k = np.asarray(s["ema"], dtype=np.float64), np.asarray(s["k"], dtype=np.int64)
-    if m.shape != k.shape or m.ndim != 1:
-        raise ValueError(f"DifficultyTracker: malformed EMA state (ema {m.shape}, k {k.shape}).")
-    emas = {}
-    for d in np.flatnonzero(k).tolist():
-        emas[d] = e = BiasCorrectedEMA(decay)
-        e.load_state_dict({"decay": decay, "biased": float(m[d]), "n_updates": int(k[d])})
-    return decay, emas
 
 
 class DifficultyTracker(Hook):
@@ -447,30 +416,8 @@ class DifficultyTracker(Hook):
                 for d, s in self.series.items()}
 
     # -- the probe set ---------------------------------------------------------------------
-    @torch.no_grad()
-    def _score(self, model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-        use_amp = self.autocast if self.autocast is not None else device.type == "cuda"
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-        losses, el2n = [], []
-        for i in range(0, len(tokens), self.probe_batch_size):
-            chunk = tokens[i:i + self.probe_batch_size].to(device)
-            x, y = chunk[:, :-1], chunk[:, 1:]  # (b, T) each
-            with amp:
-                logits = _logits(model(x))  # (b, T, V)
-            loss, e, _ = sequence_scores(logits, y, ignore_index=self.ignore_index, el2n=True)
-            losses.append(loss.cpu())
-            el2n.append(e.cpu())
-        return torch.cat(losses).double().numpy(), torch.cat(el2n).double().numpy()
-
-    def _eval(self, model, tokens):
-        was = model.training
-        model.eval()
-        try:
-            return self._score(model, tokens)
-        finally:
-            model.train(was)
+    def _eval(self, model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return score_sequences(model, tokens, self.probe_batch_size, self.autocast, self.ignore_index)
 
     def _reference_losses(self, model) -> dict[str, np.ndarray]:
         """Per-sequence reference losses of every probe domain, scored once (the reference is fixed).
@@ -628,7 +575,7 @@ class DifficultyTracker(Hook):
             if self._table is None:
                 self._table = ExampleTable(learned_loss=self.learned_loss)
             self._table.load_state_dict(state["table"])
-        self.ema_decay, self.ema = _emas_from_state(state["ema"])
+        self.ema_decay, self.ema = emas_from_state(state["ema"])
         self.series = {int(d): RingSeries.from_state(s) for d, s in state["series"].items()}
         self.probe_series = {n: RingSeries.from_state(s) for n, s in state["probe_series"].items()}
         self.domain_tokens = np.asarray(state["domain_tokens"], dtype=np.float64).copy()

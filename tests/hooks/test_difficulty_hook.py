@@ -347,7 +347,7 @@ def test_loads_a_version_1_checkpoint_state_and_continues_identically():
     assert second.ema_decay == 0.8 and sorted(second.ema) == [0, 1]  # the checkpoint's decay, as before
     assert _feed(second, stream[13:]) == m_whole[13:]
     assert second.state_dict()["ema"] == whole.state_dict()["ema"]
-    with pytest.raises(ValueError, match="malformed EMA state"):
+    with pytest.raises(ValueError, match="malformed per-domain EMA state"):
         DifficultyTracker().load_state_dict({**old, "ema": {"decay": 0.8, "ema": np.zeros(2), "k": np.zeros(3)}})
 
 
