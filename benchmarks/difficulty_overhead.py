@@ -56,8 +56,8 @@ _ENTRY_POINTS = ("attach", "scheduled", "on_step_begin", "on_backward_end", "on_
 
 def _timed(tracker: DifficultyTracker) -> dict[str, float]:
     """Wrap every method the Monitor and the loop call on the tracker with wall-clock timers (only the
-    outermost call counts, so save() inside on_step_end is not counted twice), and score_probe
-    separately. Returns the accumulator {"total": s, "probe": s, "probes": n}."""
+    outermost call counts, so save() inside on_step_end is not counted twice), and the probe scoring
+    (``_measure_probe``, run from on_step_begin on probe steps) separately. Returns the accumulator {"total": s, "probe": s, "probes": n}."""
     spent = {"total": 0.0, "probe": 0.0, "probes": 0}
     depth = [0]
 
@@ -79,7 +79,7 @@ def _timed(tracker: DifficultyTracker) -> dict[str, float]:
 
     for name in _ENTRY_POINTS:
         setattr(tracker, name, wrap(getattr(tracker, name), "total"))  # the Monitor looks events up on the instance
-    tracker.score_probe = wrap(tracker.score_probe, "probe")
+    tracker._measure_probe = wrap(tracker._measure_probe, "probe")
     return spent
 
 
@@ -139,7 +139,7 @@ def main(argv=None):
         tps, spent = run_once(args, corpus, True)
         with_t.append(tps)
         loop_s = args.tokens / tps
-        inside = spent["total"]  # score_probe runs inside on_step_end: its time is part of the total
+        inside = spent["total"]  # the probe is scored inside on_step_begin: its time is part of the total
         bookkeeping = inside - spent["probe"]
         rest = max(loop_s - inside, 1e-9)  # the loop's own time
         accounted.append(loop_s / rest)

@@ -3,8 +3,9 @@
 Pure math on numpy arrays (and, for the logit-level scores, torch tensors); no model, no loop,
 so the same code runs inside ``hooks.DifficultyTracker`` and offline on a saved table or a
 run's metrics. Definitions and the papers they come from are in docs/difficulty.md. The
-streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``, ``DomainEMA``) lives in
-``diagnostics.difficulty_table`` and is re-exported here.
+streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``) lives in
+``diagnostics.difficulty_table`` and is re-exported here; the per-domain loss EMAs are
+``diagnostics.ema.BiasCorrectedEMA``, the one EMA the GNS tracker uses too.
 
     Data Maps     Swayamdipta et al. 2020, "Dataset Cartography" (arXiv 2009.10795), sec. 2:
                   confidence = mean over visits of p(y*|x), variability = std over visits,
@@ -42,13 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.difficulty_table import DomainEMA, ExampleTable, IdIndex, RingSeries, UpdateStats, hash_ids
+from diagnostics.difficulty_table import (ExampleTable, IdIndex, RingSeries, UpdateStats, emas_from_state,
+                                          hash_ids)
 
 __all__ = [
     "ExampleTable", "UpdateStats", "IdIndex", "hash_ids",
     "data_map_regions", "REGIONS", "roc_auc",
-    "Learnability", "ols_slope", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
-    "RingSeries", "DomainEMA", "sequence_scores", "reducible_loss", "domain_curves",
+    "Learnability", "ols_slope", "ols_slope_test", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
+    "RingSeries", "emas_from_state", "sequence_scores", "reducible_loss", "domain_curves",
 ]
 
 # -----------------------------------------------------------------------------
@@ -100,24 +102,55 @@ def roc_auc(scores, labels) -> float:
 # learnability: slopes, the diminishing-returns test, power laws
 
 
-def ols_slope(x, y) -> tuple[float, float, float]:
-    """Least-squares line y = a + b x: returns (b, se(b), a); se from the residual variance
-    with n - 2 degrees of freedom (NaN when n < 3 or x is constant)."""
+def ols_slope_test(x, y) -> tuple[float, float, float, float]:
+    """Least-squares line y = a + b x with the one-sided t-test of H0 "slope >= 0".
+
+    Returns (b, se(b), a, p): se from the residual variance with n - 2 degrees of freedom;
+    p = P(T_{n-2} <= b / se), small when the line significantly falls (the same numbers as
+    ``scipy.stats.linregress(x, y, alternative="less")``: slope, stderr, intercept, pvalue).
+    The one implementation behind ``ols_slope``, ``learnability`` and the post-knot guard of
+    ``diagnostics.phases``. Edge cases:
+
+    - n < 2 or constant x (no slope): all four NaN (linregress raises);
+    - n = 2: b and a, se and p NaN (no residual degree of freedom; linregress reports se = 0);
+    - a perfect line (zero residual): se = 0 and p = 0 if b < 0 else 1 (the sign decides);
+    - NaN or inf in x or y: NaN results (callers drop non-finite points first).
+    """
+    from scipy.special import stdtr
+
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"ols_slope needs two 1-d arrays of one length, got shapes {x.shape} and {y.shape}.")
     n = len(x)
+    nan = float("nan")
     if n < 2:
-        return float("nan"), float("nan"), float("nan")
-    xm, ym = x.mean(), y.mean()
-    dx = x - xm
+        return nan, nan, nan, nan
+    xm, ym = float(x.mean()), float(y.mean())
+    dx, dy = x - xm, y - ym
     sxx = float(dx @ dx)
-    if sxx <= 0:
-        return float("nan"), float("nan"), float("nan")
-    b = float(dx @ (y - ym)) / sxx
+    if not sxx > 0:  # constant x (or NaN)
+        return nan, nan, nan, nan
+    b = float(dx @ dy) / sxx
     a = ym - b * xm
     if n < 3:
-        return b, float("nan"), a
-    resid = y - a - b * x
-    return b, math.sqrt(float(resid @ resid) / (n - 2) / sxx), a
+        return b, nan, a, nan
+    resid = dy - b * dx  # centred: no cancellation against a large intercept
+    s2 = float(resid @ resid) / (n - 2)
+    if not math.isfinite(b) or not math.isfinite(s2):
+        return b, nan, a, nan
+    se = math.sqrt(s2 / sxx)
+    if se > 0:
+        p = float(stdtr(n - 2, b / se))
+    else:  # a perfect line: the sign decides
+        p = 0.0 if b < 0 else 1.0
+    return b, se, a, p
+
+
+def ols_slope(x, y) -> tuple[float, float, float]:
+    """Least-squares line y = a + b x: returns (b, se(b), a); se from the residual variance
+    with n - 2 degrees of freedom (NaN when n < 3 or x is constant). ``ols_slope_test`` without p."""
+    b, se, a, _ = ols_slope_test(x, y)
+    return b, se, a
 
 
 @dataclass
@@ -154,8 +187,6 @@ def learnability(tokens, losses, window: int | None = None, level: float = 0.05,
     and shrinks the standard error).
 
     For L = E + A t^-alpha the log slope is -alpha (L - E) (``local_exponent`` inverts it)."""
-    from scipy.special import stdtr
-
     t, y = np.asarray(tokens, dtype=np.float64), np.asarray(losses, dtype=np.float64)
     if t.shape != y.shape:
         raise ValueError(f"tokens {t.shape} and losses {y.shape} must have one shape.")
@@ -168,13 +199,11 @@ def learnability(tokens, losses, window: int | None = None, level: float = 0.05,
     if n < max(3, min_points) or np.ptp(t) <= 0:
         return Learnability(nan, nan, nan, nan, nan, nan, False, level, n, False)
     b, se, _ = ols_slope(t, y)
-    bl, sel, _ = ols_slope(np.log(t), y)
+    bl, sel, _, p = ols_slope_test(np.log(t), y)
     if sel > 0:
         ts = bl / sel
-        p = float(stdtr(n - 2, ts))
-    else:  # a perfect line: the sign decides
+    else:  # a perfect line: the sign decides (p is 0 or 1)
         ts = -math.inf if bl < 0 else (math.inf if bl > 0 else 0.0)
-        p = 0.0 if bl < 0 else 1.0
     return Learnability(b, se, bl, sel, ts, p, bool(p >= level), level, n, True)
 
 
@@ -283,7 +312,15 @@ def reducible_loss(loss, reference_loss):
 def domain_curves(metrics, domain: str):
     """Loss curves of one domain from a run's metrics DataFrame (``Run.metrics``): columns
     step, tokens (train/tokens), train_ema (difficulty/<d>/loss), probe (difficulty/<d>/probe_loss),
-    val (val/<d>/loss), learnability; rows where any of them is present."""
+    val (val/<d>/loss), learnability; rows where any of them is present.
+
+    Within a row, probe and val measure the same parameters: those before step ``step``'s optimizer
+    update (``midtrain.loop`` evaluates before the update; ``hooks.DifficultyTracker`` scores its probe
+    set at the step's start). train_ema averages the losses of the forward passes of steps up to
+    ``step``, each taken on its own step's pre-update parameters. ``tokens`` is train/tokens of the
+    record, which counts step ``step``'s batch: the measured parameters had seen ``tokens`` minus
+    that batch. (Runs written before this alignment logged probe_loss one update later, after step
+    ``step``'s update.)"""
     import pandas as pd
 
     cols = {"tokens": "train/tokens", "train_ema": f"difficulty/{domain}/loss",

@@ -9,18 +9,22 @@ and re-exported by ``diagnostics.difficulty`` (import from there). Definitions: 
                   a deterministic hash sample bounds the rows.
     IdIndex       id -> row map: vectorised open addressing on splitmix64-mixed ids.
     RingSeries    the last ``capacity`` (x, y) points of a curve.
-    DomainEMA     bias-corrected EMAs of one scalar per domain.
+
+The per-domain loss EMAs are ``diagnostics.ema.BiasCorrectedEMA`` (one per domain, in the hook);
+``emas_from_state`` reads their checkpointed state (and the former ``DomainEMA`` layout).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries", "DomainEMA"]
+from diagnostics.ema import BiasCorrectedEMA
+
+__all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries", "emas_from_state"]
 
 # -----------------------------------------------------------------------------
 # id -> slot hashing (vectorised open addressing, no Python dict)
@@ -388,35 +392,27 @@ class RingSeries:
         return r
 
 
-class DomainEMA:
-    """Bias-corrected EMAs of one scalar per domain (Kingma & Ba 2015, sec. 3)."""
+def emas_from_state(s: Mapping[str, Any]) -> tuple[float, dict[int, BiasCorrectedEMA]]:
+    """(decay, {domain: BiasCorrectedEMA}) from the "ema" entry of a DifficultyTracker state, in
+    either layout:
 
-    def __init__(self, decay: float = 0.9):
-        if not 0 <= decay < 1:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay}.")
-        self.decay = float(decay)
-        self.ema = np.zeros(0)
-        self.k = np.zeros(0, dtype=np.int64)
-
-    def _fit(self, d: int) -> None:
-        if d > len(self.ema):
-            self.ema = np.concatenate([self.ema, np.zeros(d - len(self.ema))])
-            self.k = np.concatenate([self.k, np.zeros(d - len(self.k), dtype=np.int64)])
-
-    def update(self, domain_idx: np.ndarray, values: np.ndarray) -> None:
-        domain_idx = np.asarray(domain_idx, dtype=np.int64)
-        if domain_idx.size:
-            self._fit(int(domain_idx.max()) + 1)
-        self.ema[domain_idx] = self.decay * self.ema[domain_idx] + (1 - self.decay) * np.asarray(values)
-        self.k[domain_idx] += 1
-
-    def value(self, d: int) -> float:
-        if d >= len(self.k) or self.k[d] == 0:
-            return float("nan")
-        return float(self.ema[d] / (1 - self.decay ** self.k[d]))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "ema": self.ema.copy(), "k": self.k.copy()}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.decay, self.ema, self.k = float(s["decay"]), np.asarray(s["ema"], float), np.asarray(s["k"], np.int64)
+    version 2: {"decay", "domains": {d: BiasCorrectedEMA.state_dict()}};
+    version 1 (checkpoints written before the tracker used BiasCorrectedEMA, by the former
+    ``DomainEMA``): {"decay", "ema": (D,) biased EMAs m_d, "k": (D,) update counts}. It holds the
+    same two numbers per domain (m = BiasCorrectedEMA.biased, k = n_updates); domains with k = 0
+    were never updated and get no EMA. The checkpoint's decay wins over the constructor's, as before."""
+    decay = float(s["decay"])
+    if "domains" in s:
+        emas = {}
+        for d, es in s["domains"].items():
+            emas[int(d)] = e = BiasCorrectedEMA(decay)
+            e.load_state_dict(es)
+        return decay, emas
+    m, k = np.asarray(s["ema"], dtype=np.float64), np.asarray(s["k"], dtype=np.int64)
+    if m.shape != k.shape or m.ndim != 1:
+        raise ValueError(f"malformed per-domain EMA state (ema {m.shape}, k {k.shape}).")
+    emas = {}
+    for d in np.flatnonzero(k).tolist():
+        emas[d] = e = BiasCorrectedEMA(decay)
+        e.load_state_dict({"decay": decay, "biased": float(m[d]), "n_updates": int(k[d])})
+    return decay, emas

@@ -40,6 +40,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from diagnostics.ema import BiasCorrectedEMA
+
 __all__ = [
     "METRIC_KEYS",
     "RAW_KEYS",
@@ -151,57 +153,8 @@ def b_simple_from_estimates(grad_sq, trace_cov):
 
 
 # ----------------------------------------------------------------------------------------------
-# bias-corrected exponential moving average
-
-class BiasCorrectedEMA:
-    """EMA with Adam-style debiasing (Kingma & Ba 2015, section 3).
-
-        m_t = decay * m_{t-1} + (1 - decay) * x_t,  m_0 = 0;   value_t = m_t / (1 - decay^t)
-
-    value_t equals the weighted mean of x_1..x_t with weights decay^(t-i) -- exactly, not
-    approximately -- so early values are not pulled towards 0. Non-finite inputs are skipped
-    (state untouched) and counted in ``n_skipped``. ``value`` is NaN before the first update.
-    """
-
-    def __init__(self, decay: float = 0.95):
-        decay = float(decay)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.biased = 0.0       # m_t
-        self.n_updates = 0      # t
-        self.n_skipped = 0
-
-    def update(self, x) -> float:
-        x = float(_as_array(x))
-        if not math.isfinite(x):
-            self.n_skipped += 1
-            return self.value
-        self.biased = self.decay * self.biased + (1.0 - self.decay) * x
-        self.n_updates += 1
-        return self.value
-
-    @property
-    def value(self) -> float:
-        if self.n_updates == 0:
-            return float("nan")
-        return self.biased / (1.0 - self.decay ** self.n_updates)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "biased": self.biased,
-                "n_updates": self.n_updates, "n_skipped": self.n_skipped}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        decay = float(state["decay"])
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.biased = float(state["biased"])
-        self.n_updates = int(state["n_updates"])
-        self.n_skipped = int(state.get("n_skipped", 0))
-
-    def __repr__(self) -> str:
-        return f"BiasCorrectedEMA(decay={self.decay}, value={self.value:.6g}, n={self.n_updates})"
+# bias-corrected exponential moving average: diagnostics.ema.BiasCorrectedEMA (imported above,
+# re-exported here; the difficulty tracker's per-domain loss EMAs use the same class)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ import re
 from typing import Any, Iterable, Optional
 
 import numpy as np
-from scipy import stats
+
+from diagnostics.difficulty import ols_slope_test
 
 __all__ = [
     "COMPRESSION_DIRECTION",
@@ -142,19 +143,11 @@ def hinge_fit(steps: Any, values: Any, knot_step: float) -> dict[str, float]:
 
 
 def _post_slope_p(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """OLS slope of y on x and the one-sided p-value of H0: slope >= 0 (t-test, n - 2 df)."""
-    n = x.size
-    xc = x - x.mean()
-    sxx = float((xc * xc).sum())
-    if n < 3 or sxx <= 0:
-        return float("nan"), 1.0
-    slope = float((xc * (y - y.mean())).sum() / sxx)
-    resid = y - y.mean() - slope * xc
-    s2 = float((resid * resid).sum()) / (n - 2)
-    if s2 <= 0:
-        return slope, 0.0 if slope < 0 else 1.0
-    tstat = slope / math.sqrt(s2 / sxx)
-    return slope, float(stats.t.cdf(tstat, df=n - 2))
+    """OLS slope of y on x and the one-sided p-value of H0: slope >= 0 (t-test, n - 2 df), by
+    ``diagnostics.difficulty.ols_slope_test``. Where the test is undefined (n < 3, constant x) the
+    p-value is 1.0, so the guard never passes on it."""
+    slope, _, _, p = ols_slope_test(x, y)
+    return slope, (1.0 if math.isnan(p) else p)
 
 
 def detect_compression_onset(

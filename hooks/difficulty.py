@@ -12,7 +12,10 @@ What it follows (definitions and references in docs/difficulty.md; the math is i
 - every ``probe_every`` steps, a fixed probe set per domain (including domains that only
   later phases train on) scored under ``no_grad`` in eval mode: mean loss, fraction learned,
   EL2N (Paul et al. 2021) and, with a reference model, the RHO-LOSS reducible loss
-  (Mindermann et al. 2022).
+  (Mindermann et al. 2022). It is scored at the step's start (``on_step_begin``), before the
+  step's optimizer update -- the parameters the built-in loop's validation at that step sees, so
+  ``difficulty/<d>/probe_loss`` and ``val/<d>/loss`` of one record compare one model -- and
+  reported with the step's other metrics at ``on_step_end``.
 
 Any loop (the Monitor's events are marked)::
 
@@ -26,6 +29,9 @@ Any loop (the Monitor's events are marked)::
         monitor.on_grads_ready(); opt.step(); opt.zero_grad()
         monitor.on_step_end(step, loss=losses.mean(), tokens=tokens_so_far)            # <--
 
+(On a probe step the Monitor's step start -- ``monitor.on_step_begin(step)``, or else the first
+``on_backward_end`` -- scores the probe set before the update.)
+
 ``P0`` is a (N, T+1) long tensor of token ids: x = P[:, :-1], y = P[:, 1:]. The built-in loop
 builds probes from the corpus's validation split (``midtrain.hookset``).
 
@@ -38,7 +44,8 @@ metrics are reported; probe metrics come every ``probe_every`` steps:
                                         every ``stats_every`` steps)
     difficulty/<d>/learnability_se      its standard error
     difficulty/<d>/diminishing          1.0 when the decrease is not significant at ``level``
-    difficulty/<d>/probe_loss           mean per-token loss on the domain's probe set
+    difficulty/<d>/probe_loss           mean per-token loss on the domain's probe set (before the
+                                        step's update, as val/<d>/loss)
     difficulty/<d>/probe_learnability   -dL/dln(total tokens) of probe_loss over the probe history
     difficulty/<d>/frac_learned         fraction of probe sequences with loss < learned_loss
     difficulty/<d>/el2n                 mean EL2N score of the probe sequences
@@ -51,15 +58,16 @@ metrics are reported; probe metrics come every ``probe_every`` steps:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from diagnostics.difficulty import (DomainEMA, ExampleTable, RingSeries, data_map_regions, learnability,
+from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
+from diagnostics.ema import BiasCorrectedEMA
+from hooks._probe_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
@@ -95,13 +103,6 @@ def _length(x, what: str) -> int:
                          + ("; compute per-sequence losses (reduction='none' or hooks.per_example_loss)."
                             if what == "losses" else "."))
     return shape[0]
-
-
-def _logits(out):
-    """Logits from a model's output: a tensor, a (logits, ...) tuple, or an object with .logits."""
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return getattr(out, "logits", out)
 
 
 class DifficultyTracker(Hook):
@@ -156,6 +157,8 @@ class DifficultyTracker(Hook):
             raise ValueError(f"DifficultyTracker: save_every must be a positive integer or None, got {save_every!r}.")
         if not 0 < level < 1:
             raise ValueError(f"DifficultyTracker: level must be in (0, 1), got {level}.")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"DifficultyTracker: ema_decay must be in [0, 1), got {ema_decay}.")
         self.domain_names: list[str] = list(domain_names) if domain_names is not None else []
         self.probe: dict[str, torch.Tensor] = {}
         for d, t in (probe or {}).items():
@@ -177,7 +180,8 @@ class DifficultyTracker(Hook):
         self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
         self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
         self._table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
-        self.ema = DomainEMA(ema_decay)
+        self.ema_decay = float(ema_decay)
+        self.ema: dict[int, BiasCorrectedEMA] = {}  # domain -> EMA of its per-step mean train loss
         self.series: dict[int, RingSeries] = {}  # domain -> (domain tokens, per-step mean loss)
         self.probe_series: dict[str, RingSeries] = {}  # domain -> (total tokens, probe mean loss)
         self.domain_tokens = np.zeros(len(self.domain_names))
@@ -191,6 +195,7 @@ class DifficultyTracker(Hook):
         self._warned: set[str] = set()
         self._ref_cache: dict[str, np.ndarray] = {}
         self._last_probe: dict[str, dict[str, np.ndarray]] = {}
+        self._early_probe: tuple[int, dict[str, Any]] | None = None  # (step, measurement) from on_step_begin
         self._last_metrics: dict[str, float] = {}
         self._dirty = False
 
@@ -221,6 +226,18 @@ class DifficultyTracker(Hook):
     # -- events -------------------------------------------------------------------------
     def scheduled(self, step: int) -> bool:
         return not non_zero_rank()  # DDP: rank 0 keeps the table and scores the probes
+
+    def _probe_step(self, step: int) -> bool:
+        return bool(self.probe) and self.model is not None and step % self.probe_every == 0
+
+    def on_step_begin(self, step: int) -> None:
+        """On a probe step, score the probe set now, before this step's optimizer update: the same
+        parameters the loop's validation at this step sees (``midtrain.loop`` evaluates before the
+        step's update), so ``difficulty/<d>/probe_loss`` and ``val/<d>/loss`` of one record measure
+        one model. The metrics are reported in this step's ``on_step_end``. (The Monitor also calls
+        this at the first ``on_backward_end`` of a step the loop did not announce -- still before the
+        update.)"""
+        self._early_probe = (step, self._measure_probe()) if self._probe_step(step) else None
 
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         """Queue this micro-batch (no device sync: the queue moves to the host every ``stats_every`` steps)."""
@@ -276,7 +293,7 @@ class DifficultyTracker(Hook):
         tokens = scalars.get("train/tokens")
         self._steps.append((len(self._pending), None if tokens is None else float(tokens)))
         stats = step % self.stats_every == 0
-        probe = bool(self.probe) and self.model is not None and step % self.probe_every == 0
+        probe = self._probe_step(step)
         metrics: dict[str, float] = {}
         if not (stats or probe):
             # nothing to report: the step's losses stay queued (on the device) until the next
@@ -285,8 +302,8 @@ class DifficultyTracker(Hook):
                 self.save()
             return metrics
         self._flush()
-        for d in np.flatnonzero(self.ema.k).tolist():
-            metrics[f"difficulty/{self._name(d)}/loss"] = self.ema.value(d)
+        for d in sorted(self.ema):
+            metrics[f"difficulty/{self._name(d)}/loss"] = self.ema[d].value
         if stats:
             for name, lr in self.learnability().items():
                 if lr.defined:
@@ -294,7 +311,11 @@ class DifficultyTracker(Hook):
                     metrics[f"difficulty/{name}/learnability_se"] = lr.slope_log_tokens_se
                     metrics[f"difficulty/{name}/diminishing"] = float(lr.diminishing)
         if probe:
-            metrics.update(self.score_probe())
+            early, self._early_probe = self._early_probe, None
+            # measured at this step's start (before the update); a caller that never announced the
+            # step (on_step_end alone, no Monitor) gets it scored now, after the update
+            meas = early[1] if early is not None and early[0] == step else self._measure_probe()
+            metrics.update(self._record_probe(meas))
         if self._table is not None:
             ff = self._table.frac_forgotten
             if ff == ff:
@@ -371,8 +392,11 @@ class DifficultyTracker(Hook):
             self.domain_tokens[:D] += step_tokens * count[k] / n
             present = np.flatnonzero(fcount[k])
             means = fsum[k, present] / fcount[k, present]  # per-step mean loss of each domain present
-            self.ema.update(present, means)
             for d, m in zip(present.tolist(), means.tolist()):
+                e = self.ema.get(d)
+                if e is None:
+                    e = self.ema[d] = BiasCorrectedEMA(self.ema_decay)
+                e.update(m)
                 # the loss was measured after `before[d]` tokens of the domain
                 s = self.series.get(d)
                 if s is None:  # (not setdefault: that would allocate a series every call)
@@ -392,30 +416,8 @@ class DifficultyTracker(Hook):
                 for d, s in self.series.items()}
 
     # -- the probe set ---------------------------------------------------------------------
-    @torch.no_grad()
-    def _score(self, model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-        use_amp = self.autocast if self.autocast is not None else device.type == "cuda"
-        amp = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-        losses, el2n = [], []
-        for i in range(0, len(tokens), self.probe_batch_size):
-            chunk = tokens[i:i + self.probe_batch_size].to(device)
-            x, y = chunk[:, :-1], chunk[:, 1:]  # (b, T) each
-            with amp:
-                logits = _logits(model(x))  # (b, T, V)
-            loss, e, _ = sequence_scores(logits, y, ignore_index=self.ignore_index, el2n=True)
-            losses.append(loss.cpu())
-            el2n.append(e.cpu())
-        return torch.cat(losses).double().numpy(), torch.cat(el2n).double().numpy()
-
-    def _eval(self, model, tokens):
-        was = model.training
-        model.eval()
-        try:
-            return self._score(model, tokens)
-        finally:
-            model.train(was)
+    def _eval(self, model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return score_sequences(model, tokens, self.probe_batch_size, self.autocast, self.ignore_index)
 
     def _reference_losses(self, model) -> dict[str, np.ndarray]:
         """Per-sequence reference losses of every probe domain, scored once (the reference is fixed).
@@ -455,14 +457,22 @@ class DifficultyTracker(Hook):
             self._ref_model = None  # every domain is scored: free the loaded copy (memory on the device)
         return self._ref_cache
 
-    def score_probe(self, model=None) -> dict[str, float]:
-        """Score every domain's probe set now (no_grad, eval mode, training mode restored)."""
+    def _measure_probe(self, model=None) -> dict[str, Any]:
+        """Score every probe domain now (no_grad, eval mode, training mode restored); record nothing.
+
+        Returns {"tokens": train tokens the scored parameters have seen, "scores": {name: (loss,
+        el2n)}, "ref": {name: reference loss}}; ``_record_probe`` turns it into metrics."""
         model = model or self.model
         self._flush()  # total_tokens up to date (the probe history's x)
+        ref = dict(self._reference_losses(model))
+        scores = {name: self._eval(model, tokens) for name, tokens in self.probe.items()}
+        return {"tokens": self.total_tokens, "scores": scores, "ref": ref}
+
+    def _record_probe(self, meas: dict[str, Any]) -> dict[str, float]:
+        """Metrics of a measurement; appends it to the probe history and keeps its arrays."""
         out: dict[str, float] = {}
-        ref_losses = self._reference_losses(model)
-        for name, tokens in self.probe.items():
-            loss, el2n = self._eval(model, tokens)
+        ref_losses = meas["ref"]
+        for name, (loss, el2n) in meas["scores"].items():
             rec = {"loss": loss, "el2n": el2n}
             out[f"difficulty/{name}/probe_loss"] = float(loss.mean())
             out[f"difficulty/{name}/frac_learned"] = float((loss < self.learned_loss).mean())
@@ -473,13 +483,19 @@ class DifficultyTracker(Hook):
             s = self.probe_series.get(name)
             if s is None:
                 s = self.probe_series[name] = RingSeries(self.window)
-            s.append(self.total_tokens, float(loss.mean()))
+            s.append(meas["tokens"], float(loss.mean()))
             lr = learnability(*s.arrays(), level=self.level, min_points=4)
             if lr.defined:
                 out[f"difficulty/{name}/probe_learnability"] = lr.value
             self._last_probe[name] = rec
         self._dirty = True
         return out
+
+    def score_probe(self, model=None) -> dict[str, float]:
+        """Score every domain's probe set now (no_grad, eval mode, training mode restored) and
+        record it in the probe history. (The Monitor's events score it at the start of a probe step,
+        see ``on_step_begin``.)"""
+        return self._record_probe(self._measure_probe(model))
 
     # -- results --------------------------------------------------------------------------
     def data_map(self) -> dict[str, np.ndarray]:
@@ -540,10 +556,10 @@ class DifficultyTracker(Hook):
     def state_dict(self) -> dict[str, Any]:
         self._flush()  # every ended step is in the state (a half-done step's micro-batches are not)
         return {
-            "version": 1,
+            "version": 2,  # 2: "ema" holds one BiasCorrectedEMA state per domain (1: DomainEMA arrays)
             "domain_names": list(self.domain_names),
             "table": self._table.state_dict() if self._table is not None else None,
-            "ema": self.ema.state_dict(),
+            "ema": {"decay": self.ema_decay, "domains": {int(d): e.state_dict() for d, e in self.ema.items()}},
             "series": {int(d): s.state_dict() for d, s in self.series.items()},
             "probe_series": {n: s.state_dict() for n, s in self.probe_series.items()},
             "domain_tokens": self.domain_tokens.copy(),
@@ -554,12 +570,12 @@ class DifficultyTracker(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.domain_names = list(state["domain_names"])
-        self._pending, self._steps = [], []
+        self._pending, self._steps, self._early_probe = [], [], None
         if state.get("table") is not None:
             if self._table is None:
                 self._table = ExampleTable(learned_loss=self.learned_loss)
             self._table.load_state_dict(state["table"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema_decay, self.ema = emas_from_state(state["ema"])
         self.series = {int(d): RingSeries.from_state(s) for d, s in state["series"].items()}
         self.probe_series = {n: RingSeries.from_state(s) for n, s in state["probe_series"].items()}
         self.domain_tokens = np.asarray(state["domain_tokens"], dtype=np.float64).copy()

@@ -8,7 +8,9 @@ seeded subsample of at most ``max_tokens`` token positions is gathered on the de
 the model's own final norm + unembedding (logit lens), moved to CPU as float64, and turned into the
 numbers of ``diagnostics.spectra``; nothing of the activations outlives the call. The probe batch
 is normalised in ``hooks._probe_inputs``, the sites and the readout head are found in
-``hooks._probe_sites``.
+``hooks._probe_sites``. What depends only on the probe set (row domains, readout targets and their
+per-domain counts, the information plane's X and Y with their entropies) is built once at set-up
+(``_Fixed``) and rebuilt only when the probe data change; the readout is pooled by domain with index ops.
 
     probe = {d: val_batch_of(d) for d in ("prose", "code", "math")}     # fixed, per domain
     monitor = Monitor(model, [RepresentationProbe(probe, every=100)], run_dir="runs/demo")
@@ -88,13 +90,42 @@ class _Call:
     """Per-probe-call scratch space; dropped when the call returns."""
 
     jobs: list
+    fixed: "_Fixed"
     job: int = 0
     chunks: dict = field(default_factory=dict)  # site -> list of (n, D) float64 CPU chunks
-    ce: dict = field(default_factory=dict)  # site -> {domain index: [sum CE, count]}
+    ce: dict = field(default_factory=dict)  # site -> (2, n_domains) float64: sum of CE, tokens, per domain
     fired: dict = field(default_factory=dict)  # site -> set of job indices
     out: dict = field(default_factory=dict)  # metric name -> float
     spectra: dict = field(default_factory=dict)  # site -> eigenspectrum
-    shared: dict = field(default_factory=dict)  # X / Y Grams and entropies, built once per call
+    shared: dict = field(default_factory=dict)  # X / Y of the information plane for this call
+
+
+@dataclass
+class _Fixed:
+    """What depends only on the probe set, built once at set-up (``RepresentationProbe._fixed_state``)
+    and rebuilt only when the probe data change: the per-row domain of all jobs, each job's rows with
+    a next token and their domains / per-domain counts (readout pooling by index ops), and the
+    information plane's X and Y with their kernels and entropies (``ip_cache``; None when X comes
+    from the model, ``mi_input="embedding"``, and is built per call)."""
+
+    key: list  # the probe data it was built from (objects and in-place version counters)
+    dom: torch.Tensor  # (N,) domain index of every probe row, jobs concatenated
+    target_rows: list  # per job: (m,) rows with a next token (y >= 0), or None without targets
+    target_dom: list  # per job: (m,) their domain index
+    target_count: list  # per job: (n_domains,) float64, tokens with a next token per domain
+    X: Optional[torch.Tensor]  # information-plane X (None: not logged, or per call)
+    kernel_x: str
+    Y: Optional[torch.Tensor]  # information-plane Y (None: not logged or not every row has one)
+    ip_cache: Optional[dict]  # information_plane's cache of X/Y kernels + entropies across calls
+    on_device: dict = field(default_factory=dict)  # device -> per job (rows, y) there (no copy per site)
+
+    def device_rows(self, jobs: list, device: torch.device) -> list:
+        """Per job: (its subsample rows, its next-token ids or None) on ``device``, copied once."""
+        got = self.on_device.get(device)
+        if got is None:
+            got = self.on_device[device] = [(j.rows.to(device), None if j.y is None else j.y.to(device))
+                                            for j in jobs]
+        return got
 
 
 class RepresentationProbe(Hook):
@@ -189,6 +220,8 @@ class RepresentationProbe(Hook):
         n = sum(int(j.rows.numel()) for j in self.jobs)
         g = torch.Generator().manual_seed(seed + 1)
         self._mi_rows = torch.randperm(n, generator=g)[: self.info_plane_tokens].sort().values
+        self._fixed: Optional[_Fixed] = None
+        self._fixed_state()  # set-up: everything that depends only on the probe set
         self.model: Optional[nn.Module] = None
         self.sites: list[str] = []
         self.history: dict[str, dict[str, list[float]]] = {}
@@ -247,7 +280,7 @@ class RepresentationProbe(Hook):
         model = self.model
         device = next(model.parameters(), torch.zeros(())).device
         modes = [(m, m.training) for m in model.modules()]
-        call = _Call(self.jobs)
+        call = _Call(self.jobs, self._fixed_state())
         self._call = call
         handles = []
         try:
@@ -297,7 +330,8 @@ class RepresentationProbe(Hook):
                 self.skipped_sites[site] = f"output {shape} does not hold one vector per token of the probe batch"
                 call.chunks.pop(site, None)
                 return None
-            sub = h.detach().reshape(job.n_tokens, h.shape[-1]).index_select(0, job.rows.to(h.device))  # (n, D)
+            rows = call.fixed.device_rows(call.jobs, h.device)[call.job][0]
+            sub = h.detach().reshape(job.n_tokens, h.shape[-1]).index_select(0, rows)  # (n, D)
             if site != "__input__":
                 self._readout_chunk(site, module, sub, job, call)
             call.chunks.setdefault(site, []).append(sub.to("cpu", torch.float64))
@@ -314,8 +348,7 @@ class RepresentationProbe(Hook):
         norm, head = self._readout
         if module is head or sub.shape[-1] != head.in_features:
             return
-        y = job.y.to(sub.device)
-        acc = call.ce.setdefault(site, {})
+        y = call.fixed.device_rows(call.jobs, sub.device)[call.job][1]
         norm = None if module is norm else norm
         # the norm runs in its own parameters' dtype (a bf16 nn.LayerNorm rejects float32 input);
         # readout_loss computes the logits in float32 either way
@@ -328,26 +361,50 @@ class RepresentationProbe(Hook):
                                   head_bias=head.bias, reduction="none").cpu()  # (n,), 0 where y = -1
         finally:
             self._suspended = False
-        valid = job.y >= 0
-        for d in job.domain.unique().tolist():  # pooled per domain: sum of CE, token count
-            m = (job.domain == d) & valid
-            cnt = int(m.sum())
-            if cnt:
-                s = acc.setdefault(d, [0.0, 0])
-                s[0] += float(ce[m].sum())
-                s[1] += cnt
+        # pooled per domain with index ops (rows, domains and counts fixed at set-up): sum of CE, tokens
+        fixed = call.fixed
+        acc = call.ce.get(site)
+        if acc is None:
+            acc = call.ce[site] = torch.zeros(2, len(self.domains), dtype=torch.float64)
+        acc[0].index_add_(0, fixed.target_dom[call.job], ce.index_select(0, fixed.target_rows[call.job]))
+        acc[1] += fixed.target_count[call.job]
 
-    def _shared(self, call: _Call) -> dict:
-        """X and Y of the information plane (the same for every site), once per probe call."""
-        if call.shared:
-            return call.shared
+    def _fixed_key(self) -> list:
+        """The probe data the fixed state depends on: objects (compared by identity, and kept alive by
+        the key so an id cannot be reused) and tensors' in-place version counters."""
+        key: list = [self.jobs, len(self.jobs), self._mi_rows, self._mi_rows._version, self.mi_input,
+                     self.metrics, len(self.domains)]
+        for j in self.jobs:
+            for t in (j.rows, j.domain, j.x_label, j.x_feat, j.y):
+                key += [t, None if t is None else t._version]
+        return key
+
+    def _fixed_state(self) -> _Fixed:
+        """The fixed state of the probe set, rebuilt only when the probe data changed (new jobs, a
+        tensor of a job replaced or modified in place, another subsample or mi_input)."""
+        key = self._fixed_key()
+        f = self._fixed
+        if f is not None and len(f.key) == len(key) and all(
+                a is b or (not isinstance(a, (torch.Tensor, list)) and a == b) for a, b in zip(f.key, key)):
+            return f
+        jobs, n_dom = self.jobs, len(self.domains)
+        dom = torch.cat([j.domain for j in jobs])
+        rows, doms, counts = [], [], []
+        for j in jobs:
+            if j.y is None:
+                rows.append(None), doms.append(None), counts.append(None)
+                continue
+            r = (j.y >= 0).nonzero().squeeze(1)
+            rows.append(r)
+            doms.append(j.domain.index_select(0, r))
+            counts.append(torch.bincount(doms[-1], minlength=n_dom).double())
         sel = self._mi_rows
-        x_label = torch.cat([j.x_label for j in self.jobs]) if all(j.x_label is not None for j in self.jobs) else None
-        x_feat = torch.cat([j.x_feat for j in self.jobs]) if all(j.x_feat is not None for j in self.jobs) else None
-        y = torch.cat([j.y for j in self.jobs]) if all(j.y is not None for j in self.jobs) else None
-        X, kernel_x = None, "gaussian"
-        if self.mi_input == "embedding" and "__input__" in call.chunks:
-            X = torch.cat(call.chunks.pop("__input__"))[sel]
+        x_label = torch.cat([j.x_label for j in jobs]) if all(j.x_label is not None for j in jobs) else None
+        x_feat = torch.cat([j.x_feat for j in jobs]) if all(j.x_feat is not None for j in jobs) else None
+        y = torch.cat([j.y for j in jobs]) if all(j.y is not None for j in jobs) else None
+        X, kernel_x, cache = None, "gaussian", {}
+        if self.mi_input == "embedding":
+            cache = None  # X is the model's input embedding: built per call
         elif self.mi_input in ("auto", "token") and x_label is not None:
             X, kernel_x = x_label[sel], "onehot"
         elif self.mi_input == "auto" and x_feat is not None:
@@ -357,8 +414,26 @@ class RepresentationProbe(Hook):
             X = None  # a coordinate nobody logs costs nothing
         if "mi_ty" not in self.metrics:
             Y = None
+        self._fixed = _Fixed(key, dom, rows, doms, counts, X, kernel_x, Y, cache)
+        return self._fixed
+
+    def _shared(self, call: _Call) -> dict:
+        """X and Y of the information plane (the same for every site), once per probe call. Fixed
+        ones (token ids, float inputs) come from set-up with their kernels and entropies cached
+        across calls; an embedding X is gathered from this call's forward."""
+        if call.shared:
+            return call.shared
+        f = call.fixed
+        if f.ip_cache is not None:
+            call.shared.update(X=f.X, kernel_x=f.kernel_x, Y=f.Y, cache=f.ip_cache)
+            return call.shared
+        X = None
+        if "__input__" in call.chunks:
+            X = torch.cat(call.chunks.pop("__input__"))[self._mi_rows]
+        if "mi_xt" not in self.metrics:
+            X = None
         # cache: information_plane computes the X and Y kernels and entropies at the first site only
-        call.shared.update(X=X, kernel_x=kernel_x, Y=Y, cache={})
+        call.shared.update(X=X, kernel_x="gaussian", Y=f.Y, cache={})
         return call.shared
 
     def _finalize(self, site: str) -> None:
@@ -368,7 +443,7 @@ class RepresentationProbe(Hook):
             return
         Z = torch.cat(chunks) if len(chunks) > 1 else chunks[0]  # (N, D) float64 CPU
         del chunks
-        dom = torch.cat([j.domain for j in self.jobs])
+        dom = call.fixed.dom
         if Z.shape[0] != dom.numel():  # the module did not run in every forward pass
             self.skipped_sites[site] = "did not run in every forward pass of the probe"
             return
@@ -393,16 +468,15 @@ class RepresentationProbe(Hook):
                 if "I_TY" in ip and "mi_ty" in want:
                     out[f"repr/{site}/mi_ty"] = ip["I_TY"]
         ce = call.ce.pop(site, None)
-        if ce and "readout_loss" in want:
-            tot = sum(v[0] for v in ce.values())
-            cnt = sum(v[1] for v in ce.values())
-            out[f"repr/{site}/readout_loss"] = tot / cnt
+        ce_sum, ce_cnt = ce.tolist() if ce is not None else ([], [])  # counts: exact integers in float64
+        if sum(ce_cnt) and "readout_loss" in want:
+            out[f"repr/{site}/readout_loss"] = sum(ce_sum) / sum(ce_cnt)
         if self.per_domain and len(self.domains) > 1:
             for i, name in enumerate(self.domains):
                 for k in dm if i in per else ():
                     out[f"repr/{site}/{name}/{k}"] = per[i][k]
-                if ce and i in ce and "readout_loss" in want:
-                    out[f"repr/{site}/{name}/readout_loss"] = ce[i][0] / ce[i][1]
+                if ce_cnt and ce_cnt[i] and "readout_loss" in want:
+                    out[f"repr/{site}/{name}/readout_loss"] = ce_sum[i] / ce_cnt[i]
 
     # -- phases --------------------------------------------------------------------------------------
     def _record(self, step: int, out: dict[str, float]) -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diagnostics.difficulty import (DomainEMA, ExampleTable, IdIndex, RingSeries, data_map_regions, domain_curves,
-                                    fit_power_law, learnability, local_exponent, ols_slope, reducible_loss, roc_auc,
+from diagnostics.difficulty import (ExampleTable, IdIndex, RingSeries, data_map_regions, domain_curves,
+                                    fit_power_law, learnability, local_exponent, ols_slope, ols_slope_test, reducible_loss, roc_auc,
                                     sequence_scores)
 
 
@@ -209,6 +209,35 @@ def test_ols_slope_and_standard_error_are_calibrated():
     assert np.std(slopes) == pytest.approx(np.mean(ses), rel=0.08)  # the SE is the slope's spread
 
 
+def test_ols_slope_test_matches_scipy_linregress_and_its_edge_cases():
+    """The one OLS slope + one-sided t-test (learnability, the phases guard) against
+    scipy.stats.linregress(alternative="less"), to rtol 1e-9 (float64 rounding of the sums; a large
+    x offset checks the centring); edge cases where linregress raises or reports se = 0 for n = 2."""
+    from scipy.stats import linregress
+
+    rng = np.random.default_rng(11)
+    for n, offset, slope in [(3, 0.0, -1.0), (5, 1e6, 0.0), (30, 0.0, 0.5), (30, 1e9, -1e-3), (400, 3.0, -0.01)]:
+        x = offset + rng.normal(size=n) * 1e3
+        y = 2.0 + slope * (x - offset) + rng.normal(size=n) * 50
+        r = linregress(x, y, alternative="less")
+        got = ols_slope_test(x, y)
+        np.testing.assert_allclose(got, (r.slope, r.stderr, r.intercept, r.pvalue), rtol=1e-9, atol=1e-300,
+                                   err_msg=f"n={n}")
+        assert ols_slope(x, y) == got[:3]
+    nan4 = lambda v: all(math.isnan(u) for u in v)  # noqa: E731
+    assert nan4(ols_slope_test([1.0], [2.0])) and nan4(ols_slope_test([], []))  # n < 2
+    assert nan4(ols_slope_test([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))  # constant x: linregress raises
+    b, se, a, p = ols_slope_test([1.0, 2.0], [3.0, 1.0])  # n = 2: a line, no test
+    assert (b, a) == (-2.0, 5.0) and math.isnan(se) and math.isnan(p)
+    assert ols_slope_test([0.0, 1.0, 2.0], [3.0, 2.0, 1.0])[1:] == (0.0, 3.0, 0.0)  # perfect fall: p = 0
+    assert ols_slope_test([0.0, 1.0, 2.0], [1.0, 1.0, 1.0])[3] == 1.0  # perfect flat line: no decrease
+    assert nan4(ols_slope_test([0.0, 1.0, np.nan], [1.0, 2.0, 3.0]))  # NaN x
+    b, se, a, p = ols_slope_test([0.0, 1.0, 2.0, 3.0], [1.0, np.nan, 3.0, 4.0])  # NaN y
+    assert math.isnan(b) and math.isnan(se) and math.isnan(p)
+    with pytest.raises(ValueError, match="1-d arrays of one length"):
+        ols_slope_test([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
 @pytest.mark.parametrize("alpha", [0.08, 0.2, 0.35, 0.6])
 def test_power_law_fit_recovers_the_exponent(alpha):
     rng = np.random.default_rng(int(alpha * 100))
@@ -280,9 +309,6 @@ def test_small_containers():
     r2 = RingSeries.from_state(r.state_dict())
     r2.append(6, 60)
     assert r2.arrays()[0].tolist() == [3, 4, 5, 6] and r2.total == 7
-    ema = DomainEMA(0.9)
-    ema.update(np.array([1]), np.array([2.0]))
-    assert ema.value(1) == pytest.approx(2.0) and math.isnan(ema.value(0))  # bias-corrected
     assert reducible_loss([2.0, 1.0], [0.5, 1.5]).tolist() == [1.5, -0.5]
 
 

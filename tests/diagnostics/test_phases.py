@@ -106,6 +106,26 @@ def test_direction_minus_one_and_affine_invariance():
     assert detect_compression_onset(x, -y) is None  # fall-then-rise is not expansion-then-compression
 
 
+def test_post_knot_guard_is_scipy_linregress_on_the_points_from_the_knot():
+    """The guard's p-value is the one OLS t-test of diagnostics.difficulty (ols_slope_test): equal to
+    scipy.stats.linregress(alternative="less") on the points from the detected knot on, and a guard
+    that cannot be computed (too few points after the knot) never passes."""
+    from scipy.stats import linregress
+
+    from diagnostics.phases import _post_slope_p
+
+    rng = np.random.default_rng(9)
+    x = np.arange(0, 3000, 100.0)
+    y = piecewise(x, 1500) + rng.normal(0, 0.05, x.size)
+    ev = detect_compression_onset(x, y)
+    assert ev is not None
+    k = int(np.flatnonzero(x == ev["step"])[0])
+    ref = linregress(x[k:], y[k:], alternative="less")
+    assert ev["post_slope_p"] == pytest.approx(ref.pvalue, rel=1e-9) and ev["post_slope_p"] <= 0.05
+    assert _post_slope_p(np.array([1.0, 2.0]), np.array([2.0, 1.0])) == (-1.0, 1.0)  # n < 3: p = 1
+    assert _post_slope_p(np.ones(4), np.arange(4.0))[1] == 1.0  # constant x: p = 1
+
+
 def test_too_short_or_flat_or_bad_args():
     assert detect_compression_onset([0, 1, 2], [0, 1, 0]) is None
     assert detect_compression_onset(np.arange(20), np.ones(20)) is None

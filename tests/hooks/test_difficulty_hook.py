@@ -262,7 +262,7 @@ def test_queued_steps_equal_per_step_updates():
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     sa, sb = each.state_dict(), grouped.state_dict()
-    np.testing.assert_array_equal(sa["ema"]["ema"], sb["ema"]["ema"])
+    assert sa["ema"] == sb["ema"]
     assert sa["total_tokens"] == sb["total_tokens"] and sa["n_losses"] == sb["n_losses"] == 40 * 12
 
 
@@ -280,6 +280,75 @@ def test_state_dict_resume_equals_uninterrupted():
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert whole.table.frac_forgotten == second.table.frac_forgotten
+
+
+class _FormerDomainEMA:
+    """The tracker's per-domain EMA before it used diagnostics.ema.BiasCorrectedEMA (the former
+    diagnostics.difficulty_table.DomainEMA, verbatim arithmetic): the reference for values and for
+    the version-1 checkpoint layout {"decay", "ema", "k"}."""
+
+    def __init__(self, decay):
+        self.decay, self.ema, self.k = decay, np.zeros(0), np.zeros(0, dtype=np.int64)
+
+    def update(self, domain_idx, values):
+        domain_idx = np.asarray(domain_idx, dtype=np.int64)
+        if domain_idx.size and domain_idx.max() + 1 > len(self.ema):
+            grow = int(domain_idx.max()) + 1 - len(self.ema)
+            self.ema = np.concatenate([self.ema, np.zeros(grow)])
+            self.k = np.concatenate([self.k, np.zeros(grow, dtype=np.int64)])
+        self.ema[domain_idx] = self.decay * self.ema[domain_idx] + (1 - self.decay) * np.asarray(values)
+        self.k[domain_idx] += 1
+
+    def value(self, d):
+        return float(self.ema[d] / (1 - self.decay ** self.k[d]))
+
+    def state_dict(self):
+        return {"decay": self.decay, "ema": self.ema.copy(), "k": self.k.copy()}
+
+
+def _former_emas(stream, decay, until=None):
+    """Per-step domain means (bincount, as the tracker sums them) through the former EMA."""
+    ema, values = _FormerDomainEMA(decay), {}
+    for s, losses, ids, doms in stream:
+        if until is not None and s >= until:
+            break
+        x, d = losses.double().numpy(), doms.numpy()
+        present = np.flatnonzero(np.bincount(d))
+        ema.update(present, (np.bincount(d, weights=x) / np.maximum(np.bincount(d), 1))[present])
+        values[s] = {int(i): ema.value(i) for i in present}
+    return ema, values
+
+
+def test_domain_loss_emas_equal_the_former_domain_ema_bit_for_bit():
+    stream = list(_stream(steps=30))
+    tr = DifficultyTracker(domain_names=["a", "b"], stats_every=1, ema_decay=0.8)
+    recs = _feed(tr, stream)
+    _, ref = _former_emas(stream, 0.8)
+    for s, rec in enumerate(recs):
+        assert {k: v for k, v in rec.items() if k.endswith("/loss")} == \
+            {f"difficulty/{'ab'[d]}/loss": v for d, v in ref[s].items()}, s
+
+
+def test_loads_a_version_1_checkpoint_state_and_continues_identically():
+    """A checkpoint written before the tracker used BiasCorrectedEMA ("version": 1, "ema" as the
+    former DomainEMA's arrays, a never-updated domain with k = 0) resumes to the same numbers."""
+    stream = list(_stream(steps=30))
+    whole = DifficultyTracker(domain_names=["a", "b", "c"], stats_every=1, min_points=3, ema_decay=0.8)
+    m_whole = _feed(whole, stream)
+    first = DifficultyTracker(domain_names=["a", "b", "c"], stats_every=1, min_points=3, ema_decay=0.8)
+    _feed(first, stream[:13])
+    old = copy.deepcopy(first.state_dict())
+    former, _ = _former_emas(stream, 0.8, until=13)
+    former.update(np.array([2]), np.array([0.0]))  # grow to three domains ...
+    former.ema[2], former.k[2] = 0.0, 0  # ... the third never updated, as a version-1 state could hold
+    old["version"], old["ema"] = 1, former.state_dict()
+    second = DifficultyTracker(domain_names=["a", "b", "c"], stats_every=1, min_points=3, ema_decay=0.5)
+    second.load_state_dict(old)
+    assert second.ema_decay == 0.8 and sorted(second.ema) == [0, 1]  # the checkpoint's decay, as before
+    assert _feed(second, stream[13:]) == m_whole[13:]
+    assert second.state_dict()["ema"] == whole.state_dict()["ema"]
+    with pytest.raises(ValueError, match="malformed per-domain EMA state"):
+        DifficultyTracker().load_state_dict({**old, "ema": {"decay": 0.8, "ema": np.zeros(2), "k": np.zeros(3)}})
 
 
 def test_probe_scoring_leaves_training_untouched_and_reducible_loss():
@@ -306,6 +375,63 @@ def test_probe_scoring_leaves_training_untouched_and_reducible_loss():
             assert rec[f"difficulty/{name}/frac_learned"] == float((loss < 1.0).float().mean())
             assert 0 < rec[f"difficulty/{name}/el2n"] < math.sqrt(2)
     assert "difficulty/a/probe_loss" not in mon.on_step_end(1)  # every 2 steps
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_probe_scores_the_parameters_validation_sees(announce):
+    """A loop like midtrain.loop: validation at step s runs before step s's update, and so does the
+    probe (scored at the step's start: on_step_begin, or the first on_backward_end when the loop does
+    not announce the step), so probe_loss and val loss in one record measure the same parameters.
+    (Before, the probe was scored in on_step_end, one update later.)"""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    probe = {"a": torch.randint(0, 32, (6, 9))}
+    tr = DifficultyTracker(probe=probe, probe_every=2, domain_names=["a"])
+    mon = Monitor(model, [tr], sinks=[NullSink()], strict=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = probe["a"][:, :-1], probe["a"][:, 1:]
+
+    def val_loss():  # what the loop's evaluate() would log for these sequences now
+        model.eval()
+        with torch.no_grad():
+            out = per_example_loss(model(x)[0], y).mean().item()
+        model.train()
+        return out
+
+    for step in range(5):
+        before = val_loss()
+        if announce:
+            mon.on_step_begin(step)
+        _, losses = model(x, y, reduction="none")
+        losses.mean().backward()
+        mon.on_backward_end(len(x), losses=losses.detach(), ids=torch.arange(len(x)),
+                            domains=torch.zeros(len(x), dtype=torch.long))
+        mon.on_grads_ready()
+        opt.step()
+        opt.zero_grad()
+        rec = mon.on_step_end(step, tokens=(step + 1) * x.numel())
+        if step % 2:
+            assert "difficulty/a/probe_loss" not in rec
+            continue
+        after = val_loss()
+        assert abs(after - before) > 1e-3  # one update moves the loss: the test can tell them apart
+        assert rec["difficulty/a/probe_loss"] == pytest.approx(before, rel=1e-6)
+    # the probe history's x: train tokens seen by the scored parameters (0 at step 0)
+    assert tr.probe_series["a"].arrays()[0].tolist() == [0.0, 2 * x.numel(), 4 * x.numel()]
+
+
+def test_probe_without_a_step_start_is_scored_at_the_step_end():
+    """A caller that only calls the hook's on_step_end (no Monitor) still gets the probe, scored then."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    probe = {"a": torch.randint(0, 32, (4, 9))}
+    tr = DifficultyTracker(probe=probe, probe_every=1)
+    tr.attach(model, None)
+    rec = tr.on_step_end(0, {})
+    model.eval()
+    with torch.no_grad():
+        ref = per_example_loss(model(probe["a"][:, :-1])[0], probe["a"][:, 1:]).mean().item()
+    assert rec["difficulty/a/probe_loss"] == pytest.approx(ref, rel=1e-6)
 
 
 def test_table_is_saved_to_the_run_store_and_through_a_callback(tmp_path):

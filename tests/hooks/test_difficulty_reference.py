@@ -90,11 +90,16 @@ def test_reducible_loss_equals_current_minus_reference_probe_loss(tmp_path, ref_
     for step in range(cfg.total_steps()):  # a probe every step, with a reference every time
         for d in DOMAINS:
             assert np.isfinite(m.loc[step, f"difficulty/{d}/reducible_loss"]), (step, d)
-    for done in steps:  # the probe at step s scores the weights after update s, i.e. checkpoint s + 1
+    # the probe at step s scores the weights before update s -- the model the loop's validation at step s
+    # sees -- i.e. checkpoint s (with step s's RoPE base: a checkpoint at a phase end holds the old one)
+    for done in [s for s in steps if s < cfg.total_steps()]:
         current = _load_by_hand(tmp_path / "run", done)
+        base = cfg.phase_at(done)[1].rope_base
+        if base is not None:
+            current.set_rope_base(base)
         for d, b in probes.items():
             cur = _slow_probe_losses(current, b.x, b.y)
-            rec = m.loc[done - 1]
+            rec = m.loc[done]
             assert rec[f"difficulty/{d}/probe_loss"] == pytest.approx(cur.mean(), rel=1e-5, abs=1e-5)
             assert rec[f"difficulty/{d}/reducible_loss"] == pytest.approx(cur.mean() - ref_loss[d].mean(),
                                                                          rel=1e-5, abs=1e-5), (done, d)
