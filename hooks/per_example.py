@@ -565,7 +565,7 @@ class PerExampleGradNorms:
                     ref = next(iter(self._results[p].values()))
                     sq = torch.zeros(B, dtype=ref.dtype, device=ref.device)
                 scale = (1.0 / B) if loss_scale == "mean" else float(loss_scale)
-                chunks.append(pegrad.rescale_sq_norms(sq, scale))
+                chunks.append(sq if scale == 1.0 else pegrad.rescale_sq_norms(sq, scale))  # 1: no op
             if chunks:
                 params[name] = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         n = sum(sizes)
