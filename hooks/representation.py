@@ -225,6 +225,7 @@ class RepresentationProbe(Hook):
         self.model: Optional[nn.Module] = None
         self.sites: list[str] = []
         self.history: dict[str, dict[str, list[float]]] = {}
+        self._early: tuple[int, dict] | None = None  # (step, metrics) probed in on_step_begin
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
@@ -266,10 +267,21 @@ class RepresentationProbe(Hook):
             return True
         return 0 < step < self.log_spaced_until and (step & (step - 1)) == 0
 
+    def on_step_begin(self, step: int) -> None:
+        """Probe at the start of a scheduled step, before its optimizer update: the parameters that
+        the loop's validation at this step sees (``midtrain.loop`` evaluates before the update), so
+        ``repr/*`` and ``val/*`` of one record describe one model. Reported in ``on_step_end``. (The
+        Monitor also calls this at the first ``on_backward_end`` of a step the loop did not
+        announce -- still before the update.)"""
+        self._early = (step, self.probe(step)) if self.scheduled(step) else None
+
     def on_step_end(self, step: int, scalars: dict) -> dict[str, float]:
+        early, self._early = self._early, None
+        if early is not None and early[0] == step:
+            return early[1]
         if not self.scheduled(step):
             return {}
-        return self.probe(step)
+        return self.probe(step)  # called without on_step_begin (no Monitor): after the update
 
     # -- the probe -----------------------------------------------------------------------------------
     def probe(self, step: Optional[int] = None) -> dict[str, float]:

@@ -121,3 +121,36 @@ def test_pooling_cost_does_not_grow_with_the_number_of_domains():
             rp.probe()
         counts.append(Count.n)
     assert counts[0] == counts[1], counts
+
+
+def test_probe_sees_the_parameters_before_the_steps_update():
+    """Through the Monitor the probe of step s runs before step s's optimizer update (as the loop's
+    validation does); a hook driven by on_step_end alone probes after it."""
+    import copy
+
+    from hooks.monitor import MemorySink, Monitor
+    from tests.hooks.test_representation import easy_ids, tiny_gpt
+
+    ids = easy_ids(2, 16)
+    opts = dict(max_tokens=24, info_plane_tokens=24)
+
+    def metrics_of(model):
+        rp = RepresentationProbe(ids[:, :-1], model=model, **opts)
+        return rp.probe()
+
+    model = tiny_gpt()
+    before = metrics_of(copy.deepcopy(model))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)  # a large update: the metrics move
+    sink = MemorySink()
+    mon = Monitor(model, [RepresentationProbe(ids[:, :-1], **opts)], sinks=[sink], strict=True)
+    mon.on_step_begin(0)
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    mon.on_backward_end(2)
+    opt.step()
+    opt.zero_grad()
+    rec = mon.on_step_end(0)
+    after = metrics_of(copy.deepcopy(model))
+    key = "repr/blocks.0.resid_post/entropy"
+    assert rec[key] == pytest.approx(before[key], rel=1e-9) and rec[key] != pytest.approx(after[key], rel=1e-6)
+    rp = RepresentationProbe(ids[:, :-1], model=model, **opts)  # no Monitor: on_step_end probes now
+    assert rp.on_step_end(0, {})[key] == pytest.approx(after[key], rel=1e-9)
