@@ -21,12 +21,7 @@ from hooks.monitor import MemorySink, Monitor
 from hooks.per_example import PerExampleGradNorms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.hooks.test_gradient_noise import one_thread  # noqa: E402,F401  (autouse: one torch thread)
 
 
 # ----------------------------------------------------------------------------------------------
