@@ -6,6 +6,7 @@
     midtrain train --from runs/x --step 400 --config cooldown.toml --out runs/x-cool   # branch
     midtrain train --reference runs/big --out runs/y   # difficulty/<domain>/reducible_loss vs runs/big
     midtrain show runs/x                            # summary of a run
+    midtrain recommend runs/x --write-config rec.toml   # batch size from the measured GNS, runnable
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -32,9 +33,10 @@ def _fail(msg: str) -> int:
 def _user_errors():
     from diagnostics.runs import RunDirError
     from midtrain.config import ConfigError
+    from diagnostics.recommend import RecommendationError
     from midtrain.data import DataError
 
-    return (ConfigError, DataError, RunDirError)
+    return (ConfigError, DataError, RunDirError, RecommendationError)
 
 
 def _load_config(args):
@@ -138,6 +140,42 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_recommend(args) -> int:
+    import json
+    import time
+
+    from diagnostics.recommend import batch_size_recommendation
+    from diagnostics.runs import load_run
+
+    run = load_run(args.run_dir)
+    rec = batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level)
+    print(rec.to_json() if args.json else rec.to_text())
+    out = os.path.join(args.run_dir, "recommendations.json")
+    doc = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recommendations": [rec.to_dict()]}
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, out)
+    if not args.json:
+        print(f"saved: {out}")
+    if args.write_config:
+        from midtrain.config import ConfigError, TrainConfig, dumps_toml
+
+        if not rec.patch:
+            raise ConfigError("this run has no built-in loop config to patch (not a `midtrain train` run).")
+        cfg = TrainConfig.from_dict(run.config).with_patch(rec.patch)
+        cfg.validate()
+        with open(args.write_config, "w") as f:
+            f.write(dumps_toml(cfg))
+        last = int(str(rec.evidence["steps"]).split("-")[1].split(" ")[0])
+        ckpts = [s for s, _ in run.checkpoints()]
+        step = max([s for s in ckpts if s <= last + 1] or ckpts or [0])
+        print(f"wrote {args.write_config} (the run's config with the patch). Run and check it:\n"
+              f"  midtrain train --from {args.run_dir} --step {step} --config {args.write_config} "
+              f"--out {args.run_dir.rstrip('/')}-bs{int(rec.value)}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from midtrain.config import default_config, dumps_toml, load_toml
 
@@ -186,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="summarise a run directory", description="Print a summary of a run directory.")
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_show)
+
+    r = sub.add_parser("recommend", help="batch size from the run's gradient noise scale (docs/recommendations.md)",
+                       description="Recommend a batch size from the measured gradient noise scale of a run, with "
+                                   "its range, evidence and assumptions; saves RUN/recommendations.json.")
+    r.add_argument("run_dir")
+    r.add_argument("--phase", help="phase whose measurements to use (default: the latest with enough of them)")
+    r.add_argument("--window", type=int, help="use the last N measured steps (default: the later half of the phase)")
+    r.add_argument("--level", type=float, default=0.9, help="coverage of the range (moving-block bootstrap)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of text")
+    r.add_argument("--write-config", metavar="TOML", help="write the run's config with the recommendation applied, "
+                   "for `midtrain train --from RUN --step S --config TOML`")
+    r.set_defaults(func=cmd_recommend)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")

@@ -317,6 +317,22 @@ class TrainConfig:
         if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
             raise ConfigError(f"[wandb] tags must be a list of strings, got {tags!r}.")
 
+    def with_patch(self, patch: dict[str, Any]) -> "TrainConfig":
+        """A copy with a recommendation's patch applied (``diagnostics.recommend``):
+        ``{"phases": {phase name: {key: value}}}`` and top-level ``{key: value}``."""
+        d = self.to_dict()
+        for k, v in patch.items():
+            if k != "phases":
+                if k not in d:
+                    raise ConfigError(f"patch: unknown top-level key {k!r}.")
+                d[k] = v
+        names = [p["name"] for p in d["phases"]]
+        for name, changes in (patch.get("phases") or {}).items():
+            if name not in names:
+                raise ConfigError(f"patch: no phase {name!r} in this config (phases: {names}).")
+            d["phases"][names.index(name)].update(changes)
+        return TrainConfig.from_dict(d)
+
     def wandb_enabled(self) -> bool:
         return bool(self.wandb) and bool(self.wandb.get("enabled", True))
 
