@@ -236,3 +236,39 @@ def test_monitor_state_saved_with_checkpoints_and_resumed(tmp_path):
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
     assert gns2.n_measured == 3
+
+
+def test_fp16_grad_scaler_is_wired_and_divided_out():
+    """With fp16 the accelerator's GradScaler scales the loss and HF unscales only inside the clip,
+    after the adapter read the gradients: the adapter hands the scaler (optimizer.scaler) to GNS
+    with grads_unscaled=False. CPU runs get no scaler from HF, so HF's loop is driven by hand here
+    with a real GradScaler, against the unscaled plain loop."""
+    from types import SimpleNamespace as NS
+
+    model = tiny_gpt2()
+    init = copy.deepcopy(model)
+    micros = list(data(2 * ACCUM * MICRO).split(MICRO))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gns, sink, gs = GradientNoiseScale(mode="microbatch"), MemorySink(), NS(sync_gradients=False)
+    cb = MidtrainCallback([gns], sinks=[sink], strict=True)
+    args = NS(output_dir="", gradient_accumulation_steps=ACCUM, world_size=1)
+    state = NS(global_step=0, is_world_process_zero=True, num_input_tokens_seen=0)
+    with pytest.warns(RuntimeWarning, match="GradScaler"):
+        cb.on_train_begin(args, state, None, model=model, optimizer=NS(scaler=scaler, gradient_state=gs))
+    assert gns.grad_scale is scaler and gns.grads_unscaled is False
+    model.train()
+    for step in range(2):
+        cb.on_step_begin(args, state, None)
+        for k in range(ACCUM):
+            gs.sync_gradients = k == ACCUM - 1
+            x = micros[step * ACCUM + k]
+            scaler.scale(model(input_ids=x, labels=x).loss / ACCUM).backward()
+        model.zero_grad(set_to_none=True)     # lr 0: the weights stay the initial ones
+        state.global_step += 1
+        cb.on_step_end(args, state, None)
+    ref = plain_reference(init, micros, 0.0, lr=0.0)
+    for key in ("gns/small_sq", "gns/big_sq"):
+        got, want = by_step(sink.records, key), by_step(ref, key)
+        assert sorted(got) == [1, 2]
+        for s in got:
+            assert got[s] == pytest.approx(want[s], rel=1e-4), (key, s)
