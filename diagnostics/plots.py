@@ -217,8 +217,9 @@ def shade_phases(ax, data, *, columns=None, label=True) -> list:
             ax.add_patch(art)
             x_text = start
         artists.append(art)
-        if label:
-            ax.text(x_text, 1.0, f" {name}", transform=trans, ha="left", va="bottom", fontsize="x-small",
+        if label:  # inside the top of the axes (above it for a heatmap, whose cells fill it)
+            y, va = (1.0, "bottom") if columns is not None else (0.995, "top")
+            ax.text(x_text, y, f" {name}", transform=trans, ha="left", va=va, fontsize="x-small",
                     color="0.35", clip_on=False)
     return artists
 
