@@ -257,7 +257,7 @@ def validation_loss(data, ax=None, *, lr: bool = True, train: bool = False):
         twin.set_ylabel("learning rate")
         twin.set_ylim(bottom=0)
         handles, labels = handles + [h], labels + ["LR"]
-    ax.legend(handles, labels, fontsize="small", loc="upper right")
+    ax.legend(handles, labels, fontsize="small", loc="best")
     return ax
 
 

@@ -46,6 +46,17 @@ def test_explore_run_notebook(tmp_path, monkeypatch):
     assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before  # nothing written next to it
 
 
+def test_attach_hooks_notebook(tmp_path, monkeypatch):
+    # Agg: the figures are built but not rasterised (the same plot functions are rendered by the
+    # test above); saves a few seconds of the time budget
+    nb = execute("attach_hooks.ipynb", {"MIDTRAIN_NB_STEPS": "20", "MIDTRAIN_NB_OUT": str(tmp_path / "run"),
+                                        "MPLBACKEND": "Agg"}, monkeypatch)
+    text = outputs(nb)
+    assert "disabled hooks: none" in text and "floor ln 32" in text
+    run_lines = [ln for ln in text.splitlines() if ln.startswith("Run(")]
+    assert run_lines and "domains=['pattern', 'random']" in run_lines[0]
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
 def test_notebooks_are_committed_without_outputs(name):
     import nbformat
