@@ -3,7 +3,7 @@
 ``module_kind`` classifies a module (Linear, Embedding, LayerNorm, RMSNorm, or a custom norm with
 the same contract); ``_Site`` is one handled module, ``_Call`` one forward call of it whose stored
 input waits for the output's gradient, ``_Group`` the contributions of every call that uses one
-parameter in one forward pass.
+parameter in one forward pass; ``_BookkeptLinear`` the autograd Function of ``bookkeeping=True``.
 """
 
 from __future__ import annotations
@@ -110,3 +110,30 @@ class _Group:
     def tensors(self):
         out = [t for pair in self.lin + self.emb for t in pair]
         return out + ([t for t in self.partial if t is not None] if self.partial is not None else [])
+
+
+class _BookkeptLinear(torch.autograd.Function):
+    """Wraps a Linear's output (already computed by the module, passed in detached, not recomputed)
+    so that its backward forms the weight gradient through ``PerExampleGradNorms`` (sum of the
+    per-example gradients, whose norms it keeps) and the input / bias gradients as autograd does."""
+
+    @staticmethod
+    def forward(ctx, y, x, weight, bias, owner, call):
+        ctx.save_for_backward(x, weight)
+        ctx.owner, ctx.call = owner, call
+        # y (detached, no history) is returned itself, re-rooted here: marked dirty, not a view,
+        # so later in-place ops on the Linear's output stay allowed, and nothing is copied
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[1]:
+            gx = g @ w
+        if ctx.needs_input_grad[2]:
+            gw = ctx.owner._bookkept_weight_grad(ctx.call, x, g)
+        if ctx.needs_input_grad[3]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        return None, gx, gw, gb, None, None

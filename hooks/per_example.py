@@ -59,7 +59,7 @@ import torch.nn as nn
 from diagnostics import pegrad
 from hooks._groups import layer_of, param_kind
 from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
-    _Call, _Group, _Site, _Unsupported, module_kind,
+    _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
 )
 
 __all__ = ["PerExampleGradNorms", "PerExampleSqNorms", "module_kind"]
@@ -587,29 +587,3 @@ class PerExampleGradNorms:
         return PerExampleSqNorms(params=params, total=total, groups=groups, layers=layers,
                                  batch_sizes=sizes, unsupported=dict(self.unsupported))
 
-
-class _BookkeptLinear(torch.autograd.Function):
-    """Wraps a Linear's output (already computed by the module, passed in detached, not recomputed)
-    so that its backward forms the weight gradient through ``PerExampleGradNorms`` (sum of the
-    per-example gradients, whose norms it keeps) and the input / bias gradients as autograd does."""
-
-    @staticmethod
-    def forward(ctx, y, x, weight, bias, owner, call):
-        ctx.save_for_backward(x, weight)
-        ctx.owner, ctx.call = owner, call
-        # y (detached, no history) is returned itself, re-rooted here: marked dirty, not a view,
-        # so later in-place ops on the Linear's output stay allowed, and nothing is copied
-        ctx.mark_dirty(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[1]:
-            gx = g @ w
-        if ctx.needs_input_grad[2]:
-            gw = ctx.owner._bookkept_weight_grad(ctx.call, x, g)
-        if ctx.needs_input_grad[3]:
-            gb = g.reshape(-1, g.shape[-1]).sum(0)
-        return None, gx, gw, gb, None, None
