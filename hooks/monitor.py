@@ -49,8 +49,8 @@ class RunStoreSink:
     def log_dict(self, record):
         self.writer.log(record)
 
-    def close(self):
-        self.writer.close()
+    def close(self, status: str | None = None):
+        self.writer.close(status=status)
 
 
 class StdoutSink:
@@ -172,7 +172,8 @@ class Monitor:
         self.strict = strict
         self.enabled = enabled
         self.sinks: list[Sink] = list(sinks) if sinks is not None else []
-        if run_dir is not None and sinks is None and enabled:
+        self._own_store = run_dir is not None and sinks is None and enabled  # sets run.json status on exit
+        if self._own_store:
             from diagnostics.runs import RunWriter
             import os
 
@@ -299,7 +300,10 @@ class Monitor:
             if h.name in state.get("hooks", {}):
                 self._call(h, "load_state_dict", state["hooks"][h.name])
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Detach the hooks and close the sinks; ``status`` (e.g. "finished") is written to the run
+        store's ``run.json``. Used as a context manager, a Monitor that made its own run store
+        (``run_dir=``) sets "finished", "failed" or "interrupted" by how the block ended."""
         for h in self.hooks:
             try:
                 h.detach()
@@ -307,7 +311,7 @@ class Monitor:
                 pass
         for s in self.sinks:
             try:
-                s.close()
+                s.close(status=status) if status is not None and isinstance(s, RunStoreSink) else s.close()
             except Exception as e:
                 if self.strict:
                     raise
@@ -317,8 +321,12 @@ class Monitor:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        status = None
+        if self._own_store:
+            status = ("finished" if exc_type is None else
+                      "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        self.close(status=status)
 
 
 def finite(x: float) -> bool:

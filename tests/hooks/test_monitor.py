@@ -108,3 +108,26 @@ def test_disabled_monitor_writes_nothing():
     sink = MemorySink()
     _loop(Monitor(None, [Counting()], sinks=[sink], enabled=False))
     assert sink.records == []
+
+
+def test_context_manager_sets_the_run_status(tmp_path):
+    import json
+
+    def status(d):
+        return json.loads((d / "run.json").read_text())["status"]
+
+    with Monitor(None, [Counting()], run_dir=str(tmp_path / "ok")) as mon:
+        _loop(mon, steps=2)
+    assert status(tmp_path / "ok") == "finished"
+    with pytest.raises(RuntimeError):
+        with Monitor(None, [Counting()], run_dir=str(tmp_path / "bad")) as mon:
+            _loop(mon, steps=1)
+            raise RuntimeError("the user's loop failed")
+    assert status(tmp_path / "bad") == "failed"
+    mon = Monitor(None, [Counting()], run_dir=str(tmp_path / "stop"))
+    _loop(mon, steps=1)
+    mon.close(status="stopped")
+    assert status(tmp_path / "stop") == "stopped"
+    mon = Monitor(None, [Counting()], run_dir=str(tmp_path / "plain"))
+    mon.close()
+    assert status(tmp_path / "plain") == "running"  # no status given: left as it was
