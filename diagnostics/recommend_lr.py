@@ -41,7 +41,7 @@ def candidate_decays(post: int, max_candidates: int = 100) -> np.ndarray:
 
 
 def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level: float = 0.9,
-                            momentum: float = 0.999, n_boot: int = 200, max_candidates: int = 100,
+                            momentum: float = 0.999, n_boot: int = 100, max_candidates: int = 100,
                             min_step: int | None = None, min_anneal_points: int = 3, robust: bool = True,
                             seed: int = 0) -> Recommendation:
     """The ``decay_fraction`` (when the decay starts) of a phase that minimises the fitted law's
@@ -170,7 +170,7 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
         idx = (st[:, None] + np.arange(L)[None, :]).reshape(-1)[:n]
         try:
             bf = fit_annealing_law(lrs[:last], fit.steps, fitted + r[idx], momentum=momentum,
-                                   segments=seg[np.isin(steps, fit.steps)], robust=robust, x0=fit.params)
+                                   segments=seg[np.isin(steps, fit.steps)], robust=robust, x0=fit.params, max_nfev=100)
         except ValueError:
             continue
         pb = predict(bf.params, S1f, S2f)

@@ -130,7 +130,7 @@ class AnnealingLawFit:
 
 
 def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=None,
-                      robust: bool = True, x0: dict | None = None) -> AnnealingLawFit:
+                      robust: bool = True, x0: dict | None = None, max_nfev: int = 500) -> AnnealingLawFit:
     """Fit L0, A, alpha, C (and one offset per extra segment) to losses logged at ``steps``.
 
     lrs: the LR of every update 0..N-1 (N > max(steps) - 1): the areas are cumulative, so the whole
@@ -148,7 +148,8 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
     The LR areas are scaled by the peak LR inside (a well-conditioned problem); the parameters are
     returned in the LR's own units. alpha is first profiled on a grid (for a fixed alpha the law is
     linear in L0, A, C and the offsets), then all parameters are refined jointly with bounds
-    A >= 0, C >= 0, 0 < alpha <= 4 (``scipy.optimize.least_squares``, trust-region reflective).
+    L0 >= 0 (a cross-entropy; without it a near-flat curve drifts to alpha -> 0 with L0 -> -inf),
+    A >= 0, C >= 0, 0.001 <= alpha <= 4 (``scipy.optimize.least_squares``, trust-region reflective).
     """
     lrs = np.asarray(lrs, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.int64)
@@ -184,6 +185,12 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
     def resid(p):
         return model(p) - y
 
+    lx1 = np.log(x1)
+
+    def jac(p):
+        pw = x1 ** (-p[2])
+        return np.column_stack([np.ones_like(x1), pw, -p[1] * pw * lx1, -x2, O])
+
     if x0 is not None:
         init = np.r_[x0["L0"], x0["A"] / scale ** x0["alpha"], x0["alpha"], x0["C"] * scale,
                      np.zeros(len(labels))]
@@ -192,16 +199,16 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
         for alpha in np.geomspace(0.02, 3.0, 40):
             X = np.column_stack([np.ones_like(x1), x1 ** (-alpha), -x2, O])
             coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            coef[1], coef[2] = max(coef[1], 1e-12), max(coef[2], 0.0)
+            coef[0], coef[1], coef[2] = max(coef[0], 0.0), max(coef[1], 1e-12), max(coef[2], 0.0)
             sse = float(np.sum((X @ coef - y) ** 2))
             if best is None or sse < best[0]:
                 best = (sse, np.r_[coef[0], coef[1], alpha, coef[2], coef[3:]])
         init = best[1]
-    lo = np.r_[-np.inf, 0.0, 1e-4, 0.0, np.full(len(labels), -np.inf)]
+    lo = np.r_[0.0, 0.0, 1e-3, 0.0, np.full(len(labels), -np.inf)]  # cross-entropy: L0 >= 0
     hi = np.r_[np.inf, np.inf, 4.0, np.inf, np.full(len(labels), np.inf)]
     init = np.clip(init, lo + 1e-12 * (np.isfinite(lo)), hi - 1e-9)
-    sol = least_squares(resid, init, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
-                        x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=2000)
+    sol = least_squares(resid, init, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
+                        x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
     p = sol.x
     r = resid(p)
     ss = float(np.sum((y - y.mean()) ** 2))
