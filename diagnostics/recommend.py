@@ -21,6 +21,9 @@ range a moving-block bootstrap over those steps (blocks keep the steps' autocorr
     >>> from diagnostics import load_run                                # doctest: +SKIP
     >>> from diagnostics.recommend import batch_size_recommendation
     >>> print(batch_size_recommendation(load_run("runs/demo")).to_text())
+
+When to start the LR decay: ``lr_decay_recommendation`` (in ``diagnostics.recommend_lr``, re-exported
+here) fits the LR-annealing law of Tissue et al. 2024 to the run and minimises its predicted final loss.
 """
 
 from __future__ import annotations
@@ -34,7 +37,16 @@ import numpy as np
 
 from diagnostics.gns import examples_needed, steps_needed, two_batch_estimates
 
-__all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "block_bootstrap_ratio"]
+__all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "block_bootstrap_ratio",
+           "lr_decay_recommendation"]
+
+
+def __getattr__(name):  # re-export without an import cycle (recommend_lr imports this module)
+    if name == "lr_decay_recommendation":
+        from diagnostics.recommend_lr import lr_decay_recommendation
+
+        return lr_decay_recommendation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RecommendationError(ValueError):

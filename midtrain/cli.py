@@ -6,7 +6,7 @@
     midtrain train --from runs/x --step 400 --config cooldown.toml --out runs/x-cool   # branch
     midtrain train --reference runs/big --out runs/y   # difficulty/<domain>/reducible_loss vs runs/big
     midtrain show runs/x                            # summary of a run
-    midtrain recommend runs/x --write-config rec.toml   # batch size from the measured GNS, runnable
+    midtrain recommend runs/x --write-config rec.toml   # batch size (GNS), LR-decay start (annealing law)
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -144,14 +144,34 @@ def cmd_recommend(args) -> int:
     import json
     import time
 
-    from diagnostics.recommend import batch_size_recommendation
+    from diagnostics.recommend import RecommendationError, batch_size_recommendation, lr_decay_recommendation
     from diagnostics.runs import load_run
 
     run = load_run(args.run_dir)
-    rec = batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level)
-    print(rec.to_json() if args.json else rec.to_text())
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+    makers = {
+        "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
+        "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
+    }
+    recs, unavailable = [], {}
+    for name, make in makers.items():  # one that cannot be made is reported; the others still print
+        try:
+            recs.append(make())
+        except RecommendationError as e:
+            unavailable[name] = str(e)
+    if args.json:
+        print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
+    else:
+        for r in recs:
+            print(r.to_text() + "\n")
+        for name, why in unavailable.items():
+            print(f"{name}: not available: {why}\n")
+    if not recs:
+        raise RecommendationError("no recommendation is available for this run: "
+                                  + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     out = os.path.join(args.run_dir, "recommendations.json")
-    doc = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recommendations": [rec.to_dict()]}
+    doc = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "recommendations": [r.to_dict() for r in recs], "not_available": unavailable}
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
@@ -161,19 +181,30 @@ def cmd_recommend(args) -> int:
     if args.write_config:
         from midtrain.config import ConfigError, TrainConfig, dumps_toml
 
-        if not rec.patch:
+        patched = [r for r in recs if r.patch]
+        if not patched:
             raise ConfigError("this run has no built-in loop config to patch (not a `midtrain train` run).")
-        cfg = TrainConfig.from_dict(run.config).with_patch(rec.patch)
+        cfg = TrainConfig.from_dict(run.config)
+        for r in patched:  # every patch, in order (they touch different keys)
+            cfg = cfg.with_patch(r.patch)
         cfg.validate()
         with open(args.write_config, "w") as f:
             f.write(dumps_toml(cfg))
-        last = int(str(rec.evidence["steps"]).split("-")[1].split(" ")[0])
+        last = min(_branch_before(r) for r in patched)
         ckpts = [s for s, _ in run.checkpoints()]
-        step = max([s for s in ckpts if s <= last + 1] or ckpts or [0])
-        print(f"wrote {args.write_config} (the run's config with the patch). Run and check it:\n"
+        step = max([s for s in ckpts if s <= last] or [min(ckpts or [0])])
+        tag = "-".join("bs%d" % int(r.value) if r.name == "batch_size" else r.name for r in patched)
+        print(f"wrote {args.write_config} (the run's config with {len(patched)} patch(es)). Run and check it:\n"
               f"  midtrain train --from {args.run_dir} --step {step} --config {args.write_config} "
-              f"--out {args.run_dir.rstrip('/')}-bs{int(rec.value)}")
+              f"--out {args.run_dir.rstrip('/')}-{tag}")
     return 0
+
+
+def _branch_before(rec) -> int:
+    """The latest step a branch testing ``rec`` may start from."""
+    if "branch at or before step" in rec.evidence:
+        return int(rec.evidence["branch at or before step"])
+    return int(str(rec.evidence["steps"]).split("-")[1].split(" ")[0]) + 1  # batch size: after its window
 
 
 def cmd_config(args) -> int:
@@ -225,11 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(func=cmd_show)
 
-    r = sub.add_parser("recommend", help="batch size from the run's gradient noise scale (docs/recommendations.md)",
-                       description="Recommend a batch size from the measured gradient noise scale of a run, with "
-                                   "its range, evidence and assumptions; saves RUN/recommendations.json.")
+    r = sub.add_parser("recommend", help="batch size and LR-decay start from the run (docs/recommendations.md)",
+                       description="Recommend a batch size (from the measured gradient noise scale) and when to "
+                                   "start the LR decay (from the annealing law fitted to the run), each with its "
+                                   "range, evidence and assumptions; one that cannot be made says why. Saves "
+                                   "RUN/recommendations.json.")
     r.add_argument("run_dir")
-    r.add_argument("--phase", help="phase whose measurements to use (default: the latest with enough of them)")
+    r.add_argument("--phase", help="batch size: phase whose measurements to use (default: the latest with enough)")
+    r.add_argument("--decay-phase", help="LR decay: the phase whose decay to place (default: the last that decays)")
+    r.add_argument("--shapes", help="LR decay: comma-separated decay shapes to compare, e.g. linear,1-sqrt "
+                   "(default: the phase's own)")
     r.add_argument("--window", type=int, help="use the last N measured steps (default: the later half of the phase)")
     r.add_argument("--level", type=float, default=0.9, help="coverage of the range (moving-block bootstrap)")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")

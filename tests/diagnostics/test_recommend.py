@@ -103,16 +103,24 @@ def test_cli_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["recommend", str(run_dir), "--phase", "pretrain", "--write-config", str(tmp_path / "rec.toml")]) == 0
     out = capsys.readouterr().out
-    assert "batch_size:" in out and "rec.toml" in out
+    assert "batch_size:" in out and "lr_decay:" in out and "rec.toml" in out
     saved = json.loads((run_dir / "recommendations.json").read_text())
-    rec = saved["recommendations"][0]
+    rec, dec = saved["recommendations"]
     assert rec["name"] == "batch_size" and rec["value"] >= 1 and rec["patch"]["phases"]["pretrain"]
-    new = load_toml(tmp_path / "rec.toml")
+    assert dec["name"] == "lr_decay" and 0 < dec["value"] <= 1 and saved["not_available"] == {}
+    new = load_toml(tmp_path / "rec.toml")  # every patch applied
     pre = next(p for p in new.phases if p.name == "pretrain")
     assert pre.batch_size == rec["value"] and pre.grad_accum == rec["patch"]["phases"]["pretrain"]["grad_accum"]
+    assert next(p for p in new.phases if p.name == "long_context").decay_fraction == dec["value"]
     assert main(["train", "--from", str(run_dir), "--step", "6", "--config", str(tmp_path / "rec.toml"),
                  "--out", str(tmp_path / "branch"), "--quiet", "--until", "8"]) == 0
     b = load_run(tmp_path / "branch")
     assert b.parent["step"] == 6 and set(b.metrics.dropna(subset=["train/loss"])["train/batch_size"]) == {rec["value"]}
     assert main(["recommend", str(tmp_path / "nothing")]) != 0  # not a run: a clear message, no traceback
+    # one recommendation that cannot be made is reported with its reason; the other still prints and saves
+    assert main(["recommend", str(run_dir), "--phase", "pretrain", "--decay-phase", "nope"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_size:" in out and "lr_decay: not available: no phase 'nope'" in out
+    saved = json.loads((run_dir / "recommendations.json").read_text())
+    assert [r["name"] for r in saved["recommendations"]] == ["batch_size"] and "lr_decay" in saved["not_available"]
     assert isinstance(Recommendation, type)

@@ -1,0 +1,265 @@
+"""Loss-vs-LR-schedule laws and their fitting (DESIGN section 7: Tissue et al. 2024).
+
+The LR-annealing law of Tissue et al. 2024 ("Scaling Law with Learning Rate Annealing",
+arXiv 2408.11029) describes the whole loss curve of one run as a function of its LR schedule::
+
+    L(s) = L0 + A * S1(s)^(-alpha) - C * S2(s)
+
+    S1(s) = sum_{k=1..s} eta_k                          forward area: the LR summed over the s updates
+    S2(s) = sum_{k=1..s} m_k,  m_k = lam * m_{k-1} + (eta_{k-1} - eta_k)
+                                                        annealing area with momentum
+
+The first term is the usual power law in "how far the weights have travelled"; the second is the
+extra drop that annealing buys. ``m_k`` is an exponential moving sum of the LR decreases so far (the
+paper's momentum, decay factor ``lam``, 0.999 in the paper): a decrease keeps lowering the loss for a
+while after it happened (the delayed effect of annealing). ``lam = 0`` makes S2 the amount annealed
+(eta_0 - eta_s); ``lam = 1`` the area between the peak LR and the LR curve. The LR increases of the
+initial warmup are not annealing (the paper measures S2 from the peak): they are left out of the
+increments; a later LR increase (a re-warmup) counts with its sign and raises the loss.
+
+Step convention of this package: ``train/loss`` at step s is measured BEFORE update s, i.e. after
+s updates, so it pairs with the areas after s updates (``lr_areas(lrs)[.][s-1]``); the loss at the
+end of a run of N steps is the law after N updates.
+
+    >>> lrs = wsd_lrs(1000, warmup=50, decay_fraction=0.2, lr=3e-3, final_lr=3e-4)   # doctest: +SKIP
+    >>> fit = fit_annealing_law(lrs, steps, losses)        # steps: where the losses were logged
+    >>> fit.predict(other_lrs)[-1]                         # final loss under another schedule
+
+``phase_lrs`` reproduces the built-in loop's per-phase schedule (``midtrain.config.Phase.lr_at``,
+which ``diagnostics`` may not import) so that candidate schedules can be evaluated here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+
+__all__ = ["lr_areas", "annealing_law", "AnnealingLawFit", "fit_annealing_law", "robust_noise_scale",
+           "phase_lrs", "phase_num_steps", "DECAY_SHAPES"]
+
+DECAY_SHAPES = ("constant", "linear", "cosine", "1-sqrt", "exponential")
+
+
+# -- the areas ---------------------------------------------------------------------------------
+
+def _increments(lrs: np.ndarray, ignore_initial_warmup: bool) -> np.ndarray:
+    """d_k = eta_{k-1} - eta_k (d_1 = 0), with the initial rise (warmup) set to 0."""
+    d = np.zeros_like(lrs)
+    d[1:] = lrs[:-1] - lrs[1:]
+    if ignore_initial_warmup and len(lrs) > 1:
+        falls = np.flatnonzero(d[1:] > 0)  # the first LR decrease ends the initial non-decreasing run
+        w = (falls[0] + 1) if len(falls) else len(lrs)
+        d[:w] = 0.0
+    return d
+
+
+def lr_areas(lrs, *, momentum: float = 0.999, ignore_initial_warmup: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(S1, S2) after k = 1..n updates (index k-1) of the LR sequence ``lrs`` (one LR per update).
+
+    momentum: the decay factor lam of the annealing momentum (Tissue et al. eq. for m_k).
+    """
+    lrs = np.asarray(lrs, dtype=np.float64)
+    if lrs.ndim != 1 or len(lrs) == 0:
+        raise ValueError("lrs must be a non-empty 1-D sequence (one learning rate per update)")
+    if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
+        raise ValueError("lrs must be finite and >= 0")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    d = _increments(lrs, ignore_initial_warmup)
+    m = _ema_sum(d, momentum)
+    return np.cumsum(lrs), np.cumsum(m)
+
+
+def _ema_sum(d: np.ndarray, lam: float, m0: float = 0.0) -> np.ndarray:
+    """m_k = lam m_{k-1} + d_k (m_0 = m0), vectorised (scipy.signal.lfilter)."""
+    from scipy.signal import lfilter
+
+    return lfilter([1.0], [1.0, -lam], d, zi=[lam * m0])[0]
+
+
+def annealing_law(S1, S2, L0: float, A: float, alpha: float, C: float):
+    """L = L0 + A S1^(-alpha) - C S2 (Tissue et al. 2024, eq. 1)."""
+    return L0 + A * np.power(S1, -alpha) - C * S2
+
+
+# -- the fit -----------------------------------------------------------------------------------
+
+def robust_noise_scale(y) -> float:
+    """Per-point noise sd of a slowly varying noisy curve: 1.4826 MAD of first differences / sqrt 2
+    (differencing removes the trend; the MAD ignores loss spikes)."""
+    dy = np.diff(np.asarray(y, dtype=np.float64))
+    if len(dy) == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(dy - np.median(dy))) / math.sqrt(2))
+
+
+@dataclass
+class AnnealingLawFit:
+    """Fitted parameters of the annealing law, in the LR's own units (``lr_areas`` of the raw LRs)."""
+
+    L0: float
+    A: float
+    alpha: float
+    C: float
+    momentum: float
+    offsets: dict[int, float] = field(default_factory=dict)  # segment label -> additive loss shift
+    rmse: float = math.nan              # of the residuals at the fitted points
+    noise: float = math.nan             # robust per-point noise scale of the losses (Huber's scale)
+    r2: float = math.nan                # 1 - SSE / SS around the mean
+    n_points: int = 0
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    residuals: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    fitted: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {"L0": self.L0, "A": self.A, "alpha": self.alpha, "C": self.C}
+
+    def predict(self, lrs, segment: int | None = None) -> np.ndarray:
+        """The loss after k = 1..n updates of the LR sequence ``lrs`` (plus ``segment``'s offset)."""
+        S1, S2 = lr_areas(lrs, momentum=self.momentum)
+        with np.errstate(divide="ignore"):
+            out = annealing_law(S1, S2, self.L0, self.A, self.alpha, self.C)
+        return out + (self.offsets.get(segment, 0.0) if segment is not None else 0.0)
+
+    def final_loss(self, lrs, segment: int | None = None) -> float:
+        return float(self.predict(lrs, segment)[-1])
+
+
+def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=None,
+                      robust: bool = True, x0: dict | None = None, max_nfev: int = 500) -> AnnealingLawFit:
+    """Fit L0, A, alpha, C (and one offset per extra segment) to losses logged at ``steps``.
+
+    lrs: the LR of every update 0..N-1 (N > max(steps) - 1): the areas are cumulative, so the whole
+        history is needed, also where no loss was logged.
+    steps: the steps at which ``losses`` were measured, before that step's update (so after ``step``
+        updates); steps < 1 are dropped (S1 = 0: the power law is infinite there).
+    segments: optional integer label per loss (e.g. the phase's data mixture): every label other
+        than the first one's gets its own additive offset, for loss-level jumps the LR does not
+        cause (a mixture or sequence-length switch changes what the loss measures).
+    robust: fit the raw per-step points with a Huber loss whose threshold is 1.345 x the robust
+        noise scale (``robust_noise_scale``; 95% efficiency under Gaussian noise): every step keeps
+        its exact S1, S2 (window averages would blur the sharp drop of a short cooldown) and loss
+        spikes are down-weighted instead of pulling the fit. ``robust=False``: plain least squares.
+
+    The LR areas are scaled by the peak LR inside (a well-conditioned problem); the parameters are
+    returned in the LR's own units. alpha is first profiled on a grid (for a fixed alpha the law is
+    linear in L0, A, C and the offsets), then all parameters are refined jointly with bounds
+    L0 >= 0 (a cross-entropy; without it a near-flat curve drifts to alpha -> 0 with L0 -> -inf),
+    A >= 0, C >= 0, 0.001 <= alpha <= 4 (``scipy.optimize.least_squares``, trust-region reflective).
+    """
+    lrs = np.asarray(lrs, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.int64)
+    y = np.asarray(losses, dtype=np.float64)
+    if steps.shape != y.shape:
+        raise ValueError(f"steps and losses differ in length ({len(steps)} vs {len(y)})")
+    seg = np.zeros(len(y), dtype=np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
+    if seg.shape != y.shape:
+        raise ValueError("segments needs one label per loss")
+    keep = (steps >= 1) & np.isfinite(y)
+    steps, y, seg = steps[keep], y[keep], seg[keep]
+    if len(steps) and steps.max() > len(lrs):
+        raise ValueError(f"a loss at step {int(steps.max())} needs the LRs of {int(steps.max())} updates; "
+                         f"got {len(lrs)}")
+    labels = [int(s) for s in dict.fromkeys(seg.tolist())][1:]  # offsets for all but the first label
+    n_par = 4 + len(labels)
+    if len(y) < n_par + 2:
+        raise ValueError(f"{len(y)} usable losses; the fit of {n_par} parameters needs at least {n_par + 2}")
+    scale = float(lrs.max())
+    if scale <= 0:
+        raise ValueError("all learning rates are 0")
+    S1, S2 = lr_areas(lrs, momentum=momentum)
+    x1, x2 = S1[steps - 1] / scale, S2[steps - 1] / scale
+    O = np.stack([(seg == lab).astype(np.float64) for lab in labels], 1) if labels else np.zeros((len(y), 0))
+    noise = robust_noise_scale(y)
+    f_scale = 1.345 * noise if robust and noise > 0 else 1.0
+    loss = "huber" if robust and noise > 0 else "linear"
+
+    def model(p):
+        L0, A, alpha, C = p[:4]
+        return L0 + A * x1 ** (-alpha) - C * x2 + O @ p[4:]
+
+    def resid(p):
+        return model(p) - y
+
+    lx1 = np.log(x1)
+
+    def jac(p):
+        pw = x1 ** (-p[2])
+        return np.column_stack([np.ones_like(x1), pw, -p[1] * pw * lx1, -x2, O])
+
+    if x0 is not None:
+        init = np.r_[x0["L0"], x0["A"] / scale ** x0["alpha"], x0["alpha"], x0["C"] * scale,
+                     np.zeros(len(labels))]
+    else:  # profile alpha: linear least squares in (L0, A, C, offsets) for each alpha on a grid
+        best = None
+        for alpha in np.geomspace(0.02, 3.0, 40):
+            X = np.column_stack([np.ones_like(x1), x1 ** (-alpha), -x2, O])
+            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+            coef[0], coef[1], coef[2] = max(coef[0], 0.0), max(coef[1], 1e-12), max(coef[2], 0.0)
+            sse = float(np.sum((X @ coef - y) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, np.r_[coef[0], coef[1], alpha, coef[2], coef[3:]])
+        init = best[1]
+    lo = np.r_[0.0, 0.0, 1e-3, 0.0, np.full(len(labels), -np.inf)]  # cross-entropy: L0 >= 0
+    hi = np.r_[np.inf, np.inf, 4.0, np.inf, np.full(len(labels), np.inf)]
+    init = np.clip(init, lo + 1e-12 * (np.isfinite(lo)), hi - 1e-9)
+    sol = least_squares(resid, init, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
+                        x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
+    p = sol.x
+    r = resid(p)
+    ss = float(np.sum((y - y.mean()) ** 2))
+    return AnnealingLawFit(
+        L0=float(p[0]), A=float(p[1] * scale ** p[2]), alpha=float(p[2]), C=float(p[3] / scale),
+        momentum=momentum, offsets={lab: float(v) for lab, v in zip(labels, p[4:])},
+        rmse=float(np.sqrt(np.mean(r ** 2))), noise=noise, r2=1 - float(np.sum(r ** 2)) / ss if ss > 0 else math.nan,
+        n_points=len(y), steps=steps, residuals=r, fitted=model(p))
+
+
+# -- the built-in loop's schedule (mirrors midtrain.config.Phase.lr_at) ----------------------------
+
+def phase_num_steps(phase: dict) -> int:
+    if phase.get("steps") is not None:
+        return int(phase["steps"])
+    return math.ceil(int(phase["tokens"]) / (int(phase["batch_size"]) * int(phase["seq_len"])))
+
+
+def phase_lrs(phase: dict, n: int | None = None, *, decay: str | None = None,
+              decay_fraction: float | None = None) -> np.ndarray:
+    """The LR of each of a phase's ``n`` steps (a ``Phase`` as a dict: lr, warmup_steps, decay,
+    decay_fraction, final_lr), optionally with another ``decay`` shape or ``decay_fraction``.
+
+    Linear warmup to lr, lr held, then the last round(decay_fraction * post-warmup steps) steps
+    decay to final_lr, which the phase's last step reaches (``midtrain.config.Phase.lr_at``).
+    """
+    n = phase_num_steps(phase) if n is None else int(n)
+    lr, lo = float(phase.get("lr", 3e-3)), float(phase.get("final_lr", 0.0))
+    warm = int(phase.get("warmup_steps") or 0)
+    shape = decay if decay is not None else phase.get("decay", "constant")
+    frac = float(decay_fraction if decay_fraction is not None else phase.get("decay_fraction", 1.0))
+    if shape not in DECAY_SHAPES:
+        raise ValueError(f"unknown decay shape {shape!r}; valid: {', '.join(DECAY_SHAPES)}")
+    t = np.arange(n, dtype=np.float64)
+    out = np.full(n, lr)
+    if warm:
+        out[:warm] = lr * (t[:warm] + 1) / warm
+    if shape == "constant":
+        return out
+    n_decay = max(1, round(frac * (n - warm)))
+    start = n - n_decay
+    p = (t[start:] - start + 1) / n_decay
+    if shape == "linear":
+        v = lr - (lr - lo) * p
+    elif shape == "cosine":
+        v = lo + (lr - lo) * 0.5 * (1 + np.cos(np.pi * p))
+    elif shape == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
+        v = lo + (lr - lo) * (1 - np.sqrt(p))
+    else:  # exponential
+        if lo <= 0:
+            raise ValueError("an exponential decay needs final_lr > 0")
+        v = lr * (lo / lr) ** p
+    out[start:] = v
+    return out
