@@ -235,8 +235,8 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
         changes["decay"] = shape
     check = ("midtrain recommend RUN --write-config rec.toml, then midtrain train --from RUN --step S --config "
              f"rec.toml --out RUN-decay (S: a checkpoint at or before step {evidence['branch at or before step']}, "
-             "before either decay starts); compare its final validation loss with the parent's (predicted "
-             f"{_fmt(pred_best - pred_now)} train loss)")
+             "before either decay starts); compare its final validation loss with the parent's (the law predicts "
+             f"a change of {pred_best - pred_now:+.3g} in final train loss)")
     summary = (f"start phase {pname!r}'s {shape} decay at step {start_rec} (the last {_fmt(value)} of its post-warmup "
                f"steps); the fitted annealing law predicts final loss {_fmt(pred_best)} vs {_fmt(pred_now)} with the "
                "current schedule")
