@@ -23,12 +23,7 @@ from hooks.integrations.hf_trainer import STATE_FILE, MidtrainCallback  # noqa: 
 ACCUM, MICRO, T = 2, 4, 9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_gpt2(fix_loss_type=True):

@@ -19,12 +19,7 @@ from midtrain.model import GPT, GPTConfig  # noqa: E402
 ACCUM, MICRO, T = 2, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_gpt():
