@@ -38,7 +38,7 @@ import numpy as np
 from diagnostics.gns import examples_needed, steps_needed, two_batch_estimates
 
 __all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "block_bootstrap_ratio",
-           "lr_decay_recommendation"]
+           "lr_decay_recommendation", "critical_batch_recommendation"]
 
 
 def __getattr__(name):  # re-export without an import cycle (recommend_lr imports this module)
@@ -46,6 +46,10 @@ def __getattr__(name):  # re-export without an import cycle (recommend_lr import
         from diagnostics.recommend_lr import lr_decay_recommendation
 
         return lr_decay_recommendation
+    if name == "critical_batch_recommendation":
+        from diagnostics.recommend_branches import critical_batch_recommendation
+
+        return critical_batch_recommendation
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -71,7 +75,7 @@ class Recommendation:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("value", "low", "high", "estimate"):
+        for k in ("value", "low", "high", "estimate", "level"):
             v = d[k]
             d[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else (
                 "inf" if v == math.inf else v)
@@ -82,7 +86,9 @@ class Recommendation:
 
     def to_text(self) -> str:
         lines = [f"{self.name}: {_fmt(self.value)} {self.unit}", f"  {self.summary}",
-                 f"  estimate {_fmt(self.estimate)} ({self.level:.0%} range {_fmt(self.low)} - {_fmt(self.high)})"]
+                 f"  estimate {_fmt(self.estimate)} ("
+                 + ("range" if math.isnan(self.level) else f"{self.level:.0%} range")
+                 + f" {_fmt(self.low)} - {_fmt(self.high)})"]
         if self.evidence:
             lines.append("  evidence:")
             lines += [f"    {k}: {_fmt(v) if isinstance(v, float) else v}" for k, v in self.evidence.items()]

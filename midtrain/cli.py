@@ -7,6 +7,8 @@
     midtrain train --reference runs/big --out runs/y   # difficulty/<domain>/reducible_loss vs runs/big
     midtrain show runs/x                            # summary of a run
     midtrain recommend runs/x --write-config rec.toml   # batch size (GNS), LR-decay start (annealing law)
+    midtrain sweep runs/x --step 400 --batch-sizes 8,16,32 --tokens 2000000   # branches per batch size
+    midtrain recommend runs/x --branches runs/x-sweep400/bs*   # + critical batch size from the branches
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -153,6 +155,11 @@ def cmd_recommend(args) -> int:
         "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
         "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
     }
+    if args.branches:
+        from diagnostics.recommend_branches import critical_batch_recommendation
+
+        makers["critical_batch_size"] = lambda: critical_batch_recommendation(
+            run, [load_run(b) for b in args.branches], target=args.target, domain=args.domain)
     recs, unavailable = [], {}
     for name, make in makers.items():  # one that cannot be made is reported; the others still print
         try:
@@ -205,6 +212,19 @@ def _branch_before(rec) -> int:
     if "branch at or before step" in rec.evidence:
         return int(rec.evidence["branch at or before step"])
     return int(str(rec.evidence["steps"]).split("-")[1].split(" ")[0]) + 1  # batch size: after its window
+
+
+def cmd_sweep(args) -> int:
+    from midtrain.sweep import parse_batch_sizes, plan_sweep, run_sweep
+
+    plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
+                       steps=args.steps, out_prefix=args.out_prefix, evals=args.evals)
+    for p in plans:
+        print(f"branch bs{p.batch_size}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
+              f"eval every {p.config.eval_every} -> {p.out}")
+    run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
+    print(f"next: midtrain recommend {args.run_dir} --branches " + " ".join(p.out for p in plans))
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -271,7 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
     r.add_argument("--write-config", metavar="TOML", help="write the run's config with the recommendation applied, "
                    "for `midtrain train --from RUN --step S --config TOML`")
+    r.add_argument("--branches", nargs="+", metavar="RUN_DIR", help="branch runs of `midtrain sweep`: add the "
+                   "critical batch size fitted to the steps/examples each needed to reach one validation loss")
+    r.add_argument("--target", type=float, help="--branches: the target validation loss (default: the worst of "
+                   "the branches' best losses)")
+    r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
     r.set_defaults(func=cmd_recommend)
+
+    w = sub.add_parser("sweep", help="branch a run at several batch sizes (empirical critical batch size)",
+                       description="From RUN's checkpoint at --step, train one branch per batch size for the same "
+                                   "number of tokens, into OUT_PREFIX/bs<B>; then `midtrain recommend RUN "
+                                   "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md).")
+    w.add_argument("run_dir")
+    w.add_argument("--step", type=int, required=True, help="the parent's checkpoint step to branch from")
+    w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes (sequences), e.g. 8,16,32")
+    w.add_argument("--tokens", type=int, help="tokens each branch trains after --step")
+    w.add_argument("--steps", type=int, help="instead of --tokens: the tokens the parent spends in this many steps "
+                   "(default: the tokens left in the phase containing --step)")
+    w.add_argument("--evals", type=int, default=20, help="validation evaluations per branch (default 20)")
+    w.add_argument("--out-prefix", help="folder for the branches (default RUN-sweep<STEP>)")
+    w.add_argument("--quiet", action="store_true", help="no progress line")
+    w.set_defaults(func=cmd_sweep)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")

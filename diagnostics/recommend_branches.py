@@ -1,0 +1,175 @@
+"""Critical batch size from branches trained at different batch sizes (``midtrain sweep``).
+
+Each branch starts from the same checkpoint at step S of the parent and trains at its own batch B.
+For one target validation loss L*, branch i needs S_i optimizer steps after S and E_i = B_i S_i
+examples (sequences). McCandlish et al. 2018 (eq. 2.11) model the trade-off as
+(S/S_min - 1)(E/E_min - 1) = 1, with B_crit = E_min / S_min (``diagnostics.gns.fit_steps_examples``).
+This is the empirical probe of Merrill et al. 2025 (arXiv 2505.23971), who found the gradient noise
+scale under Adam far below the critical batch size measured this way.
+
+Steps to target: the first crossing of L* by the branch's validation-loss curve (mean over domains,
+or one domain), linearly interpolated between evaluation points; the point at S is the branch's own
+evaluation there, else the parent's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from diagnostics.gns import fit_steps_examples
+from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table
+
+__all__ = ["critical_batch_recommendation", "steps_to_target", "branch_curve"]
+
+
+def steps_to_target(steps, losses, target: float) -> float:
+    """First step at which the piecewise-linear curve through (steps, losses) reaches ``target``
+    (nan if it never does). ``steps`` increasing."""
+    s, l = np.asarray(steps, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    hit = np.flatnonzero(l <= target)
+    if not len(hit):
+        return math.nan
+    i = int(hit[0])
+    if i == 0:
+        return float(s[0])
+    frac = (l[i - 1] - target) / (l[i - 1] - l[i])
+    return float(s[i - 1] + frac * (s[i] - s[i - 1]))
+
+
+def _val_curve(df, domain: str | None, start: int) -> tuple[np.ndarray, np.ndarray]:
+    cols = [c for c in df.columns if c.startswith("val/") and c.endswith("/loss")]
+    if domain is not None:
+        cols = [c for c in cols if c == f"val/{domain}/loss"]
+    if not cols:
+        return np.zeros(0), np.zeros(0)
+    sub = df[["step"] + cols].dropna()
+    sub = sub[sub["step"] >= start]
+    return sub["step"].to_numpy(dtype=np.float64), sub[cols].to_numpy(dtype=np.float64).mean(axis=1)
+
+
+def _branch_batch(run, step: int) -> int:
+    cfg = getattr(run, "config", None) or {}
+    for name, s, e, p in _phase_table(run):
+        if s <= step < e and p.get("batch_size"):
+            return int(p["batch_size"])
+    if cfg.get("batch_size"):
+        return int(cfg["batch_size"])
+    raise RecommendationError(f"branch {getattr(run, 'path', run)!r}: its batch size at step {step} is not in "
+                              "its run.json (phases with batch_size); pass runs of `midtrain sweep`.")
+
+
+def branch_curve(run, parent=None, domain: str | None = None) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(branch step S, batch, steps >= S, validation loss) of one branch run."""
+    par = getattr(run, "parent", None)
+    if not par or par.get("step") is None:
+        raise RecommendationError(f"{getattr(run, 'path', run)!r} is not a branch (its run.json has no parent).")
+    start = int(par["step"])
+    steps, loss = _val_curve(run.metrics, domain, start)
+    if (not len(steps) or steps[0] > start) and parent is not None:  # the parent's evaluation at S
+        ps, pl = _val_curve(parent.metrics, domain, start)
+        if len(ps) and ps[0] == start:
+            steps, loss = np.concatenate([[start], steps]), np.concatenate([[pl[0]], loss])
+    if not len(steps):
+        raise RecommendationError(f"branch {getattr(run, 'path', run)!r} has no validation loss"
+                                  + (f" for domain {domain!r}" if domain else "") + " after its branch step.")
+    return start, _branch_batch(run, start), steps, loss
+
+
+def _fit(curves, target):
+    S, E, rows = [], [], []
+    for b, start, steps, loss in curves:
+        if loss[0] <= target:   # already there at the branch point: no information
+            continue
+        s = steps_to_target(steps, loss, target) - start
+        if math.isfinite(s) and s > 0:
+            S.append(s)
+            E.append(s * b)
+            rows.append((b, s, s * b))
+    if len({r[0] for r in rows}) < 2:
+        return None, rows
+    try:
+        return fit_steps_examples(S, E), rows
+    except ValueError:
+        return None, rows
+
+
+def critical_batch_recommendation(parent_run, branch_runs, *, target: float | None = None,
+                                  domain: str | None = None, n_targets: int = 5) -> Recommendation:
+    """B_crit from branches of ``parent_run`` at different batch sizes (``midtrain sweep``).
+
+    target: the validation loss every branch must reach (default: the worst of the branches' best
+        losses, i.e. one every branch reached). domain: one domain's loss (default: mean over domains).
+    The range: B_crit over ``n_targets`` targets spread over the upper half of the reachable interval
+    (default target .. halfway to the highest starting loss) and over leave-one-branch-out refits.
+    """
+    curves = []
+    for r in branch_runs:
+        start, b, steps, loss = branch_curve(r, parent_run, domain)
+        curves.append((b, start, steps, loss))
+    if len({c[1] for c in curves}) > 1:
+        raise RecommendationError(f"the branches start at different steps {sorted({c[1] for c in curves})}; "
+                                  "a sweep's branches share one branch point.")
+    if len({c[0] for c in curves}) < 2:
+        raise RecommendationError("the critical batch needs branches at >= 2 different batch sizes; got "
+                                  f"batch sizes {[c[0] for c in curves]}.")
+    start = curves[0][1]
+    best = max(float(c[3].min()) for c in curves)
+    top = min(float(c[3][0]) for c in curves)
+    tgt = best if target is None else float(target)
+    fit, rows = _fit(curves, tgt)
+    if fit is None:
+        reached = sorted({r[0] for r in rows})
+        raise RecommendationError(
+            f"fewer than 2 branches with different batch sizes reached validation loss {tgt:.4g} from above "
+            f"(reached: batch sizes {reached}) or their (steps, examples) do not follow the trade-off model; "
+            "train the branches longer (--tokens) or pass a higher target.")
+    alt = []
+    for f in np.linspace(0, 0.5, n_targets)[1:]:
+        ft, _ = _fit(curves, tgt + f * (top - tgt))
+        if ft is not None:
+            alt.append(ft.b_crit)
+    if len(curves) >= 3:
+        for i in range(len(curves)):
+            ft, _ = _fit(curves[:i] + curves[i + 1:], tgt)
+            if ft is not None:
+                alt.append(ft.b_crit)
+    vals = [fit.b_crit] + alt
+    low, high = float(min(vals)), float(max(vals))
+    value = max(1, int(round(fit.b_crit)))
+    evidence: dict[str, Any] = {
+        "branch point": f"step {start} of {getattr(parent_run, 'path', 'the parent')}",
+        "target validation loss": tgt if domain is None else f"{tgt:.4g} ({domain})",
+        "S_min (steps)": fit.s_min, "E_min (sequences)": fit.e_min,
+        "fit rms residual of 1 - S_min/S - E_min/E": fit.rms_residual,
+    }
+    for b, s, e in sorted(rows):
+        evidence[f"batch {b}"] = f"{s:.4g} steps, {e:.4g} sequences to target"
+    gns = None
+    if parent_run is not None and hasattr(parent_run, "metrics"):
+        from diagnostics.recommend import batch_size_recommendation
+
+        try:
+            gns = batch_size_recommendation(parent_run).estimate
+            evidence["parent's gradient noise scale B_simple"] = gns
+            evidence["B_crit / B_simple"] = fit.b_crit / gns if gns > 0 else math.nan
+        except RecommendationError as e:
+            evidence["parent's gradient noise scale"] = f"not available ({str(e)[:80]}...)"
+    summary = (f"branches at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
+               f"examples that fit B_crit = E_min/S_min = {_fmt(fit.b_crit)} sequences"
+               + (f" ({_fmt(fit.b_crit / gns)}x the parent's noise scale)" if gns and gns > 0 else "") + ".")
+    return Recommendation(
+        name="critical_batch_size", value=float(value), unit="sequences per optimizer step", low=low, high=high,
+        level=float("nan"), estimate=fit.b_crit, summary=summary, evidence=evidence,
+        assumptions=[
+            "the steps/examples trade-off (S/S_min - 1)(E/E_min - 1) = 1 of McCandlish et al. 2018 (eq. 2.11)",
+            "one shared target loss; B_crit grows as the loss falls, so it describes this loss level",
+            "schedule effects: every branch keeps the parent's LR schedule shape in tokens at the parent's "
+            "peak LR (no LR retuning per batch size), so the small batches may be favoured",
+            "the range is the spread over targets and leave-one-branch-out refits, not a coverage interval",
+        ],
+        would_change=["more branches or longer branches (lower targets)", "an LR tuned per batch size"],
+        check="compare with `midtrain recommend PARENT` (the GNS batch size); rerun the sweep later in training")
+

@@ -1,0 +1,148 @@
+"""Batch-size branch sweep: the empirical critical-batch-size probe (DESIGN section 7).
+
+From a run's checkpoint at step S, train one branch per batch size B for the same number of TOKENS
+(a smaller batch runs more steps). Each branch is an ordinary run directory ``OUT/bs<B>`` whose
+run.json records the parent (the loop does this). ``diagnostics.recommend_branches`` then fits the
+steps/examples trade-off (McCandlish et al. 2018, eq. 2.11) to the steps each branch needed to reach
+one validation loss -> B_crit, the measurement Merrill et al. 2025 (arXiv 2505.23971) found far above
+the gradient noise scale under Adam.
+
+The branch config is the parent's with every phase from the one containing S on that has the same
+sequence length given ``batch_size = B`` (grad_accum kept when it divides B, else the largest divisor
+of B not above it) and a step budget covering the SAME tokens as in the parent: within the phase
+containing S the tokens left after S, later phases their whole budget. LR schedules therefore keep
+their shape in tokens (warmup_steps stay in steps). ``eval_every`` is set so each branch is evaluated
+about ``evals`` times after S, at S itself where a divisor of S allows it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from midtrain.config import ConfigError, TrainConfig
+
+__all__ = ["BranchPlan", "plan_sweep", "run_sweep", "parse_batch_sizes"]
+
+
+@dataclass
+class BranchPlan:
+    batch_size: int
+    out: str
+    config: TrainConfig
+    until_step: int | None      # None: run the branch config to its end
+    steps: int                  # optimizer steps after the branch point
+    tokens: int                 # tokens those steps see
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated positive integers, got {text!r}.") from None
+    if len(sizes) < 2 or any(b <= 0 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise ConfigError(f"--batch-sizes needs at least 2 different positive integers, got {text!r}.")
+    return sorted(sizes)
+
+
+def _accum_for(batch: int, accum: int) -> int:
+    if batch % accum == 0:
+        return accum
+    return max(d for d in range(1, min(accum, batch) + 1) if batch % d == 0)
+
+
+def _branch_config(cfg: TrainConfig, step: int, batch: int) -> TrainConfig:
+    starts = cfg.phase_starts()
+    pi, phase, t = cfg.phase_at(step)
+    d = cfg.to_dict()
+    for i, p in enumerate(cfg.phases):
+        if i < pi or p.seq_len != phase.seq_len:
+            continue
+        n = p.num_steps()
+        left = (n - t if i == pi else n) * p.batch_size * p.seq_len   # tokens the parent spends there
+        q = d["phases"][i]
+        q["batch_size"], q["grad_accum"] = batch, _accum_for(batch, p.grad_accum)
+        q["tokens"] = None
+        q["steps"] = (t if i == pi else 0) + max(1, math.ceil(left / (batch * p.seq_len)))
+    out = TrainConfig.from_dict(d)
+    assert out.phase_starts()[: pi + 1] == starts[: pi + 1]
+    return out
+
+
+def _steps_for_tokens(cfg: TrainConfig, start: int, tokens: int) -> int:
+    """Optimizer steps from ``start`` until ``tokens`` tokens are seen (may run past the schedule)."""
+    seen, k, total = 0, start, cfg.total_steps()
+    while seen < tokens:
+        p = cfg.phase_at(min(k, total - 1))[1]
+        seen += p.batch_size * p.seq_len
+        k += 1
+    return k - start
+
+
+def _eval_every(step: int, n: int, evals: int) -> int:
+    want = max(1, n // max(1, evals))
+    divisors = [e for e in range(max(1, want // 2), want + 1) if step % e == 0]  # so S itself is evaluated
+    return max(divisors) if divisors else want
+
+
+def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | None = None,
+               steps: int | None = None, out_prefix: str | None = None, evals: int = 20) -> list[BranchPlan]:
+    """Check everything and plan the branches; writes nothing. Raises ConfigError / RunDirError.
+
+    tokens: tokens each branch trains after ``step``; steps: the tokens the PARENT spends in that many
+    steps from ``step``; neither: the tokens the parent has left in the phase containing ``step``.
+    """
+    from diagnostics.runs import RunDirError, load_run
+
+    if tokens is not None and steps is not None:
+        raise ConfigError("give --tokens or --steps, not both.")
+    if (tokens is not None and tokens <= 0) or (steps is not None and steps <= 0) or evals < 2:
+        raise ConfigError("--tokens / --steps must be positive and evals at least 2.")
+    if len(batch_sizes) < 2 or len(set(batch_sizes)) != len(batch_sizes) or min(batch_sizes) <= 0:
+        raise ConfigError(f"a sweep needs at least 2 different positive batch sizes, got {batch_sizes}.")
+    run = load_run(parent)
+    ckpts = [s for s, _ in run.checkpoints()]
+    if step not in ckpts:
+        raise ConfigError(f"run {parent} has no checkpoint at step {step}; it has checkpoints at steps {ckpts}.")
+    cfg = TrainConfig.from_dict(run.config)
+    cfg.validate()
+    if step >= cfg.total_steps():
+        raise ConfigError(f"step {step} is the end of run {parent}; branch from an earlier checkpoint.")
+    pi, phase, t = cfg.phase_at(step)
+    if tokens is None:
+        per = phase.batch_size * phase.seq_len
+        tokens = per * (steps if steps is not None else phase.num_steps() - t)
+    prefix = out_prefix or (str(parent).rstrip("/") + f"-sweep{step}")
+    plans = []
+    for b in sorted(batch_sizes):
+        out = os.path.join(prefix, f"bs{b}")
+        if os.path.exists(os.path.join(out, "run.json")) or (os.path.isdir(out) and os.listdir(out)):
+            raise RunDirError(f"{out} already exists; a sweep writes new run directories only. Choose another "
+                              "--out-prefix. Nothing was written.")
+        bcfg = _branch_config(cfg, step, b)
+        n = _steps_for_tokens(bcfg, step, tokens)
+        total = bcfg.total_steps()
+        if step + n > total:
+            raise ConfigError(
+                f"at batch {b} the branch needs {n} steps after step {step} for {tokens} tokens, but the "
+                f"schedule ends at step {total}; ask for fewer --tokens / --steps. Nothing was written.")
+        e = _eval_every(step, n, evals)
+        n = min(-(-n // e) * e if step % e == 0 else n, total - step)   # end on an eval step
+        bcfg.eval_every = e
+        bcfg.checkpoint_every = max(bcfg.checkpoint_every, n + 1)       # no checkpoints mid-branch
+        # the loop evaluates at the START of a step, so run one step past the last point to measure it
+        until = None if step + n + 1 >= total else step + n + 1
+        bcfg.validate()
+        seen = sum(bcfg.phase_at(k)[1].batch_size * bcfg.phase_at(k)[1].seq_len for k in range(step, step + n))
+        plans.append(BranchPlan(batch_size=b, out=out, config=bcfg, until_step=until, steps=n, tokens=seen))
+    return plans
+
+
+def run_sweep(parent: str, step: int, plans: list[BranchPlan], *, progress: bool = False, corpus=None,
+              hooks=None) -> list:
+    """Train the planned branches one after the other; returns the loop's TrainResults."""
+    from midtrain.loop import train
+
+    return [train(p.config, p.out, parent=parent, parent_step=step, until_step=p.until_step,
+                  progress=progress, corpus=corpus, hooks=hooks) for p in plans]
