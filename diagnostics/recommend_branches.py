@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from diagnostics.gns import fit_steps_examples
-from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table
+from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table, _runnable_batch
 
 __all__ = ["critical_batch_recommendation", "steps_to_target", "branch_curve"]
 
@@ -138,7 +138,11 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
                 alt.append(ft.b_crit)
     vals = [fit.b_crit] + alt
     low, high = float(min(vals)), float(max(vals))
-    value = max(1, int(round(fit.b_crit)))
+    pcfg: dict = {}
+    if parent_run is not None and hasattr(parent_run, "metrics"):
+        pcfg = next((p for _, s0, e0, p in _phase_table(parent_run) if s0 <= start < e0), {})
+    world = int((getattr(parent_run, "info", None) or {}).get("world_size") or 1) if pcfg else 1
+    value, _, _ = _runnable_batch(fit.b_crit, pcfg, float(pcfg.get("batch_size") or 1), world, 1.0)
     evidence: dict[str, Any] = {
         "branch point": f"step {start} of {getattr(parent_run, 'path', 'the parent')}",
         "target validation loss": tgt if domain is None else f"{tgt:.4g} ({domain})",
@@ -159,7 +163,8 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
             evidence["parent's gradient noise scale"] = f"not available ({str(e)[:80]}...)"
     summary = (f"branches at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
                f"examples that fit B_crit = E_min/S_min = {_fmt(fit.b_crit)} sequences"
-               + (f" ({_fmt(fit.b_crit / gns)}x the parent's noise scale)" if gns and gns > 0 else "") + ".")
+               + (f" ({_fmt(fit.b_crit / gns)}x the parent's noise scale)" if gns and gns > 0 else "")
+               + f"; {value} is the nearest batch the parent's micro-batch can run.")
     return Recommendation(
         name="critical_batch_size", value=float(value), unit="sequences per optimizer step", low=low, high=high,
         level=float("nan"), estimate=fit.b_crit, summary=summary, evidence=evidence,

@@ -80,7 +80,7 @@ def test_errors():
 
 def test_parent_eval_at_branch_point_is_used():
     b = [fake_branch(B, 40.0, 24.0) for B in (8, 32)]
-    parent = SimpleNamespace(metrics=pd.DataFrame({"step": [0, 100], "val/d0/loss": [9.0, 3.95], "val/d1/loss": [9.0, 4.05]}))
+    parent = SimpleNamespace(info={}, config={}, metrics=pd.DataFrame({"step": [0, 100], "val/d0/loss": [9.0, 3.95], "val/d1/loss": [9.0, 4.05]}))
     for br in b:
         br.metrics = br.metrics.iloc[1:].reset_index(drop=True)   # the branch did not evaluate at S
     rec = critical_batch_recommendation(parent, b, target=3.5)

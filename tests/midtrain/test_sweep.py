@@ -1,0 +1,69 @@
+"""midtrain sweep: batch-size branches from a checkpoint, then recommend --branches."""
+
+import json
+import os
+
+import pytest
+
+from diagnostics.runs import load_run
+from midtrain.cli import main
+from midtrain.config import ConfigError, dumps_toml
+from midtrain.sweep import _branch_config, _steps_for_tokens, parse_batch_sizes
+
+from .conftest import micro_config
+
+
+def test_branch_config_keeps_tokens():
+    cfg = micro_config(steps=(8, 6, 4))
+    b = _branch_config(cfg, 4, 4)  # pretrain: batch 8, accum 2 -> 4, accum 2
+    assert [p.batch_size for p in b.phases] == [4, 4, 4]          # long_context (seq 64) keeps its own 4
+    assert b.phases[0].grad_accum == 2 and b.phases[0].num_steps() == 4 + 8
+    assert b.phases[1].num_steps() == 12 and b.phases[2].num_steps() == 4
+    assert b.phase_starts()[0] == 0 and _steps_for_tokens(b, 4, 4 * 8 * 32) == 8
+    b3 = _branch_config(cfg, 4, 3)
+    assert b3.phases[0].grad_accum == 1 and b3.phases[0].batch_size == 3
+    with pytest.raises(ConfigError):
+        parse_batch_sizes("8")
+    with pytest.raises(ConfigError):
+        parse_batch_sizes("8,x")
+
+
+def test_sweep_end_to_end(tmp_path, capsys):
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text(dumps_toml(micro_config(steps=(8, 6, 4), checkpoint_every=4, eval_every=2)))
+    parent = str(tmp_path / "p")
+    assert main(["train", "--config", str(cfgf), "--out", parent, "--quiet", "--until", "9"]) == 0
+    prefix = str(tmp_path / "sw")
+    # refusals: nothing written
+    assert main(["sweep", parent, "--step", "3", "--batch-sizes", "4,16", "--out-prefix", prefix]) == 2
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4", "--out-prefix", prefix]) == 2
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--tokens", "10000000",
+                 "--out-prefix", prefix]) == 2
+    assert not os.path.exists(prefix)
+    capsys.readouterr()
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--evals", "4",
+                 "--out-prefix", prefix, "--quiet"]) == 0
+    for b, n in ((4, 8), (16, 2)):   # the parent's 4 pretrain steps at batch 8: 1024 tokens
+        r = load_run(os.path.join(prefix, f"bs{b}"))
+        assert r.parent["step"] == 4 and os.path.samefile(r.parent["run"], parent)
+        assert r.config["phases"][0]["batch_size"] == b
+        v = r.metrics.dropna(subset=["val/prose/loss"])
+        assert v["step"].min() == 4 and v["step"].max() == 4 + n
+        # train/tokens at row k counts steps 0..k; the checkpoint at 4 holds the tokens of steps 0..3
+        tok = r.metrics.dropna(subset=["train/tokens"])
+        assert tok["train/tokens"].max() - load_run(parent).metrics.set_index("step").loc[3, "train/tokens"] >= 1024
+    os.makedirs(os.path.join(tmp_path, "sw2", "bs16"))
+    open(os.path.join(tmp_path, "sw2", "bs16", "x"), "w").close()
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--out-prefix", str(tmp_path / "sw2")]) == 2
+    assert not os.path.exists(tmp_path / "sw2" / "bs4")
+    capsys.readouterr()
+    rc = main(["recommend", parent, "--branches", f"{prefix}/bs4", f"{prefix}/bs16", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in doc["recommendations"]] + list(doc["not_available"])
+    assert "critical_batch_size" in names   # a fit, or a clear reason on these few noisy steps
+    if "critical_batch_size" in doc["not_available"]:
+        assert "reached validation loss" in doc["not_available"]["critical_batch_size"]
+    else:
+        rec = next(r for r in doc["recommendations"] if r["name"] == "critical_batch_size")
+        assert "batch 4" in rec["evidence"] and "batch 16" in rec["evidence"]
+    assert rc in (0, 2)
