@@ -218,7 +218,7 @@ def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, plan_sweep, run_sweep
 
     plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
-                       steps=args.steps, out_prefix=args.out_prefix, evals=args.evals)
+                       steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals)
     for p in plans:
         print(f"branch bs{p.batch_size}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
               f"eval every {p.config.eval_every} -> {p.out}")
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tokens", type=int, help="tokens each branch trains after --step")
     w.add_argument("--steps", type=int, help="instead of --tokens: the tokens the parent spends in this many steps "
                    "(default: the tokens left in the phase containing --step)")
+    w.add_argument("--phase", help="without --tokens/--steps: train the tokens the parent spends up to the end of "
+                   "this phase (default: the phase containing --step)")
     w.add_argument("--evals", type=int, default=20, help="validation evaluations per branch (default 20)")
     w.add_argument("--out-prefix", help="folder for the branches (default RUN-sweep<STEP>)")
     w.add_argument("--quiet", action="store_true", help="no progress line")

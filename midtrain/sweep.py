@@ -87,11 +87,13 @@ def _eval_every(step: int, n: int, evals: int) -> int:
 
 
 def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | None = None,
-               steps: int | None = None, out_prefix: str | None = None, evals: int = 20) -> list[BranchPlan]:
+               steps: int | None = None, phase: str | None = None, out_prefix: str | None = None,
+               evals: int = 20) -> list[BranchPlan]:
     """Check everything and plan the branches; writes nothing. Raises ConfigError / RunDirError.
 
     tokens: tokens each branch trains after ``step``; steps: the tokens the PARENT spends in that many
-    steps from ``step``; neither: the tokens the parent has left in the phase containing ``step``.
+    steps from ``step``; neither: the tokens the parent spends from ``step`` to the end of ``phase``
+    (default: the phase containing ``step``).
     """
     from diagnostics.runs import RunDirError, load_run
 
@@ -109,10 +111,17 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     cfg.validate()
     if step >= cfg.total_steps():
         raise ConfigError(f"step {step} is the end of run {parent}; branch from an earlier checkpoint.")
-    pi, phase, t = cfg.phase_at(step)
-    if tokens is None:
-        per = phase.batch_size * phase.seq_len
-        tokens = per * (steps if steps is not None else phase.num_steps() - t)
+    pi, cur, t = cfg.phase_at(step)
+    names = [p.name for p in cfg.phases]
+    if phase is not None and (phase not in names or names.index(phase) < pi):
+        raise ConfigError(f"--phase {phase!r} must be the phase containing step {step} ({cur.name!r}) or a later "
+                          f"one of {names}.")
+    if tokens is None and steps is not None:
+        tokens = cur.batch_size * cur.seq_len * steps
+    elif tokens is None:
+        last = names.index(phase) if phase is not None else pi
+        tokens = sum(p.batch_size * p.seq_len * (p.num_steps() - (t if i == pi else 0))
+                     for i, p in enumerate(cfg.phases) if pi <= i <= last)
     prefix = out_prefix or (str(parent).rstrip("/") + f"-sweep{step}")
     plans = []
     for b in sorted(batch_sizes):

@@ -25,6 +25,8 @@ def test_branch_config_keeps_tokens():
     with pytest.raises(ConfigError):
         parse_batch_sizes("8")
     with pytest.raises(ConfigError):
+        parse_batch_sizes("8,8")
+    with pytest.raises(ConfigError):
         parse_batch_sizes("8,x")
 
 
@@ -39,7 +41,12 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4", "--out-prefix", prefix]) == 2
     assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--tokens", "10000000",
                  "--out-prefix", prefix]) == 2
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--phase", "nope", "--out-prefix", prefix]) == 2
     assert not os.path.exists(prefix)
+    # --phase: the tokens up to the end of a later phase (planned only)
+    from midtrain.sweep import plan_sweep
+    plans = plan_sweep(parent, 4, [4, 16], phase="midtrain", out_prefix=prefix)
+    assert [p.tokens for p in plans] == [(4 * 8 + 6 * 8) * 32] * 2 and [p.steps for p in plans] == [20, 5]
     capsys.readouterr()
     assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--evals", "4",
                  "--out-prefix", prefix, "--quiet"]) == 0
