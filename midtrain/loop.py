@@ -483,10 +483,11 @@ def train(
         monitor.close()
         raise
     loop_s = time.perf_counter() - t_loop
-    val_end: dict[str, float] = {}
-    if end_step == total:
-        val_end = evaluate(model, val, device, autocast)
-        monitor.write({"step": total, **val_end, "train/tokens": tokens})
+    # the final state is evaluated also when --until stops early (step end_step: the state after
+    # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
+    # a resume drops this record and evaluates that step again, with the same values)
+    val_end = evaluate(model, val, device, autocast)
+    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
     if writer is not None:
         writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
                            wall_s=time.perf_counter() - t_start)

@@ -140,8 +140,8 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
         n = min(-(-n // e) * e if step % e == 0 else n, total - step)   # end on an eval step
         bcfg.eval_every = e
         bcfg.checkpoint_every = max(bcfg.checkpoint_every, n + 1)       # no checkpoints mid-branch
-        # the loop evaluates at the START of a step, so run one step past the last point to measure it
-        until = None if step + n + 1 >= total else step + n + 1
+        # the loop also evaluates the final state of a run stopped by until_step (at step step + n)
+        until = None if step + n >= total else step + n
         bcfg.validate()
         seen = sum(bcfg.phase_at(k)[1].batch_size * bcfg.phase_at(k)[1].seq_len for k in range(step, step + n))
         plans.append(BranchPlan(batch_size=b, out=out, config=bcfg, until_step=until, steps=n, tokens=seen))

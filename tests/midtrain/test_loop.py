@@ -87,8 +87,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     cfg = micro_config(steps=(6, 4, 2), checkpoint_every=100)
     full = train(cfg, str(tmp_path / "full"), progress=False)
     half = train(cfg, str(tmp_path / "split"), until_step=6, progress=False)
-    assert half.steps_done == 6 and half.val_end == {}
+    assert half.steps_done == 6
     assert load_run(tmp_path / "split").info["status"] == "stopped"
+    # a stopped run is evaluated at its last state: what the full run's evaluation at step 6 saw
+    full_val6 = load_run(tmp_path / "full").metrics.set_index("step").loc[6]
+    assert set(half.val_end) == {c for c in full_val6.index if c.startswith("val/")}
+    for k, v in half.val_end.items():
+        assert abs(v - full_val6[k]) < 1e-6, k
+    assert load_run(tmp_path / "split").metrics.set_index("step").loc[6, list(half.val_end)].notna().all()
     rest = train(cfg, str(tmp_path / "split"), resume=True, progress=False)
     assert rest.start_step == 6
     assert abs(rest.final_loss - full.final_loss) < 1e-6
