@@ -25,8 +25,9 @@ end of a run of N steps is the law after N updates.
     >>> fit = fit_annealing_law(lrs, steps, losses)        # steps: where the losses were logged
     >>> fit.predict(other_lrs)[-1]                         # final loss under another schedule
 
-``phase_lrs`` reproduces the built-in loop's per-phase schedule (``midtrain.config.Phase.lr_at``,
-which ``diagnostics`` may not import) so that candidate schedules can be evaluated here.
+``lr_schedule`` is the built-in loop's per-phase schedule itself: ``midtrain.config.Phase.lr_at``
+calls it (``diagnostics`` may not import ``midtrain``, so it lives here), and ``phase_lrs``
+evaluates it for candidate schedules.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import least_squares
 
 __all__ = ["lr_areas", "annealing_law", "AnnealingLawFit", "fit_annealing_law", "robust_noise_scale",
-           "phase_lrs", "phase_num_steps", "DECAY_SHAPES"]
+           "lr_schedule", "phase_lrs", "phase_num_steps", "DECAY_SHAPES"]
 
 DECAY_SHAPES = ("constant", "linear", "cosine", "1-sqrt", "exponential")
 
@@ -207,6 +207,8 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
     lo = np.r_[0.0, 0.0, 1e-3, 0.0, np.full(len(labels), -np.inf)]  # cross-entropy: L0 >= 0
     hi = np.r_[np.inf, np.inf, 4.0, np.inf, np.full(len(labels), np.inf)]
     init = np.clip(init, lo + 1e-12 * (np.isfinite(lo)), hi - 1e-9)
+    from scipy.optimize import least_squares  # here: midtrain.config imports this module for lr_schedule
+
     sol = least_squares(resid, init, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
                         x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
     p = sol.x
@@ -227,39 +229,47 @@ def phase_num_steps(phase: dict) -> int:
     return math.ceil(int(phase["tokens"]) / (int(phase["batch_size"]) * int(phase["seq_len"])))
 
 
+def lr_schedule(t, n: int, *, lr: float, final_lr: float = 0.0, warmup_steps: int = 0,
+                decay: str = "constant", decay_fraction: float = 1.0):
+    """LR at step(s) ``t`` (0-based; an int or an array) of a phase of ``n`` steps: the built-in
+    loop's schedule (``midtrain.config.Phase.lr_at`` calls this). Linear warmup from lr/warmup_steps
+    to lr over ``warmup_steps``; then lr held; the last round(decay_fraction x post-warmup steps)
+    steps decay to ``final_lr`` with shape ``decay``, reaching it on the phase's last step."""
+    if decay not in DECAY_SHAPES:
+        raise ValueError(f"unknown decay shape {decay!r}; valid: {', '.join(DECAY_SHAPES)}")
+    t = np.asarray(t, dtype=np.float64)
+    warm = int(warmup_steps or 0)
+    hi, lo = float(lr), float(final_lr)
+    out = np.full(t.shape, hi)
+    if decay != "constant":
+        n_decay = max(1, round(float(decay_fraction) * (n - warm)))
+        start = n - n_decay
+        p = (t - start + 1) / n_decay  # in (0, 1] over the decay; 1 on the phase's last step
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # p <= 0 before it: unused
+            if decay == "linear":
+                v = hi - (hi - lo) * p
+            elif decay == "cosine":
+                v = lo + (hi - lo) * 0.5 * (1.0 + np.cos(np.pi * p))
+            elif decay == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
+                v = lo + (hi - lo) * (1.0 - np.sqrt(p))
+            else:  # exponential
+                v = hi * (lo / hi) ** p
+        out = np.where(t >= start, v, out)
+    if warm:
+        out = np.where(t < warm, hi * (t + 1) / warm, out)
+    return out
+
+
 def phase_lrs(phase: dict, n: int | None = None, *, decay: str | None = None,
               decay_fraction: float | None = None) -> np.ndarray:
     """The LR of each of a phase's ``n`` steps (a ``Phase`` as a dict: lr, warmup_steps, decay,
-    decay_fraction, final_lr), optionally with another ``decay`` shape or ``decay_fraction``.
-
-    Linear warmup to lr, lr held, then the last round(decay_fraction * post-warmup steps) steps
-    decay to final_lr, which the phase's last step reaches (``midtrain.config.Phase.lr_at``).
-    """
+    decay_fraction, final_lr), optionally with another ``decay`` shape or ``decay_fraction``
+    (``lr_schedule``)."""
     n = phase_num_steps(phase) if n is None else int(n)
-    lr, lo = float(phase.get("lr", 3e-3)), float(phase.get("final_lr", 0.0))
-    warm = int(phase.get("warmup_steps") or 0)
     shape = decay if decay is not None else phase.get("decay", "constant")
-    frac = float(decay_fraction if decay_fraction is not None else phase.get("decay_fraction", 1.0))
-    if shape not in DECAY_SHAPES:
-        raise ValueError(f"unknown decay shape {shape!r}; valid: {', '.join(DECAY_SHAPES)}")
-    t = np.arange(n, dtype=np.float64)
-    out = np.full(n, lr)
-    if warm:
-        out[:warm] = lr * (t[:warm] + 1) / warm
-    if shape == "constant":
-        return out
-    n_decay = max(1, round(frac * (n - warm)))
-    start = n - n_decay
-    p = (t[start:] - start + 1) / n_decay
-    if shape == "linear":
-        v = lr - (lr - lo) * p
-    elif shape == "cosine":
-        v = lo + (lr - lo) * 0.5 * (1 + np.cos(np.pi * p))
-    elif shape == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
-        v = lo + (lr - lo) * (1 - np.sqrt(p))
-    else:  # exponential
-        if lo <= 0:
-            raise ValueError("an exponential decay needs final_lr > 0")
-        v = lr * (lo / lr) ** p
-    out[start:] = v
-    return out
+    lo = float(phase.get("final_lr", 0.0))
+    if shape == "exponential" and lo <= 0:
+        raise ValueError("an exponential decay needs final_lr > 0")
+    frac = decay_fraction if decay_fraction is not None else phase.get("decay_fraction", 1.0)
+    return lr_schedule(np.arange(n), n, lr=float(phase.get("lr", 3e-3)), final_lr=lo,
+                       warmup_steps=int(phase.get("warmup_steps") or 0), decay=shape, decay_fraction=float(frac))

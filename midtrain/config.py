@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from diagnostics.schedule_laws import DECAY_SHAPES, lr_schedule, phase_num_steps  # one schedule, shared
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -33,9 +35,6 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 class ConfigError(ValueError):
     """A config that cannot be run: names the offending key and what is valid."""
-
-
-DECAY_SHAPES = ("constant", "linear", "cosine", "1-sqrt", "exponential")
 
 
 @dataclass
@@ -67,33 +66,17 @@ class Phase:
     rope_base: float | None = None  # None: keep the model's current base
 
     def num_steps(self) -> int:
-        if self.steps is not None:
-            return int(self.steps)
-        return math.ceil(int(self.tokens) / (self.batch_size * self.seq_len))
+        return phase_num_steps(vars(self))
 
     def lr_at(self, t: int) -> float:
-        """LR at step ``t`` (0-based) within this phase."""
-        n = self.num_steps()
-        if t < self.warmup_steps:
-            return self.lr * (t + 1) / self.warmup_steps
-        if self.decay == "constant":
-            return self.lr
-        post = n - self.warmup_steps
-        n_decay = max(1, round(self.decay_fraction * post))
-        start = n - n_decay
-        if t < start:
-            return self.lr
-        p = (t - start + 1) / n_decay  # in (0, 1]; 1 on the phase's last step
-        hi, lo = self.lr, self.final_lr
-        if self.decay == "linear":
-            return hi - (hi - lo) * p
-        if self.decay == "cosine":
-            return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
-        if self.decay == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
-            return lo + (hi - lo) * (1.0 - math.sqrt(p))
-        if self.decay == "exponential":
-            return hi * (lo / hi) ** p
-        raise ConfigError(f"unknown decay shape {self.decay!r}")  # validated earlier
+        """LR at step ``t`` (0-based) within this phase (``diagnostics.schedule_laws.lr_schedule``,
+        which the LR-decay recommendation evaluates too)."""
+        try:
+            return float(lr_schedule(t, self.num_steps(), lr=self.lr, final_lr=self.final_lr,
+                                     warmup_steps=self.warmup_steps, decay=self.decay,
+                                     decay_fraction=self.decay_fraction))
+        except ValueError as e:  # an unknown shape (validate() reports it first)
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
