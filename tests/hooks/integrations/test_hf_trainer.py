@@ -16,9 +16,11 @@ import torch
 pytest.importorskip("accelerate")
 transformers = pytest.importorskip("transformers")
 
-from hooks import DifficultyTracker, GradientNoiseScale, Hook, MemorySink, Monitor  # noqa: E402
+from hooks import DifficultyTracker, GradientNoiseScale, Hook, MemorySink  # noqa: E402
 from hooks.difficulty import per_example_loss  # noqa: E402
 from hooks.integrations.hf_trainer import STATE_FILE, MidtrainCallback  # noqa: E402
+from tests.hooks.integrations import _reference  # noqa: E402
+from tests.hooks.integrations._reference import by_step  # noqa: E402
 
 ACCUM, MICRO, T = 2, 4, 9
 
@@ -77,31 +79,8 @@ def train_hf(model, callback, tmp_path, steps=3, max_grad_norm=0.0, lr=0.5, data
 
 
 def plain_reference(model, micros, max_grad_norm, lr=0.5, **gns_kw):
-    """tests/hooks/test_gradient_noise.py's plain loop on the same micro-batches, SGD + clipping."""
-    sink = MemorySink()
-    mon = Monitor(model, [GradientNoiseScale(mode="microbatch", **gns_kw)], sinks=[sink], strict=True)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    for step in range(len(micros) // ACCUM):
-        mon.on_step_begin(step + 1)
-        losses = []
-        for x in micros[step * ACCUM:(step + 1) * ACCUM]:
-            loss = model(input_ids=x, labels=x).loss
-            (loss / ACCUM).backward()
-            mon.on_backward_end(len(x))
-            losses.append(loss.item())
-        mon.on_grads_ready()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        mon.on_step_end(step + 1, loss=sum(losses) / len(losses))
-    mon.close()
-    return sink.records
-
-
-def by_step(records, key):
-    return {r["step"]: r[key] for r in records if key in r}
+    return _reference.plain_reference(model, micros, lambda m, x: m(input_ids=x, labels=x).loss, accum=ACCUM,
+                                      clip=max_grad_norm, lr=lr, first_step=1, **gns_kw)
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])

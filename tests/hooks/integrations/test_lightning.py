@@ -12,9 +12,11 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from hooks import GradientNoiseScale, Hook, MemorySink, Monitor  # noqa: E402
+from hooks import GradientNoiseScale, Hook, MemorySink  # noqa: E402
 from hooks.integrations.lightning import MidtrainCallback  # noqa: E402
 from midtrain.model import GPT, GPTConfig  # noqa: E402
+from tests.hooks.integrations import _reference  # noqa: E402
+from tests.hooks.integrations._reference import by_step  # noqa: E402
 
 ACCUM, MICRO, T = 2, 4, 8
 
@@ -70,29 +72,8 @@ def fit(module, callback, steps=3, clip=0.0, dataset=None, epochs=-1, **kw):
 
 
 def plain_reference(model, micros, clip, lr=0.5):
-    sink = MemorySink()
-    mon = Monitor(model, [GradientNoiseScale(mode="microbatch")], sinks=[sink], strict=True)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for step in range(len(micros) // ACCUM):
-        mon.on_step_begin(step)
-        losses = []
-        for xy in micros[step * ACCUM:(step + 1) * ACCUM]:
-            loss = model(xy[:, :-1], xy[:, 1:])[1]
-            (loss / ACCUM).backward()
-            mon.on_backward_end(len(xy))
-            losses.append(loss.item())
-        mon.on_grads_ready()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        model.zero_grad(set_to_none=True)
-        mon.on_step_end(step, loss=sum(losses) / len(losses))
-    mon.close()
-    return sink.records
-
-
-def by_step(records, key):
-    return {r["step"]: r[key] for r in records if key in r}
+    return _reference.plain_reference(model, micros, lambda m, xy: m(xy[:, :-1], xy[:, 1:])[1], accum=ACCUM,
+                                      clip=clip, lr=lr, first_step=0)
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])
