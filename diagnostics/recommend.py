@@ -72,6 +72,7 @@ class Recommendation:
     would_change: list[str] = field(default_factory=list)
     patch: dict[str, Any] = field(default_factory=dict)   # {"phases": {name: {key: value}}}
     check: str = ""              # how to run and check it
+    branch_step: int | None = None  # the latest step a branch testing the patch may start from
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -284,7 +285,7 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
     return Recommendation(name="batch_size", value=float(value), unit="sequences per optimizer step",
                           low=low, high=high, level=level, estimate=b_simple, summary=summary,
                           evidence=evidence, assumptions=assumptions, would_change=would_change,
-                          patch=patch, check=check)
+                          patch=patch, check=check, branch_step=int(steps[-1]) + 1 if patch else None)
 
 
 def _median_col(df, col, rows):

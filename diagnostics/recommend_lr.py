@@ -243,4 +243,5 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
     return Recommendation(name="lr_decay", value=float(value), unit="decay_fraction (of the phase's post-warmup steps)",
                           low=low, high=high, level=level, estimate=float(value), summary=summary,
                           evidence=evidence, assumptions=assumptions, would_change=would_change,
-                          patch={"phases": {pname: changes}}, check=check)
+                          patch={"phases": {pname: changes}}, check=check,
+                          branch_step=int(evidence["branch at or before step"]))

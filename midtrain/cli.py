@@ -197,7 +197,7 @@ def cmd_recommend(args) -> int:
         cfg.validate()
         with open(args.write_config, "w") as f:
             f.write(dumps_toml(cfg))
-        last = min(_branch_before(r) for r in patched)
+        last = min(r.branch_step for r in patched)
         ckpts = [s for s, _ in run.checkpoints()]
         step = max([s for s in ckpts if s <= last] or [min(ckpts or [0])])
         tag = "-".join("bs%d" % int(r.value) if r.name == "batch_size" else r.name for r in patched)
@@ -205,13 +205,6 @@ def cmd_recommend(args) -> int:
               f"  midtrain train --from {args.run_dir} --step {step} --config {args.write_config} "
               f"--out {args.run_dir.rstrip('/')}-{tag}")
     return 0
-
-
-def _branch_before(rec) -> int:
-    """The latest step a branch testing ``rec`` may start from."""
-    if "branch at or before step" in rec.evidence:
-        return int(rec.evidence["branch at or before step"])
-    return int(str(rec.evidence["steps"]).split("-")[1].split(" ")[0]) + 1  # batch size: after its window
 
 
 def cmd_sweep(args) -> int:
