@@ -117,26 +117,29 @@ def _fmt(v) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def moving_block_indices(n: int, n_boot: int, rng: np.random.Generator,
+                         block: int | None = None) -> tuple[np.ndarray, int]:
+    """Row indices (n_boot, n) of moving-block bootstrap replicates and the block length: blocks of
+    ``block`` consecutive rows (default ~ n^(1/3), Kuensch 1989 / Hall et al. 1995's order for an
+    interval) drawn with replacement until n rows, so neighbouring steps keep their correlation."""
+    L = min(int(block) if block else max(1, int(round(n ** (1 / 3)))), n)
+    starts = rng.integers(0, n - L + 1, size=(n_boot, -(-n // L)))
+    return (starts[:, :, None] + np.arange(L)[None, None, :]).reshape(n_boot, -1)[:, :n], L
+
+
 def block_bootstrap_ratio(num: np.ndarray, den: np.ndarray, *, n_boot: int = 2000, level: float = 0.9,
                           block: int | None = None, seed: int = 0) -> tuple[float, float, np.ndarray]:
     """Percentile interval of sum(num) / sum(den) under a moving-block bootstrap over the rows.
 
-    Rows are consecutive steps, so neighbours are correlated (the weights change slowly): blocks of
-    ``block`` rows (default ~ n^(1/3), Kuensch 1989 / Hall et al. 1995's order for an interval) are
-    drawn with replacement until n rows. A replicate whose denominator is <= 0 (no signal) counts as
-    +inf. Returns (low, high, replicates).
+    Rows are consecutive steps, so neighbours are correlated (the weights change slowly): replicates
+    are ``moving_block_indices``. A replicate whose denominator is <= 0 (no signal) counts as +inf.
+    Returns (low, high, replicates).
     """
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     n = len(num)
     if n < 2:
         raise ValueError("a bootstrap needs at least 2 rows")
-    L = int(block) if block else max(1, int(round(n ** (1 / 3))))
-    L = min(L, n)
-    starts_max = n - L + 1
-    k = -(-n // L)  # blocks per replicate
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, starts_max, size=(n_boot, k))
-    idx = (starts[:, :, None] + np.arange(L)[None, None, :]).reshape(n_boot, -1)[:, :n]
+    idx, _ = moving_block_indices(n, n_boot, np.random.default_rng(seed), block)
     cn, cd = num[idx].sum(1), den[idx].sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         reps = np.where(cd > 0, cn / np.where(cd > 0, cd, 1.0), np.inf)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table
+from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table, moving_block_indices
 from diagnostics.schedule_laws import DECAY_SHAPES, _increments, annealing_law, fit_annealing_law, lr_areas, phase_lrs
 
 __all__ = ["lr_decay_recommendation", "candidate_decays"]
@@ -160,14 +160,11 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
     value = k_best / post
     pred_now, pred_best = float(predict(fit.params, a1[-1], a2[-1])), float(pred[best])
     # -- range: moving-block residual bootstrap of the fit, argmin per replicate
-    rng = np.random.default_rng(seed)
     r, fitted, n = fit.residuals, fit.fitted, fit.n_points
-    L = max(1, int(round(n ** (1 / 3))))
+    blocks, L = moving_block_indices(n, n_boot, np.random.default_rng(seed))
     reps, rep_shapes = [], []
     is_shape = np.array([c[0] == shape for c in combos])
-    for _ in range(n_boot):
-        st = rng.integers(0, n - L + 1, size=-(-n // L))
-        idx = (st[:, None] + np.arange(L)[None, :]).reshape(-1)[:n]
+    for idx in blocks:
         try:
             bf = fit_annealing_law(lrs[:last], fit.steps, fitted + r[idx], momentum=momentum,
                                    segments=seg[np.isin(steps, fit.steps)], robust=robust, x0=fit.params, max_nfev=100)
