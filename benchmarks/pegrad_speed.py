@@ -129,9 +129,9 @@ def bench(preset, B, T, reps, tie, method):
 
 def flop_floor(model, T):
     """Multiply-adds per example: (exact per-example norms of every Linear, the cheaper of ghost and
-    materialised form, diagnostics.pegrad.linear_costs) / (3 x the Linear layers' forward), i.e.
+    materialised form, diagnostics.gns.pegrad.linear_costs) / (3 x the Linear layers' forward), i.e.
     the extra fraction of the linear layers' forward + backward work that exact norms need."""
-    from diagnostics.pegrad import linear_costs
+    from diagnostics.gns.pegrad import linear_costs
 
     extra = train = 0
     for m in model.modules():

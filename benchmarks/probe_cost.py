@@ -29,7 +29,7 @@ The probe's forward pass alone (eval mode, no_grad) is timed next to a training-
 same tokens (autograd on, as in a training step, no backward), and the metric math is broken down
 per site in-process on one thread (pooled + per-domain spectra, TwoNN, information plane, readout).
 
-3. ``diagnostics.spectra.twonn_dimension`` against ``skdim.id.TwoNN`` (scikit-dimension, in the
+3. ``diagnostics.representation.twonn_dimension`` against ``skdim.id.TwoNN`` (scikit-dimension, in the
    ``dev`` extra) on the probe's own activations (2048 tokens), alternating: time ratio and both
    estimates. dadapy pins numpy < 2, so it is reported as skipped next to numpy 2
    (docs/representation.md, "Test-only dependencies").
@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diagnostics.runs import load_run  # noqa: E402
-from diagnostics.spectra import (  # noqa: E402
+from diagnostics.representation import (  # noqa: E402
     grouped_representation_metrics,
     information_plane,
     readout_loss,

@@ -1,7 +1,20 @@
-"""UNDERSTAND: estimators, analyses, recommendations, the run store and plots.
+"""UNDERSTAND: estimators, analyses, recommendations, the run store and plots (docs/architecture.md).
 
-Pure functions on arrays/tensors and run directories; never imports ``hooks``
-or ``midtrain``.
+Pure functions on arrays/tensors and run directories; never imports ``hooks`` or ``midtrain``. One
+sub-package per instrument family, each with its front door in ``__init__`` (its ``_modules`` are
+private to it):
+
+    diagnostics.gns             gradient noise scale: two-batch estimators, EMA tracker, S/E trade-off,
+                                per-example norm math (``diagnostics.gns.pegrad``)
+    diagnostics.representation  spectra, TwoNN, information plane, readout, compression-onset detection
+    diagnostics.difficulty      the streaming example table, data maps, learnability, forgetting
+    diagnostics.schedule        the LR schedule and the schedule laws that predict loss from it
+    diagnostics.recommend       ``Recommendation`` and one module per recommendation
+    diagnostics.stats           statistics the families share (EMA, OLS slope test, block bootstrap)
+    diagnostics.runs            the run directory: ``load_run``, ``RunWriter``
+    diagnostics.plots           one figure per function
+
+    from diagnostics import load_run, plots
 """
 
 from .runs import Run, RunDirError, RunWriter, load_run

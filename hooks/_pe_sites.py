@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from diagnostics import pegrad
+from diagnostics.gns import pegrad
 
 # ----------------------------------------------------------------------------------------------
 # which modules we understand

@@ -66,7 +66,7 @@ import torch
 
 from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
-from diagnostics.ema import BiasCorrectedEMA
+from diagnostics.stats import BiasCorrectedEMA
 from hooks._probe_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 

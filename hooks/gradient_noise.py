@@ -4,7 +4,7 @@ McCandlish et al. 2018 (arXiv 1812.06162), Appendix A: with |G_B|^2 the squared 
 batch-mean gradient over B examples, E|G_B|^2 = |G|^2 + tr(Sigma)/B. Measuring it at two batch
 sizes B_small != B_big gives unbiased |G|^2 and tr(Sigma); B_simple = tr(Sigma)/|G|^2 is the ratio
 of their EMAs (diagnostics.gns.GNSTracker). This hook only gathers the two norms at the right
-moments; the math lives in diagnostics/gns.py.
+moments; the math lives in diagnostics.gns.
 
 Where the two batch sizes come from (``mode``)::
 

@@ -2,7 +2,7 @@
 
 The building block of per-example gradient noise scale (Gray et al. 2024, arXiv 2411.00999): one
 forward + one backward of the normal training step also yields ||g_i||^2 for every example i, for
-every parameter, without per-example gradients in memory. The math lives in ``diagnostics.pegrad``;
+every parameter, without per-example gradients in memory. The math lives in ``diagnostics.gns.pegrad``;
 this file only gathers its inputs at the right moments:
 
 - a forward hook on each supported module stores what its backward needs (the layer input for
@@ -31,7 +31,7 @@ Conventions and limits:
   is dim 0 of the model's first tensor argument; a supported module whose input has another
   dim 0 (tokens flattened to (B*T, D), sequence-first layouts) is reported unsupported.
 - ``loss_scale``: the norms are of the gradient that was backpropagated; with ``loss.mean()``
-  over B examples each example's gradient carries 1/B (``diagnostics.pegrad.rescale_sq_norms``).
+  over B examples each example's gradient carries 1/B (``diagnostics.gns.pegrad.rescale_sq_norms``).
   ``sq_norms(loss_scale="mean")`` undoes it per forward pass, giving ||grad loss_i||^2.
 - A parameter shared by several modules (tied embedding / head) or a module called several times
   in one forward is counted once, with its cross terms (pegrad eq. 6).
@@ -56,7 +56,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from diagnostics import pegrad
+from diagnostics.gns import pegrad
 from hooks._groups import layer_of, param_kind
 from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
     _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
@@ -92,7 +92,7 @@ class PerExampleGradNorms:
         modules: "all", "norms" (normalisation layers only), an iterable of module names, or a
             callable ``(name, module) -> bool``. Modules sharing a parameter with a selected one are
             always included, so the shared parameter is counted whole.
-        method: linear layers, "auto" | "ghost" | "materialize" (``diagnostics.pegrad``).
+        method: linear layers, "auto" | "ghost" | "materialize" (``diagnostics.gns.pegrad``).
         bookkeeping: where a Linear's per-example gradients are materialised (the cheaper exact form,
             e.g. short sequences or narrow layers), form its batch weight gradient as their sum
             instead of autograd's own weight GEMM, which then is not run (one GEMM instead of two).
@@ -408,7 +408,7 @@ class PerExampleGradNorms:
                 Gf = Gf * (ids != pad).unsqueeze(-1).to(Gf.dtype)
             if grp.calls == 1:
                 return self._store(pass_id, pid, self._embedding(ids, Gf, site.module.num_embeddings))
-            if grp.partial is not None and grp.calls == 2:  # eq. (6) of diagnostics.pegrad
+            if grp.partial is not None and grp.calls == 2:  # eq. (6) of diagnostics.gns.pegrad
                 head_sq, rows = grp.partial
                 grp.partial = None
                 if head_sq is None:  # rows = the head's (B, V, D) gradients: add, then square
@@ -538,7 +538,7 @@ class PerExampleGradNorms:
 
         ``loss_scale``: each example's weight in the backpropagated loss (``1/B`` for a mean),
         or "mean" for 1/B of each forward pass; the norms are divided by ``loss_scale^2``
-        (``diagnostics.pegrad.rescale_sq_norms``), i.e. reported for the per-example loss.
+        (``diagnostics.gns.pegrad.rescale_sq_norms``), i.e. reported for the per-example loss.
         ``reset``: forget these examples afterwards (the default: one call per micro-batch).
         ``summaries=False``: leave ``total``, ``groups`` and ``layers`` empty (per parameter only;
         what GradientNoiseScale reads, without the per-name grouping on every micro-batch).

@@ -6,7 +6,7 @@ batch, with forward hooks on the chosen activation sites attached only for that 
 manager; always removed). Inside each forward hook the site's output is reduced at once: a fixed,
 seeded subsample of at most ``max_tokens`` token positions is gathered on the device, read out through
 the model's own final norm + unembedding (logit lens), moved to CPU as float64, and turned into the
-numbers of ``diagnostics.spectra``; nothing of the activations outlives the call. The probe batch
+numbers of ``diagnostics.representation``; nothing of the activations outlives the call. The probe batch
 is normalised in ``hooks._probe_inputs``, the sites and the readout head are found in
 ``hooks._probe_sites``. What depends only on the probe set (row domains, readout targets and their
 per-domain counts, the information plane's X and Y with their entropies) is built once at set-up
@@ -25,7 +25,7 @@ Metric keys (docs/representation.md, "RepresentationProbe hook"), one per probed
     repr/<layer>/mi_xt              matrix-based I(X; T), X = identity of the current input token
     repr/<layer>/mi_ty              matrix-based I(T; Y), Y = next token
     repr/<layer>/readout_loss       logit-lens cross-entropy through final norm + lm_head (nats)
-    repr/<layer>/compressing        1 once a compression onset is detected (diagnostics.phases)
+    repr/<layer>/compressing        1 once a compression onset is detected (diagnostics.representation)
     repr/<layer>/<domain>/<key>     entropy, effective_rank, alpha_req, readout_loss per domain
                                     (only with a per-domain probe batch of two or more domains)
     repr/probe_time_s               wall time of the whole probe (forward + metrics)
@@ -45,13 +45,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from diagnostics.phases import COMPRESSION_DIRECTION, detect_compression_onset, format_event
-from diagnostics.spectra import (
-    grouped_representation_metrics,
-    information_plane,
-    readout_loss,
-    representation_metrics,
-)
+from diagnostics.representation import (COMPRESSION_DIRECTION, detect_compression_onset, format_event,
+                                        grouped_representation_metrics, information_plane, readout_loss,
+                                        representation_metrics)
 from hooks._probe_inputs import _build_jobs, _normalise_probe
 from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
 from hooks.monitor import Hook, non_zero_rank
@@ -153,7 +149,7 @@ class RepresentationProbe(Hook):
             else the float input rows).
         save_spectra, writer: save each probe's eigenspectra with ``writer.save_array``.
         phase_metric, phase_alpha, phase_min_points: online compression-onset detection
-            (``diagnostics.phases``) on each site's history of ``phase_metric``; sets
+            (``diagnostics.representation``) on each site's history of ``phase_metric``; sets
             ``repr/<layer>/compressing``.
         per_domain: log per-domain metrics when the probe batch has two or more domains.
         metric_threads: CPU threads for the metric math (default 1, see ``_num_threads``; None = as is).

@@ -156,7 +156,7 @@ def cmd_recommend(args) -> int:
         "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
     }
     if args.branches:
-        from diagnostics.recommend_branches import critical_batch_recommendation
+        from diagnostics.recommend import critical_batch_recommendation
 
         makers["critical_batch_size"] = lambda: critical_batch_recommendation(
             run, [load_run(b) for b in args.branches], target=args.target, domain=args.domain)

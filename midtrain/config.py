@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from diagnostics.schedule_laws import DECAY_SHAPES, lr_schedule, phase_num_steps  # one schedule, shared
+from diagnostics.schedule import DECAY_SHAPES, lr_schedule, phase_num_steps  # one schedule, shared
 
 try:  # Python >= 3.11
     import tomllib
@@ -69,7 +69,7 @@ class Phase:
         return phase_num_steps(vars(self))
 
     def lr_at(self, t: int) -> float:
-        """LR at step ``t`` (0-based) within this phase (``diagnostics.schedule_laws.lr_schedule``,
+        """LR at step ``t`` (0-based) within this phase (``diagnostics.schedule.lr_schedule``,
         which the LR-decay recommendation evaluates too)."""
         try:
             return float(lr_schedule(t, self.num_steps(), lr=self.lr, final_lr=self.final_lr,

@@ -2,7 +2,7 @@
 
 From a run's checkpoint at step S, train one branch per batch size B for the same number of TOKENS
 (a smaller batch runs more steps). Each branch is an ordinary run directory ``OUT/bs<B>`` whose
-run.json records the parent (the loop does this). ``diagnostics.recommend_branches`` then fits the
+run.json records the parent (the loop does this). ``diagnostics.recommend`` then fits the
 steps/examples trade-off (McCandlish et al. 2018, eq. 2.11) to the steps each branch needed to reach
 one validation loss -> B_crit, the measurement Merrill et al. 2025 (arXiv 2505.23971) found far above
 the gradient noise scale under Adam.

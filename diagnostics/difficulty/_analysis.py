@@ -3,9 +3,10 @@
 Pure math on numpy arrays (and, for the logit-level scores, torch tensors); no model, no loop,
 so the same code runs inside ``hooks.DifficultyTracker`` and offline on a saved table or a
 run's metrics. Definitions and the papers they come from are in docs/difficulty.md. The
-streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``) lives in
-``diagnostics.difficulty_table`` and is re-exported here; the per-domain loss EMAs are
-``diagnostics.ema.BiasCorrectedEMA``, the one EMA the GNS tracker uses too.
+streaming state (``ExampleTable``, ``IdIndex``, ``RingSeries``) lives in the sibling module
+``_table``; both are public through ``diagnostics.difficulty``. The least-squares slope test is
+``diagnostics.stats.ols_slope_test`` and the per-domain loss EMAs ``diagnostics.stats.BiasCorrectedEMA``,
+shared with the other instrument families.
 
     Data Maps     Swayamdipta et al. 2020, "Dataset Cartography" (arXiv 2009.10795), sec. 2:
                   confidence = mean over visits of p(y*|x), variability = std over visits,
@@ -43,14 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.difficulty_table import (ExampleTable, IdIndex, RingSeries, UpdateStats, emas_from_state,
-                                          hash_ids)
+from diagnostics.stats import ols_slope, ols_slope_test
 
 __all__ = [
-    "ExampleTable", "UpdateStats", "IdIndex", "hash_ids",
     "data_map_regions", "REGIONS", "roc_auc",
-    "Learnability", "ols_slope", "ols_slope_test", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
-    "RingSeries", "emas_from_state", "sequence_scores", "reducible_loss", "domain_curves",
+    "Learnability", "learnability", "PowerLawFit", "fit_power_law", "local_exponent",
+    "sequence_scores", "reducible_loss", "domain_curves",
 ]
 
 # -----------------------------------------------------------------------------
@@ -100,57 +99,6 @@ def roc_auc(scores, labels) -> float:
 
 # -----------------------------------------------------------------------------
 # learnability: slopes, the diminishing-returns test, power laws
-
-
-def ols_slope_test(x, y) -> tuple[float, float, float, float]:
-    """Least-squares line y = a + b x with the one-sided t-test of H0 "slope >= 0".
-
-    Returns (b, se(b), a, p): se from the residual variance with n - 2 degrees of freedom;
-    p = P(T_{n-2} <= b / se), small when the line significantly falls (the same numbers as
-    ``scipy.stats.linregress(x, y, alternative="less")``: slope, stderr, intercept, pvalue).
-    The one implementation behind ``ols_slope``, ``learnability`` and the post-knot guard of
-    ``diagnostics.phases``. Edge cases:
-
-    - n < 2 or constant x (no slope): all four NaN (linregress raises);
-    - n = 2: b and a, se and p NaN (no residual degree of freedom; linregress reports se = 0);
-    - a perfect line (zero residual): se = 0 and p = 0 if b < 0 else 1 (the sign decides);
-    - NaN or inf in x or y: NaN results (callers drop non-finite points first).
-    """
-    from scipy.special import stdtr
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"ols_slope needs two 1-d arrays of one length, got shapes {x.shape} and {y.shape}.")
-    n = len(x)
-    nan = float("nan")
-    if n < 2:
-        return nan, nan, nan, nan
-    xm, ym = float(x.mean()), float(y.mean())
-    dx, dy = x - xm, y - ym
-    sxx = float(dx @ dx)
-    if not sxx > 0:  # constant x (or NaN)
-        return nan, nan, nan, nan
-    b = float(dx @ dy) / sxx
-    a = ym - b * xm
-    if n < 3:
-        return b, nan, a, nan
-    resid = dy - b * dx  # centred: no cancellation against a large intercept
-    s2 = float(resid @ resid) / (n - 2)
-    if not math.isfinite(b) or not math.isfinite(s2):
-        return b, nan, a, nan
-    se = math.sqrt(s2 / sxx)
-    if se > 0:
-        p = float(stdtr(n - 2, b / se))
-    else:  # a perfect line: the sign decides
-        p = 0.0 if b < 0 else 1.0
-    return b, se, a, p
-
-
-def ols_slope(x, y) -> tuple[float, float, float]:
-    """Least-squares line y = a + b x: returns (b, se(b), a); se from the residual variance
-    with n - 2 degrees of freedom (NaN when n < 3 or x is constant). ``ols_slope_test`` without p."""
-    b, se, a, _ = ols_slope_test(x, y)
-    return b, se, a
 
 
 @dataclass

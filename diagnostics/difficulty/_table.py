@@ -1,7 +1,7 @@
 """Streaming state of curriculum difficulty: the per-example table and small bounded series.
 
 Vectorised numpy, bounded memory, resumable (``state_dict``); used by ``hooks.DifficultyTracker``
-and re-exported by ``diagnostics.difficulty`` (import from there). Definitions: docs/difficulty.md.
+and public through ``diagnostics.difficulty`` (import from there). Definitions: docs/difficulty.md.
 
     ExampleTable  one row per example id: visits, Welford mean/M2 of the loss and of the
                   confidence exp(-loss) (Welford 1962; Chan et al. 1979), first/last loss,
@@ -10,7 +10,7 @@ and re-exported by ``diagnostics.difficulty`` (import from there). Definitions: 
     IdIndex       id -> row map: vectorised open addressing on splitmix64-mixed ids.
     RingSeries    the last ``capacity`` (x, y) points of a curve.
 
-The per-domain loss EMAs are ``diagnostics.ema.BiasCorrectedEMA`` (one per domain, in the hook);
+The per-domain loss EMAs are ``diagnostics.stats.BiasCorrectedEMA`` (one per domain, in the hook);
 ``emas_from_state`` reads their checkpointed state (and the former ``DomainEMA`` layout).
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diagnostics.ema import BiasCorrectedEMA
+from diagnostics.stats import BiasCorrectedEMA
 
 __all__ = ["ExampleTable", "UpdateStats", "IdIndex", "hash_ids", "RingSeries", "emas_from_state"]
 

@@ -1,13 +1,4 @@
-"""Recommendations from a run's measurements (DESIGN section 5).
-
-A ``Recommendation`` says what it recommends (value, unit), with a range, the evidence (which
-measured signals over which steps), the assumptions it rests on and what would change it. It renders
-as text for a person (``to_text``), as JSON for a program (``to_dict``), and carries a config patch
-the built-in loop accepts (``patch``: phases by name -> changed keys; ``midtrain recommend RUN
---write-config new.toml`` applies it), so a recommendation can be run and checked by branching the
-run from a checkpoint (``midtrain train --from RUN --step S --config new.toml``).
-
-Batch size from the gradient noise scale (McCandlish et al. 2018, arXiv 1812.06162)::
+"""Batch size from the gradient noise scale (McCandlish et al. 2018, arXiv 1812.06162)::
 
     B_simple = tr(Sigma) / |G|^2   estimates   B_noise ~= B_crit,
     steps    S(B) = S_min (1 + B_noise / B),   examples  E(B) = E_min (1 + B / B_noise)
@@ -21,147 +12,21 @@ range a moving-block bootstrap over those steps (blocks keep the steps' autocorr
     >>> from diagnostics import load_run                                # doctest: +SKIP
     >>> from diagnostics.recommend import batch_size_recommendation
     >>> print(batch_size_recommendation(load_run("runs/demo")).to_text())
-
-When to start the LR decay: ``lr_decay_recommendation`` (in ``diagnostics.recommend_lr``, re-exported
-here) fits the LR-annealing law of Tissue et al. 2024 to the run and minimises its predicted final loss.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from diagnostics.gns import examples_needed, steps_needed, two_batch_estimates
+from diagnostics.recommend._common import (Recommendation, RecommendationError, _fmt, _phase_table,
+                                           _runnable_batch)
+from diagnostics.stats import block_bootstrap_ratio
 
-__all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "block_bootstrap_ratio",
-           "lr_decay_recommendation", "critical_batch_recommendation"]
-
-
-def __getattr__(name):  # re-export without an import cycle (recommend_lr imports this module)
-    if name == "lr_decay_recommendation":
-        from diagnostics.recommend_lr import lr_decay_recommendation
-
-        return lr_decay_recommendation
-    if name == "critical_batch_recommendation":
-        from diagnostics.recommend_branches import critical_batch_recommendation
-
-        return critical_batch_recommendation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class RecommendationError(ValueError):
-    """The run does not hold what a recommendation needs (says what is missing and what to do)."""
-
-
-@dataclass
-class Recommendation:
-    name: str                    # what is recommended, e.g. "batch_size"
-    value: float                 # the recommended value (unit below)
-    unit: str
-    low: float                   # range of the estimate it rests on (``level`` interval)
-    high: float
-    level: float
-    estimate: float              # the measured quantity behind the value (e.g. B_simple)
-    summary: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-    assumptions: list[str] = field(default_factory=list)
-    would_change: list[str] = field(default_factory=list)
-    patch: dict[str, Any] = field(default_factory=dict)   # {"phases": {name: {key: value}}}
-    check: str = ""              # how to run and check it
-    branch_step: int | None = None  # the latest step a branch testing the patch may start from
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("value", "low", "high", "estimate", "level"):
-            v = d[k]
-            d[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else (
-                "inf" if v == math.inf else v)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def to_text(self) -> str:
-        lines = [f"{self.name}: {_fmt(self.value)} {self.unit}", f"  {self.summary}",
-                 f"  estimate {_fmt(self.estimate)} ("
-                 + ("range" if math.isnan(self.level) else f"{self.level:.0%} range")
-                 + f" {_fmt(self.low)} - {_fmt(self.high)})"]
-        if self.evidence:
-            lines.append("  evidence:")
-            lines += [f"    {k}: {_fmt(v) if isinstance(v, float) else v}" for k, v in self.evidence.items()]
-        for title, items in (("assumes", self.assumptions), ("would change if", self.would_change)):
-            if items:
-                lines.append(f"  {title}:")
-                lines += [f"    - {s}" for s in items]
-        if self.patch:
-            lines.append(f"  config patch: {json.dumps(self.patch)}")
-        if self.check:
-            lines.append(f"  check it: {self.check}")
-        return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        if math.isinf(v):
-            return "unbounded"
-        return f"{v:.4g}"
-    return str(v)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def moving_block_indices(n: int, n_boot: int, rng: np.random.Generator,
-                         block: int | None = None) -> tuple[np.ndarray, int]:
-    """Row indices (n_boot, n) of moving-block bootstrap replicates and the block length: blocks of
-    ``block`` consecutive rows (default ~ n^(1/3), Kuensch 1989 / Hall et al. 1995's order for an
-    interval) drawn with replacement until n rows, so neighbouring steps keep their correlation."""
-    L = min(int(block) if block else max(1, int(round(n ** (1 / 3)))), n)
-    starts = rng.integers(0, n - L + 1, size=(n_boot, -(-n // L)))
-    return (starts[:, :, None] + np.arange(L)[None, None, :]).reshape(n_boot, -1)[:, :n], L
-
-
-def block_bootstrap_ratio(num: np.ndarray, den: np.ndarray, *, n_boot: int = 2000, level: float = 0.9,
-                          block: int | None = None, seed: int = 0) -> tuple[float, float, np.ndarray]:
-    """Percentile interval of sum(num) / sum(den) under a moving-block bootstrap over the rows.
-
-    Rows are consecutive steps, so neighbours are correlated (the weights change slowly): replicates
-    are ``moving_block_indices``. A replicate whose denominator is <= 0 (no signal) counts as +inf.
-    Returns (low, high, replicates).
-    """
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    n = len(num)
-    if n < 2:
-        raise ValueError("a bootstrap needs at least 2 rows")
-    idx, _ = moving_block_indices(n, n_boot, np.random.default_rng(seed), block)
-    cn, cd = num[idx].sum(1), den[idx].sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        reps = np.where(cd > 0, cn / np.where(cd > 0, cd, 1.0), np.inf)
-    reps = np.where(np.isnan(reps), np.inf, reps)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(reps, [a, 1 - a], method="inverted_cdf")  # no interpolation: inf stays inf
-    return float(max(lo, 0.0)), float(hi), reps
-
-
-def _phase_table(run) -> list[tuple[str, int, int, dict]]:
-    """[(name, start, end, phase config)] from run.json (empty for runs of other loops)."""
-    if not hasattr(run, "metrics"):  # a bare DataFrame (its .info is a method)
-        return []
-    info, cfg = run.info or {}, run.config or {}
-    starts, names = info.get("phase_starts"), info.get("phase_names")
-    phases = cfg.get("phases") or []
-    if not starts or not names:
-        return []
-    total = info.get("total_steps") or (starts[-1] + 10**12)
-    ends = list(starts[1:]) + [total]
-    by_name = {p.get("name"): p for p in phases}
-    return [(n, s, e, by_name.get(n, {})) for n, s, e in zip(names, starts, ends)]
+__all__ = ["batch_size_recommendation"]
 
 
 def batch_size_recommendation(run, *, phase: str | None = None, window: int | None = None,
@@ -297,24 +162,6 @@ def _median_col(df, col, rows):
     v = df[col].to_numpy(dtype=np.float64)[rows]
     v = v[np.isfinite(v)]
     return float(np.median(v)) if len(v) else None
-
-
-def _runnable_batch(b_simple: float, pcfg: dict, current: float, world: int,
-                    b_small: float) -> tuple[int, int, int]:
-    """(batch, grad_accum, micro-batch per process) nearest to b_simple that keeps the phase's
-    micro-batch (memory-bound) when possible: batch = micro x accum x world. Without the phase's
-    config (another loop's run) the micro-batch is the measured B_small when it is one (> 1)."""
-    if pcfg.get("batch_size"):
-        batch, accum = int(pcfg["batch_size"]), int(pcfg.get("grad_accum") or 1)
-        micro = max(1, batch // max(1, accum * world))
-    else:
-        micro, world = max(1, int(round(b_small))) if b_small > 1 else 1, 1
-    unit = micro * world
-    if b_simple >= unit:
-        accum_new = max(1, int(round(b_simple / unit)))
-        return unit * accum_new, accum_new, micro
-    micro_new = max(1, int(round(b_simple / world)))  # below one micro-batch: shrink it
-    return micro_new * world, 1, micro_new
 
 
 def _tradeoff_sentence(current: float, b_noise: float) -> str:

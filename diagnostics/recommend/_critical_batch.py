@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from diagnostics.gns import fit_steps_examples
-from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table, _runnable_batch
+from diagnostics.recommend._batch_size import batch_size_recommendation
+from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt, _phase_table, _runnable_batch
 
 __all__ = ["critical_batch_recommendation", "steps_to_target", "branch_curve"]
 
@@ -102,8 +103,9 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
 
     target: the validation loss every branch must reach (default: the worst of the branches' best
         losses, i.e. one every branch reached). domain: one domain's loss (default: mean over domains).
-    The range: B_crit over ``n_targets`` targets spread over the upper half of the reachable interval
-    (default target .. halfway to the highest starting loss) and over leave-one-branch-out refits.
+    The range: B_crit over ``n_targets`` targets spread from the target to halfway to the LOWEST of the
+    branches' starting losses (so every branch starts above every target) and over
+    leave-one-branch-out refits.
     """
     curves = []
     for r in branch_runs:
@@ -153,8 +155,6 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
         evidence[f"batch {b}"] = f"{s:.4g} steps, {e:.4g} sequences to target"
     gns = None
     if parent_run is not None and hasattr(parent_run, "metrics"):
-        from diagnostics.recommend import batch_size_recommendation
-
         try:
             gns = batch_size_recommendation(parent_run).estimate
             evidence["parent's gradient noise scale B_simple"] = gns

@@ -1,6 +1,6 @@
 """When to start the LR decay: the annealing law fitted to the run, minimised over decay lengths.
 
-The LR-annealing law of Tissue et al. 2024 (arXiv 2408.11029; ``diagnostics.schedule_laws``)::
+The LR-annealing law of Tissue et al. 2024 (arXiv 2408.11029; ``diagnostics.schedule``)::
 
     L(s) = L0 + A S1(s)^(-alpha) - C S2(s)
 
@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.recommend import Recommendation, RecommendationError, _fmt, _phase_table, moving_block_indices
-from diagnostics.schedule_laws import DECAY_SHAPES, _increments, annealing_law, fit_annealing_law, lr_areas, phase_lrs
+from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt, _phase_table
+from diagnostics.schedule import DECAY_SHAPES, annealing_law, fit_annealing_law, lr_areas, lr_decreases, phase_lrs
+from diagnostics.stats import moving_block_indices
 
 __all__ = ["lr_decay_recommendation", "candidate_decays"]
 
@@ -85,7 +86,7 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
         raise RecommendationError(f"no logged train/loss from step {max(1, first)} on")
     last = int(steps.max())
     # -- is there annealing in the history the losses see?
-    d = _increments(lrs[:last], ignore_initial_warmup=True)
+    d = lr_decreases(lrs[:last], ignore_initial_warmup=True)
     falls = np.flatnonzero(d > 0)
     n_after = int(np.sum(steps > falls[0])) if len(falls) else 0
     if len(falls) == 0 or n_after < min_anneal_points:

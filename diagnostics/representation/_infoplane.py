@@ -1,6 +1,6 @@
 """Information plane: matrix-based Renyi entropies and mutual information of kernel Gram matrices.
 
-    from diagnostics.infoplane import mutual_information, information_plane
+    from diagnostics.representation import mutual_information, information_plane
     information_plane(X, T, Y)   # X (N, Dx) inputs, T (N, D) a layer, Y (N,) next-token ids
 
 Giraldo, Rao & Principe 2015 (eqs. 6, 9-11) and Yu et al. 2019/2020; what these numbers do and do not
@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from diagnostics._linalg import _as_matrix64, _as_tensor, _psd_eigvals, _zero_tol, renyi_entropy
+from diagnostics.representation._linalg import _as_matrix64, _as_tensor, _psd_eigvals, _zero_tol, renyi_entropy
 
 __all__ = [
     "kernel_gram",

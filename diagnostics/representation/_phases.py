@@ -47,7 +47,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from diagnostics.difficulty import ols_slope_test
+from diagnostics.stats import ols_slope_test
 
 __all__ = [
     "COMPRESSION_DIRECTION",

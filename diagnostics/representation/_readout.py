@@ -1,7 +1,7 @@
 """Readout of the next token from a layer: the logit lens through the model's own head, and a small
 fitted softmax probe (docs/representation.md, "Readout").
 
-    from diagnostics.readout import readout_loss
+    from diagnostics.representation import readout_loss
     readout_loss(hidden, targets, model.lm_head.weight, norm=model.final_norm)   # nats
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from diagnostics._linalg import _as_matrix64, _as_tensor
+from diagnostics.representation._linalg import _as_matrix64, _as_tensor
 
 __all__ = ["readout_loss", "ProbeResult", "fit_linear_probe"]
 

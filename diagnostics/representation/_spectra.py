@@ -16,7 +16,8 @@ The one spectral definition every metric below shares (docs/representation.md):
     lambda_i / sum_j lambda_j  is the spectrum of the trace-normalised Gram: a probability vector.
 
 Metrics (references and equations in docs/representation.md; TwoNN, the information plane and the
-readout live in diagnostics.twonn / .infoplane / .readout and are re-exported here):
+readout live in the sibling modules _twonn / _infoplane / _readout; all are public through the
+family's front door, ``diagnostics.representation``):
 
     matrix_entropy    S_alpha = log(sum_i lambda_i^alpha) / (1 - alpha)      Giraldo, Rao & Principe 2014
     effective_rank    exp(-sum p_i log p_i), p from singular values        Roy & Vetterli 2007; RankMe 2023
@@ -29,7 +30,7 @@ readout live in diagnostics.twonn / .infoplane / .readout and are re-exported he
 Quick tour (CPU, well under a second):
 
     import torch
-    from diagnostics.spectra import matrix_entropy, effective_rank, alpha_req, twonn_dimension
+    from diagnostics.representation import matrix_entropy, effective_rank, alpha_req, twonn_dimension
     Z = torch.randn(1000, 64) @ torch.randn(64, 256)      # 1000 tokens, rank-64 features
     matrix_entropy(Z), effective_rank(Z), alpha_req(Z), twonn_dimension(Z)
 
@@ -44,18 +45,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from diagnostics._linalg import _as_matrix64, _as_tensor, _psd_eigvals, renyi_entropy
-from diagnostics.infoplane import (
-    gram_entropy,
-    information_plane,
-    joint_gram_entropy,
-    kernel_gram,
-    mutual_information,
-    mutual_information_ty,
-    mutual_information_xt,
-)
-from diagnostics.readout import ProbeResult, fit_linear_probe, readout_loss
-from diagnostics.twonn import twonn_dimension
+from diagnostics.representation._linalg import _as_matrix64, _as_tensor, _psd_eigvals, renyi_entropy
+from diagnostics.representation._twonn import twonn_dimension
 
 __all__ = [
     "eigenspectrum",
@@ -63,17 +54,6 @@ __all__ = [
     "matrix_entropy",
     "effective_rank",
     "alpha_req",
-    "twonn_dimension",
-    "kernel_gram",
-    "gram_entropy",
-    "joint_gram_entropy",
-    "mutual_information",
-    "mutual_information_xt",
-    "mutual_information_ty",
-    "information_plane",
-    "readout_loss",
-    "ProbeResult",
-    "fit_linear_probe",
     "representation_metrics",
     "grouped_representation_metrics",
 ]

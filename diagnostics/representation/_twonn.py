@@ -1,6 +1,6 @@
 """TwoNN intrinsic dimension (Facco et al. 2017) with a verified fast nearest-neighbour search.
 
-    from diagnostics.twonn import twonn_dimension
+    from diagnostics.representation import twonn_dimension
     twonn_dimension(Z)        # Z (N, D): tokens x features, torch tensor or numpy array
 
 The estimator needs, for every point, the distances r1 < r2 to its two nearest neighbours. They are
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diagnostics._linalg import _as_matrix64
+from diagnostics.representation._linalg import _as_matrix64
 
 __all__ = ["twonn_dimension"]
 

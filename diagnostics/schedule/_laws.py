@@ -1,4 +1,4 @@
-"""Loss-vs-LR-schedule laws and their fitting (DESIGN section 7: Tissue et al. 2024).
+"""Loss-vs-LR-schedule laws and their fitting (Tissue et al. 2024; docs/recommendations.md).
 
 The LR-annealing law of Tissue et al. 2024 ("Scaling Law with Learning Rate Annealing",
 arXiv 2408.11029) describes the whole loss curve of one run as a function of its LR schedule::
@@ -21,13 +21,14 @@ Step convention of this package: ``train/loss`` at step s is measured BEFORE upd
 s updates, so it pairs with the areas after s updates (``lr_areas(lrs)[.][s-1]``); the loss at the
 end of a run of N steps is the law after N updates.
 
-    >>> lrs = wsd_lrs(1000, warmup=50, decay_fraction=0.2, lr=3e-3, final_lr=3e-4)   # doctest: +SKIP
-    >>> fit = fit_annealing_law(lrs, steps, losses)        # steps: where the losses were logged
-    >>> fit.predict(other_lrs)[-1]                         # final loss under another schedule
+    >>> from diagnostics.schedule import fit_annealing_law, lr_schedule
+    >>> n = 1000   # a warmup-stable-decay schedule: 50 warmup steps, the last 20% decaying linearly
+    >>> lrs = lr_schedule(np.arange(n), n, lr=3e-3, final_lr=3e-4, warmup_steps=50, decay="linear",
+    ...                   decay_fraction=0.2)
+    >>> fit = fit_annealing_law(lrs, steps, losses)        # doctest: +SKIP  (steps: where losses were logged)
+    >>> fit.predict(other_lrs)[-1]                         # doctest: +SKIP  (final loss under another schedule)
 
-``lr_schedule`` is the built-in loop's per-phase schedule itself: ``midtrain.config.Phase.lr_at``
-calls it (``diagnostics`` may not import ``midtrain``, so it lives here), and ``phase_lrs``
-evaluates it for candidate schedules.
+The schedule itself (``lr_schedule``, ``phase_lrs``) is the sibling module ``_lr``.
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["lr_areas", "annealing_law", "AnnealingLawFit", "fit_annealing_law", "robust_noise_scale",
-           "lr_schedule", "phase_lrs", "phase_num_steps", "DECAY_SHAPES"]
+from diagnostics.stats import robust_noise_scale
 
-DECAY_SHAPES = ("constant", "linear", "cosine", "1-sqrt", "exponential")
+__all__ = ["lr_areas", "lr_decreases", "annealing_law", "AnnealingLawFit", "fit_annealing_law"]
 
 
 # -- the areas ---------------------------------------------------------------------------------
 
-def _increments(lrs: np.ndarray, ignore_initial_warmup: bool) -> np.ndarray:
-    """d_k = eta_{k-1} - eta_k (d_1 = 0), with the initial rise (warmup) set to 0."""
+def lr_decreases(lrs: np.ndarray, ignore_initial_warmup: bool = True) -> np.ndarray:
+    """d_k = eta_{k-1} - eta_k (d_1 = 0), with the initial rise (warmup) set to 0: the LR decreases that
+    build the annealing area S2 (``lr_areas``)."""
+    lrs = np.asarray(lrs, dtype=np.float64)
     d = np.zeros_like(lrs)
     d[1:] = lrs[:-1] - lrs[1:]
     if ignore_initial_warmup and len(lrs) > 1:
@@ -68,7 +70,7 @@ def lr_areas(lrs, *, momentum: float = 0.999, ignore_initial_warmup: bool = True
         raise ValueError("lrs must be finite and >= 0")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    d = _increments(lrs, ignore_initial_warmup)
+    d = lr_decreases(lrs, ignore_initial_warmup)
     m = _ema_sum(d, momentum)
     return np.cumsum(lrs), np.cumsum(m)
 
@@ -86,14 +88,6 @@ def annealing_law(S1, S2, L0: float, A: float, alpha: float, C: float):
 
 
 # -- the fit -----------------------------------------------------------------------------------
-
-def robust_noise_scale(y) -> float:
-    """Per-point noise sd of a slowly varying noisy curve: 1.4826 MAD of first differences / sqrt 2
-    (differencing removes the trend; the MAD ignores loss spikes)."""
-    dy = np.diff(np.asarray(y, dtype=np.float64))
-    if len(dy) == 0:
-        return 0.0
-    return float(1.4826 * np.median(np.abs(dy - np.median(dy))) / math.sqrt(2))
 
 
 @dataclass
@@ -207,7 +201,7 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
     lo = np.r_[0.0, 0.0, 1e-3, 0.0, np.full(len(labels), -np.inf)]  # cross-entropy: L0 >= 0
     hi = np.r_[np.inf, np.inf, 4.0, np.inf, np.full(len(labels), np.inf)]
     init = np.clip(init, lo + 1e-12 * (np.isfinite(lo)), hi - 1e-9)
-    from scipy.optimize import least_squares  # here: midtrain.config imports this module for lr_schedule
+    from scipy.optimize import least_squares  # here: importing diagnostics.schedule (midtrain.config does) stays light
 
     sol = least_squares(resid, init, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
                         x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
@@ -221,55 +215,4 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
         n_points=len(y), steps=steps, residuals=r, fitted=model(p))
 
 
-# -- the built-in loop's schedule (mirrors midtrain.config.Phase.lr_at) ----------------------------
 
-def phase_num_steps(phase: dict) -> int:
-    if phase.get("steps") is not None:
-        return int(phase["steps"])
-    return math.ceil(int(phase["tokens"]) / (int(phase["batch_size"]) * int(phase["seq_len"])))
-
-
-def lr_schedule(t, n: int, *, lr: float, final_lr: float = 0.0, warmup_steps: int = 0,
-                decay: str = "constant", decay_fraction: float = 1.0):
-    """LR at step(s) ``t`` (0-based; an int or an array) of a phase of ``n`` steps: the built-in
-    loop's schedule (``midtrain.config.Phase.lr_at`` calls this). Linear warmup from lr/warmup_steps
-    to lr over ``warmup_steps``; then lr held; the last round(decay_fraction x post-warmup steps)
-    steps decay to ``final_lr`` with shape ``decay``, reaching it on the phase's last step."""
-    if decay not in DECAY_SHAPES:
-        raise ValueError(f"unknown decay shape {decay!r}; valid: {', '.join(DECAY_SHAPES)}")
-    t = np.asarray(t, dtype=np.float64)
-    warm = int(warmup_steps or 0)
-    hi, lo = float(lr), float(final_lr)
-    out = np.full(t.shape, hi)
-    if decay != "constant":
-        n_decay = max(1, round(float(decay_fraction) * (n - warm)))
-        start = n - n_decay
-        p = (t - start + 1) / n_decay  # in (0, 1] over the decay; 1 on the phase's last step
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # p <= 0 before it: unused
-            if decay == "linear":
-                v = hi - (hi - lo) * p
-            elif decay == "cosine":
-                v = lo + (hi - lo) * 0.5 * (1.0 + np.cos(np.pi * p))
-            elif decay == "1-sqrt":  # Hägele et al. 2024, arXiv 2405.18392
-                v = lo + (hi - lo) * (1.0 - np.sqrt(p))
-            else:  # exponential
-                v = hi * (lo / hi) ** p
-        out = np.where(t >= start, v, out)
-    if warm:
-        out = np.where(t < warm, hi * (t + 1) / warm, out)
-    return out
-
-
-def phase_lrs(phase: dict, n: int | None = None, *, decay: str | None = None,
-              decay_fraction: float | None = None) -> np.ndarray:
-    """The LR of each of a phase's ``n`` steps (a ``Phase`` as a dict: lr, warmup_steps, decay,
-    decay_fraction, final_lr), optionally with another ``decay`` shape or ``decay_fraction``
-    (``lr_schedule``)."""
-    n = phase_num_steps(phase) if n is None else int(n)
-    shape = decay if decay is not None else phase.get("decay", "constant")
-    lo = float(phase.get("final_lr", 0.0))
-    if shape == "exponential" and lo <= 0:
-        raise ValueError("an exponential decay needs final_lr > 0")
-    frac = decay_fraction if decay_fraction is not None else phase.get("decay_fraction", 1.0)
-    return lr_schedule(np.arange(n), n, lr=float(phase.get("lr", 3e-3)), final_lr=lo,
-                       warmup_steps=int(phase.get("warmup_steps") or 0), decay=shape, decay_fraction=float(frac))

@@ -322,9 +322,9 @@ def test_domain_curves_from_run_metrics():
 
 
 def test_every_public_name_is_importable_from_diagnostics_difficulty():
-    """The streaming state moved to diagnostics.difficulty_table; the public surface stays in one place."""
+    """The streaming state lives in diagnostics.difficulty._table; the public surface is the front door."""
     import diagnostics.difficulty as dd
-    import diagnostics.difficulty_table as dt
+    import diagnostics.difficulty._table as dt
 
     for name in dd.__all__:
         assert hasattr(dd, name), name

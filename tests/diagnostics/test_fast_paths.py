@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from diagnostics._linalg import _as_matrix64
-from diagnostics.infoplane import _Var
-from diagnostics.spectra import (
+from diagnostics.representation._linalg import _as_matrix64
+from diagnostics.representation._infoplane import _Var
+from diagnostics.representation import (
     eigenspectrum,
     gram_entropy,
     information_plane,
@@ -24,7 +24,7 @@ from diagnostics.spectra import (
     representation_metrics,
     twonn_dimension,
 )
-from diagnostics.twonn import _two_nearest
+from diagnostics.representation._twonn import _two_nearest
 
 
 def brute_two_nearest(X):
@@ -170,7 +170,7 @@ def test_nonfinite_input_check_by_the_sum_and_its_fallback():
 def test_readout_per_token_losses_pool_to_the_mean():
     import torch.nn.functional as F
 
-    from diagnostics.spectra import readout_loss
+    from diagnostics.representation import readout_loss
 
     g = torch.Generator().manual_seed(57)
     h, W = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
@@ -187,7 +187,7 @@ def test_readout_per_token_losses_pool_to_the_mean():
 
 @pytest.mark.parametrize("case", ["few", "many", "constant_first_column", "ties_not_duplicates"])
 def test_drop_duplicates_equals_torch_unique(case):
-    from diagnostics.twonn import _drop_duplicates
+    from diagnostics.representation._twonn import _drop_duplicates
 
     rng = np.random.default_rng(58)
     X = rng.standard_normal((500, 6))
@@ -208,7 +208,7 @@ def test_drop_duplicates_equals_torch_unique(case):
 
 @pytest.mark.parametrize("n_per_group", [120, 30])  # > D: pooled covariance from the groups'; < D: one by one
 def test_grouped_metrics_equal_separate_calls(n_per_group):
-    from diagnostics.spectra import grouped_representation_metrics
+    from diagnostics.representation import grouped_representation_metrics
 
     rng = np.random.default_rng(59)
     D = 48

@@ -1,4 +1,4 @@
-"""Ground-truth tests for diagnostics/gns.py (McCandlish et al. 2018, arXiv 1812.06162).
+"""Ground-truth tests for diagnostics.gns (McCandlish et al. 2018, arXiv 1812.06162).
 
 Sampling convention used throughout: batches are drawn WITH replacement from a finite population of
 N per-example gradients g_i, so the examples of a batch are i.i.d. and

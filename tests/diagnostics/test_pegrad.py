@@ -1,4 +1,4 @@
-"""Per-example gradient norms (diagnostics/pegrad.py, hooks/per_example.py) against brute force.
+"""Per-example gradient norms (diagnostics.gns.pegrad, hooks/per_example.py) against brute force.
 
 Ground truth is the slow, obvious computation: materialised per-example gradients from explicit
 sums, and torch.func (``vmap(grad(loss_i))`` through ``functional_call``) on whole models.
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from diagnostics import pegrad
+from diagnostics.gns import pegrad
 from hooks.per_example import PerExampleGradNorms, module_kind
 from midtrain.model import GPT, GPTConfig
 

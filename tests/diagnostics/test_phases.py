@@ -1,5 +1,5 @@
-"""diagnostics/phases.py: a known turn is found where it is, and a straight line with noise raises a
-false alarm at most alpha (plus Monte-Carlo margin) of the time."""
+"""diagnostics.representation.detect_compression_onset / detect_phases: a known turn is found where it is,
+and a straight line with noise raises a false alarm at most alpha (plus Monte-Carlo margin) of the time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diagnostics.phases import detect_compression_onset, detect_phases, format_event, hinge_fit
+from diagnostics.representation import detect_compression_onset, detect_phases, format_event, hinge_fit
 
 
 def piecewise(steps, knot, rise=1.0, fall=0.8):
@@ -112,7 +112,7 @@ def test_post_knot_guard_is_scipy_linregress_on_the_points_from_the_knot():
     that cannot be computed (too few points after the knot) never passes."""
     from scipy.stats import linregress
 
-    from diagnostics.phases import _post_slope_p
+    from diagnostics.representation._phases import _post_slope_p
 
     rng = np.random.default_rng(9)
     x = np.arange(0, 3000, 100.0)
@@ -180,7 +180,7 @@ def test_detect_phases_alpha_req_uses_the_opposite_direction():
 
 def test_hinge_stats_in_knot_chunks_equal_one_block(monkeypatch):
     """The residuals are formed a few knots at a time (bounded memory); the statistics must not change."""
-    from diagnostics import phases
+    from diagnostics.representation import _phases as phases
 
     rng = np.random.default_rng(3)
     n = 60

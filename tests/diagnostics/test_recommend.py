@@ -1,6 +1,6 @@
-"""diagnostics/recommend.py: the batch-size recommendation against a problem with a known noise
-scale, its bootstrap range's coverage, the clear errors, and the CLI end to end (a real run, the
-written config branched and trained)."""
+"""diagnostics.recommend.batch_size_recommendation: the batch-size recommendation against a problem with a
+known noise scale, its bootstrap range's coverage, the clear errors, and the CLI end to end (a real run,
+the written config branched and trained)."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Ground truth for the branch critical-batch fit (diagnostics.recommend_branches)."""
+"""Ground truth for the branch critical-batch fit (diagnostics.recommend)."""
 
 import math
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from diagnostics.recommend import RecommendationError, critical_batch_recommendation
-from diagnostics.recommend_branches import steps_to_target
+from diagnostics.recommend import steps_to_target
 
 
 def fake_branch(batch, s_min_per_nat, b_noise, *, start=100, l0=4.0, n_evals=12, horizon=None, domains=2):

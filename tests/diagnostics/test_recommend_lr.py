@@ -1,6 +1,6 @@
-"""diagnostics/recommend_lr.py: on a run whose loss follows the annealing law exactly the
-recommendation is the brute-force argmin under the true parameters; clear errors; the CLI end to end
-on a real run (both recommendations printed and saved, the config patched, the branch trains)."""
+"""diagnostics.recommend.lr_decay_recommendation: on a run whose loss follows the annealing law exactly the
+recommendation is the brute-force argmin under the true parameters; clear errors; the CLI end to end on
+a real run (both recommendations printed and saved, the config patched, the branch trains)."""
 
 import json
 

@@ -1,11 +1,12 @@
-"""diagnostics/schedule_laws.py: the areas against their double-sum definition, the schedule against
-midtrain's Phase.lr_at, and the fit against losses generated from the law with known parameters."""
+"""diagnostics.schedule (the annealing law, the LR schedule): the areas against their double-sum
+definition, the schedule against midtrain's Phase.lr_at, and the fit against losses generated from the
+law with known parameters."""
 
 import numpy as np
 import pytest
 
-from diagnostics.schedule_laws import (DECAY_SHAPES, annealing_law, fit_annealing_law, lr_areas, phase_lrs,
-                                       robust_noise_scale)
+from diagnostics.schedule import DECAY_SHAPES, annealing_law, fit_annealing_law, lr_areas, phase_lrs
+from diagnostics.stats import robust_noise_scale
 
 TRUE = dict(L0=2.5, A=1.0, alpha=0.35, C=1.5)
 

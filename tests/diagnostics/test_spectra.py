@@ -1,5 +1,6 @@
-"""Ground-truth tests for diagnostics/spectra.py: closed forms, constructed spectra, known manifolds,
-and slow obvious references (numpy SVD, scipy brute-force distances, manual cross-entropy)."""
+"""Ground-truth tests for diagnostics.representation (spectra, TwoNN, information plane): closed forms,
+constructed spectra, known manifolds, and slow obvious references (numpy SVD, scipy brute-force
+distances, manual cross-entropy)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 
-from diagnostics.spectra import (
+from diagnostics.representation import (
     alpha_req,
     effective_rank,
     eigenspectrum,

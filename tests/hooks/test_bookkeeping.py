@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from diagnostics import pegrad
+from diagnostics.gns import pegrad
 from hooks import per_example
 from hooks.per_example import PerExampleGradNorms
 from tests.diagnostics.test_pegrad import RTOL, gpt_case_for, rel_err

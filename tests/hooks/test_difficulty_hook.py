@@ -283,7 +283,7 @@ def test_state_dict_resume_equals_uninterrupted():
 
 
 class _FormerDomainEMA:
-    """The tracker's per-domain EMA before it used diagnostics.ema.BiasCorrectedEMA (the former
+    """The tracker's per-domain EMA before it used diagnostics.stats.BiasCorrectedEMA (the former
     diagnostics.difficulty_table.DomainEMA, verbatim arithmetic): the reference for values and for
     the version-1 checkpoint layout {"decay", "ema", "k"}."""
 

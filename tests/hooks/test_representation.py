@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diagnostics.spectra import gram_entropy, joint_gram_entropy, kernel_gram, representation_metrics
+from diagnostics.representation import gram_entropy, joint_gram_entropy, kernel_gram, representation_metrics
 from hooks.monitor import MemorySink, Monitor
 from hooks.representation import RepresentationProbe, default_sites
 from midtrain.model import GPT, GPTConfig

@@ -1,0 +1,28 @@
+"""Recommendations from a run's measurements: the front door of the recommend family
+(docs/recommendations.md; how to add one: docs/architecture.md).
+
+    _common          ``Recommendation`` (value, range, evidence, assumptions, what would change it, a
+                     config patch, how to check it) and ``RecommendationError``; phase-table and
+                     runnable-batch helpers the recommenders share
+    _batch_size      ``batch_size_recommendation``: the batch size the gradient noise scale points to
+    _lr_decay        ``lr_decay_recommendation``: when to start the LR decay, from the annealing law
+    _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
+
+One module per recommendation; each imports only ``_common`` and the families it builds on
+(``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
+its own family, so there is no import cycle::
+
+    from diagnostics import load_run
+    from diagnostics.recommend import batch_size_recommendation, lr_decay_recommendation
+    print(batch_size_recommendation(load_run("runs/a")).to_text())
+"""
+
+from diagnostics.recommend._batch_size import batch_size_recommendation
+from diagnostics.recommend._common import Recommendation, RecommendationError
+from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
+from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
+from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
+
+__all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "lr_decay_recommendation",
+           "candidate_decays", "critical_batch_recommendation", "steps_to_target", "branch_curve",
+           "block_bootstrap_ratio", "moving_block_indices"]

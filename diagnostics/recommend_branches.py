@@ -1,0 +1,5 @@
+"""Deprecated alias of ``diagnostics.recommend`` (kept for one release; docs/architecture.md)."""
+from diagnostics._moved import warn_moved
+from diagnostics.recommend import *  # noqa: F401,F403
+
+warn_moved(__name__, "diagnostics.recommend")
