@@ -1,6 +1,6 @@
 """The run directory: the one data format every part of midtrain shares.
 
-A run directory holds one training run (DESIGN.md section 4)::
+A run directory holds one training run (docs/architecture.md, "The run directory")::
 
     runs/<name>/run.json              schema version, name, created time, config, versions,
                                       host, parent (for branches), status fields

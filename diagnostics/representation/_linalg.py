@@ -51,7 +51,7 @@ def _psd_eigvals(M: torch.Tensor) -> np.ndarray:
 
     float64 eigvalsh of a low-rank PSD matrix returns the zero eigenvalues as +-(n * eps * lambda_max)
     noise; the same tolerance as numpy.linalg.matrix_rank zeroes them so that a rank-k matrix has
-    exactly k positive eigenvalues (DESIGN.md section 8, "Eigen-solvers").
+    exactly k positive eigenvalues (docs/architecture.md, Known pitfalls, "Eigensolvers").
     """
     M = 0.5 * (M + M.T)  # exact symmetry; eigvalsh reads one triangle only
     lam = torch.linalg.eigvalsh(M).cpu().numpy()[::-1].copy()  # descending

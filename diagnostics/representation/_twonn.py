@@ -209,7 +209,7 @@ def twonn_dimension(
     For each point, mu = r2 / r1 (second / first nearest-neighbour distance). On a locally uniform
     d-dimensional manifold mu is Pareto: F(mu) = 1 - mu^-d, so -log(1 - F(mu)) = d log mu (eq. 3-5).
     Steps, as in the paper and dadapy/scikit-dimension:
-      1. exact duplicate rows are removed (a zero r1 makes mu infinite; DESIGN.md section 8);
+      1. exact duplicate rows are removed (a zero r1 makes mu infinite; docs/architecture.md, Known pitfalls);
       2. mu is sorted, F_emp(mu_(i)) = i / N;
       3. the largest discard_fraction of the mu (outliers, boundary points) are dropped;
       4. estimator="regression": d = least-squares slope *through the origin* of -log(1 - F_emp) on

@@ -159,7 +159,7 @@ def test_entropy_continuous_in_alpha_and_monotone():
 
 
 def test_low_rank_float32_input_is_stable():
-    # DESIGN.md section 8: float32 eigensolvers on low-rank Grams return negatives; we work in float64
+    # docs/architecture.md, Known pitfalls: float32 eigensolvers on low-rank Grams return negatives; we work in float64
     g = torch.Generator().manual_seed(0)
     Z = (torch.randn(400, 3, generator=g) @ torch.randn(3, 256, generator=g)).float()
     lam = eigenspectrum(Z)
