@@ -63,7 +63,7 @@ from torch import nn
 from diagnostics.gns import GNSTracker, two_batch_estimates
 from hooks._gns_parts import _PerExample, _group_fn
 from hooks._groups import default_groups
-from hooks._probe_sites import _unwrap_ddp
+from hooks._representation_sites import _unwrap_ddp
 from hooks.monitor import Hook
 
 __all__ = ["GradientNoiseScale", "MODES", "default_groups"]

@@ -8,7 +8,7 @@ seeded subsample of at most ``max_tokens`` token positions is gathered on the de
 the model's own final norm + unembedding (logit lens), moved to CPU as float64, and turned into the
 numbers of ``diagnostics.spectra``; nothing of the activations outlives the call. The probe batch
 is normalised in ``hooks._representation_inputs``, the sites and the readout head are found in
-``hooks._probe_sites``. What depends only on the probe set (row domains, readout targets and their
+``hooks._representation_sites``. What depends only on the probe set (row domains, readout targets and their
 per-domain counts, the information plane's X and Y with their entropies) is built once at set-up
 (``_Fixed``) and rebuilt only when the probe data change; the readout is pooled by domain with index ops.
 
@@ -53,7 +53,7 @@ from diagnostics.spectra import (
     representation_metrics,
 )
 from hooks._representation_inputs import _build_jobs, _normalise_probe
-from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
+from hooks._representation_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
