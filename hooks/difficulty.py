@@ -67,7 +67,7 @@ import torch
 from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
 from diagnostics.ema import BiasCorrectedEMA
-from hooks._probe_scoring import score_sequences
+from hooks._difficulty_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
