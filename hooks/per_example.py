@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from diagnostics import pegrad
 from hooks._groups import layer_of, param_kind
-from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
+from hooks._per_example_sites import (  # noqa: F401  (module_kind is public here)
     _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
 )
 
