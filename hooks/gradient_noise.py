@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
-from hooks._gns_parts import _PerExample, _group_fn
+from hooks._gradient_noise_parts import _PerExample, _group_fn
 from hooks._groups import default_groups
 from hooks._representation_sites import _unwrap_ddp
 from hooks.monitor import Hook

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hooks._gns_parts import _PerExample
+from hooks._gradient_noise_parts import _PerExample
 from hooks._groups import default_groups, layer_of, param_kind
 from hooks.gradient_noise import GradientNoiseScale
 from hooks.monitor import MemorySink, Monitor
