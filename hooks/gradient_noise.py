@@ -46,7 +46,7 @@ Metrics (one record per measured step; docs/gns.md, "Hook modes")::
     gns/b_small           examples behind gns/small_sq
     gns/b_big             examples behind gns/big_sq
     gns/skipped           steps skipped so far for non-finite gradients (EMAs untouched)
-    gns/<group>/b_simple  the same per parameter group (hooks._groups): embeddings, attention,
+    gns/<group>/b_simple  the same per parameter group (hooks._per_example_groups): embeddings, attention,
                           mlp, norms, head, other, blocks.<i> (group_details=True adds the
                           group's other quantities)
 """
@@ -62,7 +62,7 @@ from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
 from hooks._gradient_noise_parts import _PerExample, _group_fn
-from hooks._groups import default_groups
+from hooks._per_example_groups import default_groups
 from hooks._representation_sites import _unwrap_ddp
 from hooks.monitor import Hook
 

@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from diagnostics import pegrad
-from hooks._groups import layer_of, param_kind
+from hooks._per_example_groups import layer_of, param_kind
 from hooks._per_example_sites import (  # noqa: F401  (module_kind is public here)
     _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
 )
@@ -574,7 +574,7 @@ class PerExampleGradNorms:
         total = torch.zeros(n) if not params else sum(params.values()) if summaries else torch.zeros(0)
         pid_of = {name: pid for pid, name in self._names.items()}
         for name, sq in (params.items() if summaries else ()):
-            g = param_kind(name, self._kinds[pid_of[name]])   # hooks._groups, as GNS's groups
+            g = param_kind(name, self._kinds[pid_of[name]])   # hooks._per_example_groups, as GNS's groups
             groups[g] = groups[g] + sq if g in groups else sq
             layer = layer_of(name)
             if layer is not None:
