@@ -1,8 +1,8 @@
 """RepresentationProbe's activation sites: which modules to hook, and the model's readout head.
 
 ``layers`` may be None (``default_sites``), a module name or glob, a list of them, a callable
-name -> bool, or a module type / tuple of types; ``_unwrap`` looks through torch.compile and DDP
-(``_unwrap_ddp`` also returns the DDP wrapper: GradientNoiseScale's comm hook needs it).
+name -> bool, or a module type / tuple of types. (The probe unwraps torch.compile and DDP first:
+``hooks._common.unwrap``.)
 """
 
 from __future__ import annotations
@@ -10,33 +10,11 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
 _NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln_f", "model.norm")
 
 LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
-
-
-def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
-    """(the plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``),
-    the outermost DistributedDataParallel wrapper met on the way or None)."""
-    ddp = None
-    for _ in range(4):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            if ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
-                ddp = model
-            model = model.module
-        else:
-            break
-    return model, ddp
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
-    return _unwrap_ddp(model)[0]
 
 
 def default_sites(model: nn.Module) -> list[str]:
@@ -108,12 +86,3 @@ def _find_readout(model: nn.Module, readout: Any) -> Optional[tuple[Optional[nn.
             continue
     return norm, head
 
-
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if hasattr(out, "to_tuple"):  # HF ModelOutput
-        return _first_tensor(out.to_tuple())
-    return None

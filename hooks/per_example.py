@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 
 from diagnostics import pegrad
+from hooks._common import warn_once
 from hooks._per_example_groups import layer_of, param_kind
 from hooks._per_example_sites import (  # noqa: F401  (module_kind is public here)
     _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
@@ -200,9 +201,7 @@ class PerExampleGradNorms:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _warn_once(self, key, msg):
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warn_once(self._warned, key, msg, stacklevel=2)
 
     def _exclude(self, module_name: str, reason: str, pids=()):
         """Leave a module's parameters out from now on (and every module sharing one), say so once."""

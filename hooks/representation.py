@@ -53,7 +53,8 @@ from diagnostics.spectra import (
     representation_metrics,
 )
 from hooks._representation_inputs import _build_jobs, _normalise_probe
-from hooks._representation_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
+from hooks._common import first_tensor, run_writer, unwrap
+from hooks._representation_sites import LayerSpec, _find_readout, _resolve_sites, default_sites
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
@@ -235,7 +236,7 @@ class RepresentationProbe(Hook):
 
     # -- wiring --------------------------------------------------------------------------------------
     def _set_model(self, model: nn.Module) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.sites = _resolve_sites(self.model, self.layers)
         self._readout = _find_readout(self.model, self.readout) if self.readout else None
         self._embedding = None
@@ -251,10 +252,7 @@ class RepresentationProbe(Hook):
         if model is not None:
             self._set_model(model)
         if self.writer is None:  # the run store the Monitor writes to, if any
-            for sink in getattr(monitor, "sinks", []):
-                if getattr(sink, "writer", None) is not None:
-                    self.writer = sink.writer
-                    break
+            self.writer = run_writer(monitor)
 
     def set_writer(self, writer) -> None:
         """Where eigenspectra go (a ``diagnostics.runs.RunWriter``); None stops saving."""
@@ -335,7 +333,7 @@ class RepresentationProbe(Hook):
             if call.job in fired:
                 return None  # a module used twice in one forward: keep its first output
             fired.add(call.job)
-            h = _first_tensor(output)
+            h = first_tensor(output)
             job = call.jobs[call.job]
             if h is None or not torch.is_floating_point(h) or h.numel() // max(h.shape[-1], 1) != job.n_tokens:
                 shape = None if h is None else tuple(h.shape)

@@ -292,7 +292,7 @@ def test_harvest_is_a_few_ops_per_micro_batch(modules):
 
 
 # ----------------------------------------------------------------------------------------------
-# wrapped models: one unwrap helper (hooks._representation_sites._unwrap_ddp)
+# wrapped models: one unwrap helper (hooks._common.unwrap_ddp)
 
 def test_compiled_and_data_parallel_models_are_unwrapped():
     model = gpt(True)
