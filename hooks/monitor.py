@@ -27,70 +27,10 @@ Rules the Monitor enforces:
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
-
-class Sink(Protocol):
-    """Where records go (torchtune's metric-logger seam)."""
-
-    def log_dict(self, record: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class RunStoreSink:
-    """Appends every record to ``metrics.jsonl`` of a run directory."""
-
-    def __init__(self, writer):
-        self.writer = writer  # diagnostics.runs.RunWriter
-
-    def log_dict(self, record):
-        self.writer.log(record)
-
-    def close(self, status: str | None = None):
-        self.writer.close(status=status)
-
-
-class StdoutSink:
-    """Prints one compact line every ``every`` steps (for plain scripts)."""
-
-    def __init__(self, every: int = 10, keys: Iterable[str] | None = None, stream=None):
-        self.every, self.keys, self.stream = every, list(keys) if keys else None, stream or sys.stdout
-
-    def log_dict(self, record):
-        if record.get("step", 0) % self.every:
-            return
-        items = [(k, v) for k, v in record.items() if k != "step" and (self.keys is None or k in self.keys)]
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
-        print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
-
-    def close(self):
-        pass
-
-
-class MemorySink:
-    """Keeps every record in ``self.records`` (a list of dicts): for notebooks and tests."""
-
-    def __init__(self):
-        self.records: list[dict[str, Any]] = []
-
-    def log_dict(self, record):
-        self.records.append(dict(record))
-
-    def close(self):
-        pass
-
-
-class NullSink:
-    """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
-
-    def log_dict(self, record):
-        pass
-
-    def close(self):
-        pass
+from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # noqa: F401  (re-exported)
 
 
 def non_zero_rank() -> bool:

@@ -1,7 +1,12 @@
-"""Where records go besides the run store: Weights & Biases.
+"""Where the Monitor's records go: the ``Sink`` protocol and every sink.
 
-The run directory (``diagnostics.runs``) is the one data format; wandb is a mirror of it, never
-the only copy (DESIGN section 4). ``WandbSink`` sends each Monitor record to a wandb run::
+``RunStoreSink`` appends to a run directory (``diagnostics.runs``; the built-in loop and
+``Monitor(run_dir=...)`` use it), ``StdoutSink`` prints a line every few steps, ``MemorySink`` keeps
+the records in a list (notebooks, tests), ``NullSink`` drops them, and ``WandbSink`` mirrors them to
+Weights & Biases.
+
+The run directory is the one data format; wandb is a mirror of it, never the only copy (DESIGN
+section 4). ``WandbSink`` sends each Monitor record to a wandb run::
 
     from hooks import Monitor, GradientNoiseScale
     from hooks.sinks import WandbSink
@@ -24,12 +29,74 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+import sys
+from typing import Any, Iterable, Protocol
 
-__all__ = ["WandbSink", "WANDB_ID_FILE"]
+__all__ = ["Sink", "RunStoreSink", "StdoutSink", "MemorySink", "NullSink", "WandbSink", "WANDB_ID_FILE"]
 
 WANDB_ID_FILE = "wandb.json"
 _MODES = ("online", "offline", "disabled")
+
+
+class Sink(Protocol):
+    """Where records go (torchtune's metric-logger seam)."""
+
+    def log_dict(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunStoreSink:
+    """Appends every record to ``metrics.jsonl`` of a run directory."""
+
+    def __init__(self, writer):
+        self.writer = writer  # diagnostics.runs.RunWriter
+
+    def log_dict(self, record):
+        self.writer.log(record)
+
+    def close(self, status: str | None = None):
+        self.writer.close(status=status)
+
+
+class StdoutSink:
+    """Prints one compact line every ``every`` steps (for plain scripts)."""
+
+    def __init__(self, every: int = 10, keys: Iterable[str] | None = None, stream=None):
+        self.every, self.keys, self.stream = every, list(keys) if keys else None, stream or sys.stdout
+
+    def log_dict(self, record):
+        if record.get("step", 0) % self.every:
+            return
+        items = [(k, v) for k, v in record.items() if k != "step" and (self.keys is None or k in self.keys)]
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
+        print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
+
+    def close(self):
+        pass
+
+
+class MemorySink:
+    """Keeps every record in ``self.records`` (a list of dicts): for notebooks and tests."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+
+    def log_dict(self, record):
+        self.records.append(dict(record))
+
+    def close(self):
+        pass
+
+
+class NullSink:
+    """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
+
+    def log_dict(self, record):
+        pass
+
+    def close(self):
+        pass
 
 
 def _import_wandb():
