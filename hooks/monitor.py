@@ -241,9 +241,10 @@ class Monitor:
                 self._call(h, "load_state_dict", state["hooks"][h.name])
 
     def close(self, status: str | None = None) -> None:
-        """Detach the hooks and close the sinks; ``status`` (e.g. "finished") is written to the run
-        store's ``run.json``. Used as a context manager, a Monitor that made its own run store
-        (``run_dir=``) sets "finished", "failed" or "interrupted" by how the block ended."""
+        """Detach the hooks and close the sinks; a ``status`` (e.g. "finished") goes to every sink's
+        ``close`` (``Sink``), so the run store writes it to ``run.json``. Used as a context manager,
+        a Monitor that made its own run store (``run_dir=``) sets "finished", "failed" or
+        "interrupted" by how the block ended."""
         for h in self.hooks:
             try:
                 h.detach()
@@ -251,7 +252,7 @@ class Monitor:
                 pass
         for s in self.sinks:
             try:
-                s.close(status=status) if status is not None and isinstance(s, RunStoreSink) else s.close()
+                s.close() if status is None else s.close(status=status)
             except Exception as e:
                 if self.strict:
                     raise

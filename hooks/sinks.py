@@ -39,11 +39,17 @@ _MODES = ("online", "offline", "disabled")
 
 
 class Sink(Protocol):
-    """Where records go (torchtune's metric-logger seam)."""
+    """Where records go (torchtune's metric-logger seam).
+
+    ``close(status)``: ``status`` says how the run ended ("finished", "failed", "interrupted", or
+    what ``Monitor.close(status=...)`` was given). A sink that keeps a run status records it
+    (``RunStoreSink``: ``run.json``); the others ignore it. The Monitor passes it only when it has
+    one, so a sink whose ``close`` takes no argument works wherever no status is given.
+    """
 
     def log_dict(self, record: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str | None = None) -> None: ...
 
 
 class RunStoreSink:
@@ -56,6 +62,7 @@ class RunStoreSink:
         self.writer.log(record)
 
     def close(self, status: str | None = None):
+        """Close the run writer; a ``status`` is written to ``run.json`` (None: left as it is)."""
         self.writer.close(status=status)
 
 
@@ -72,7 +79,7 @@ class StdoutSink:
         parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
         print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
 
-    def close(self):
+    def close(self, status: str | None = None):
         pass
 
 
@@ -85,7 +92,7 @@ class MemorySink:
     def log_dict(self, record):
         self.records.append(dict(record))
 
-    def close(self):
+    def close(self, status: str | None = None):
         pass
 
 
@@ -95,7 +102,7 @@ class NullSink:
     def log_dict(self, record):
         pass
 
-    def close(self):
+    def close(self, status: str | None = None):
         pass
 
 
@@ -166,7 +173,9 @@ class WandbSink:
         self.last_step = step
         self.run.log(data, step=step)
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Finish the wandb run this sink started (one given as ``run=`` stays open); ``status``
+        is not sent to wandb."""
         if self._own and self.run is not None:
             self.run.finish()
             self.run = None
