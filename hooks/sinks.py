@@ -27,7 +27,6 @@ sending to that sink; the run store keeps every record.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any, Iterable, Protocol
@@ -182,11 +181,10 @@ class WandbSink:
 
 
 def _value(v):
-    """Numbers, bools and strings go through; NaN / inf as floats; anything else is dropped."""
-    if isinstance(v, bool) or isinstance(v, str):
+    """Numbers (NaN / inf included), bools and strings go through; a tensor or array scalar as its
+    ``.item()``; anything else is dropped."""
+    if isinstance(v, (bool, str, int, float)):
         return v
-    if isinstance(v, (int, float)):
-        return float(v) if isinstance(v, float) and not math.isfinite(v) else v
     if hasattr(v, "item"):
         try:
             return v.item()
