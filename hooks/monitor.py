@@ -26,7 +26,6 @@ Rules the Monitor enforces:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Iterable
 
@@ -268,7 +267,3 @@ class Monitor:
             status = ("finished" if exc_type is None else
                       "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
         self.close(status=status)
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
