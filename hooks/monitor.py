@@ -15,13 +15,31 @@ Any loop, three calls (DESIGN section 2). The events are marked ``# <--``::
 
 Rules the Monitor enforces:
 
-- Hooks never change training. A hook that raises is warned about once and
-  disabled for the rest of the run (``strict=True`` re-raises instead, for tests).
+- A hook that raises never stops training: it is warned about once and disabled
+  for the rest of the run (``strict=True`` re-raises instead, for tests).
 - A hook says per step whether it runs (``Hook.scheduled(step)``); unscheduled
   hooks receive no events, so they cost nothing.
 - Scalars passed to ``on_step_end`` are written under ``train/<name>`` unless
   the name already has an area (``val/prose/loss``); hooks' metrics are merged
   into the same record; sinks (run store, stdout, wandb) receive that record.
+
+What hooks do to training: by default nothing. They read what the step computes anyway
+(forward and tensor hooks that return nothing, ``.grad`` before clipping) and run their
+probes under ``no_grad`` in eval mode, restoring the model's mode. Two opt-in settings
+change the step itself:
+
+- ``PerExampleGradNorms(bookkeeping=True)``, and ``GradientNoiseScale(bookkeeping=True)``
+  on the steps it measures with per-example norms: while its hooks are attached, a
+  float32 / float64 ``nn.Linear`` whose per-example gradients are materialised gets its
+  weight gradient as their sum instead of autograd's GEMM. Equal up to float summation
+  order (about 1e-7 relative in float32), so the run is no longer bit-identical to one
+  without the hook.
+- ``GradientNoiseScale(mode="ddp")`` registers a DDP communication hook in ``attach``:
+  every bucket is all-reduced by torch's ``allreduce_hook`` (divide by the world size,
+  then sum: the average DDP computes without a hook) instead of DDP's built-in
+  reduction, and on measured steps the local bucket norms are read first. DDP cannot
+  remove a communication hook, so it stays for the rest of the run, also after the
+  hook is detached or disabled; a DDP model that already has one is refused.
 """
 
 from __future__ import annotations
