@@ -90,7 +90,10 @@ class Hook:
         """Return this step's metrics (merged into the step's record)."""
         return {}
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
+        """The hook's results so far, by metric name: numbers, except where a hook says otherwise
+        (``RepresentationProbe`` puts its list of detected compression events, one dict each,
+        under ``repr/events``). ``Monitor.summary`` merges every live hook's."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,8 +246,9 @@ class Monitor:
                     pass
 
     # -- state -------------------------------------------------------------------
-    def summary(self) -> dict[str, float]:
-        out = {}
+    def summary(self) -> dict[str, Any]:
+        """Every live hook's ``summary`` merged into one dict (``Hook.summary`` says what it holds)."""
+        out: dict[str, Any] = {}
         for h in self._live():
             out.update(self._call(h, "summary") or {})
         return out

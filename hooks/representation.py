@@ -526,6 +526,9 @@ class RepresentationProbe(Hook):
         return sorted(self.events.values(), key=lambda e: (e["step"], e["layer"]))
 
     def summary(self) -> dict[str, Any]:
+        """``repr/<layer>/compression_onset_step`` and ``.../compression_onset_p`` (floats) per site
+        with a detected onset, and ``repr/events``: the list of those events, one dict each
+        (``detected_events``) -- the one value of a hook summary that is not a number."""
         out: dict[str, Any] = {}
         for ev in self.detected_events():
             out[f"repr/{ev['layer']}/compression_onset_step"] = float(ev["step"])
