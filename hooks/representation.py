@@ -87,7 +87,7 @@ def _num_threads(n: Optional[int]):
 # the hook
 
 @dataclass
-class _Call:
+class _ProbeCall:
     """Per-probe-call scratch space; dropped when the call returns."""
 
     jobs: list
@@ -230,7 +230,7 @@ class RepresentationProbe(Hook):
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
-        self._call: Optional[_Call] = None
+        self._call: Optional[_ProbeCall] = None
         if model is not None:
             self._set_model(model)
 
@@ -290,7 +290,7 @@ class RepresentationProbe(Hook):
         model = self.model
         device = next(model.parameters(), torch.zeros(())).device
         modes = [(m, m.training) for m in model.modules()]
-        call = _Call(self.jobs, self._fixed_state())
+        call = _ProbeCall(self.jobs, self._fixed_state())
         self._call = call
         handles = []
         try:
@@ -427,7 +427,7 @@ class RepresentationProbe(Hook):
         self._fixed = _Fixed(key, dom, rows, doms, counts, X, kernel_x, Y, cache)
         return self._fixed
 
-    def _shared(self, call: _Call) -> dict:
+    def _shared(self, call: _ProbeCall) -> dict:
         """X and Y of the information plane (the same for every site), once per probe call. Fixed
         ones (token ids, float inputs) come from set-up with their kernels and entropies cached
         across calls; an embedding X is gathered from this call's forward."""
