@@ -12,7 +12,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch.nn as nn
 
-_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln_f", "model.norm")
+# The names a model's final normalisation goes by (built-in GPT, GPT-2, LLaMA, OPT / NeoX), in the
+# order they are tried: under the block stack's parent for ``default_sites``; at the top level, then
+# under ``transformer`` (GPT-2) and ``model`` (LLaMA) for the readout head.
+_FINAL_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm")
 
 LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
 
@@ -22,8 +25,8 @@ def default_sites(model: nn.Module) -> list[str]:
 
     Built-in GPT: ``blocks.<i>.resid_post`` and ``final_norm``. Otherwise the children of the longest
     ``nn.ModuleList`` (the transformer blocks of HF-like models, e.g. ``transformer.h.<i>``) plus a
-    sibling final norm (``ln_f``, ``norm``, ...); for an ``nn.Sequential`` or anything else, the
-    top-level children.
+    sibling final norm (``_FINAL_NORM_NAMES``: ``final_norm``, ``ln_f``, ``norm``, ...); for an
+    ``nn.Sequential`` or anything else, the top-level children.
     """
     if hasattr(model, "activation_sites"):
         sites = [s for s in model.activation_sites() if s.endswith(".resid_post")]
@@ -32,17 +35,21 @@ def default_sites(model: nn.Module) -> list[str]:
     if lists:
         name, ml = max(lists, key=lambda nm: len(nm[1]))
         sites = [f"{name}.{i}" if name else str(i) for i in range(len(ml))]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        for norm in ("ln_f", "norm", "final_norm", "final_layer_norm"):
-            full = f"{parent}.{norm}" if parent else norm
-            try:
-                model.get_submodule(full)
-            except AttributeError:
-                continue
-            sites.append(full)
-            break
-        return sites
+        norm = _final_norm(model, name.rsplit(".", 1)[0] if "." in name else "")
+        return sites + ([norm] if norm is not None else [])
     return [name for name, _ in model.named_children()]
+
+
+def _final_norm(model: nn.Module, parent: str = "") -> Optional[str]:
+    """The full name of the first of ``_FINAL_NORM_NAMES`` that is a module under ``parent``, or None."""
+    for norm in _FINAL_NORM_NAMES:
+        full = f"{parent}.{norm}" if parent else norm
+        try:
+            model.get_submodule(full)
+        except AttributeError:
+            continue
+        return full
+    return None
 
 
 def _resolve_sites(model: nn.Module, layers: LayerSpec) -> list[str]:
@@ -77,12 +84,9 @@ def _find_readout(model: nn.Module, readout: Any) -> Optional[tuple[Optional[nn.
         head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return None
-    norm = None
-    for name in _NORM_NAMES:
-        try:
-            norm = model.get_submodule(name)
-            break
-        except AttributeError:
-            continue
-    return norm, head
+    for parent in ("", "transformer", "model"):
+        name = _final_norm(model, parent)
+        if name is not None:
+            return model.get_submodule(name), head
+    return None, head
 
