@@ -1,6 +1,6 @@
 """Monitor: the event dispatcher a training loop talks to.
 
-Any loop, three calls (DESIGN section 2). The events are marked ``# <--``::
+Any loop, three calls (docs/architecture.md, "The event contract"). The events are marked ``# <--``::
 
     monitor = Monitor(model, [SomeHook()], run_dir="runs/demo")
     for step in range(steps):

@@ -43,7 +43,8 @@ Conventions and limits:
   per-example gradients are materialised anyway, its weight gradient becomes their sum
   (``_BookkeptLinear``) and autograd's weight GEMM is skipped; equal up to float rounding.
 - One backward per forward, forward and backward while attached, no activation checkpointing.
-  Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (DESIGN section 8).
+  Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (docs/architecture.md,
+  "Known pitfalls").
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 the records in a list (notebooks, tests), ``NullSink`` drops them, and ``WandbSink`` mirrors them to
 Weights & Biases.
 
-The run directory is the one data format; wandb is a mirror of it, never the only copy (DESIGN
-section 4). ``WandbSink`` sends each Monitor record to a wandb run::
+The run directory is the one data format; wandb is a mirror of it, never the only copy
+(docs/architecture.md, "The run directory"). ``WandbSink`` sends each Monitor record to a wandb
+run::
 
     from hooks import Monitor, GradientNoiseScale
     from hooks.sinks import WandbSink
