@@ -1,4 +1,4 @@
-"""Per-micro-batch cost of the GNS hook's per-example harvest (hooks/_gns_parts.py ``_PerExample``).
+"""Per-micro-batch cost of the GNS hook's per-example harvest (hooks/_gradient_noise_parts.py ``_PerExample``).
 
 After each micro-batch's backward, the ``per_example`` / ``layernorm`` / ``auto`` modes add the
 micro-batch's per-example squared norms into one (P,) vector per parameter. The harvest used to
@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hooks._gns_parts import _PerExample  # noqa: E402
+from hooks._gradient_noise_parts import _PerExample  # noqa: E402
 from midtrain.model import GPT, get_preset  # noqa: E402
 
 

@@ -58,7 +58,6 @@ metrics are reported; probe metrics come every ``probe_every`` steps:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -67,7 +66,8 @@ import torch
 from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
 from diagnostics.stats import BiasCorrectedEMA
-from hooks._probe_scoring import score_sequences
+from hooks._common import run_writer, warn_once
+from hooks._difficulty_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
@@ -211,17 +211,12 @@ class DifficultyTracker(Hook):
         return self.domain_names[d]
 
     def _warn_once(self, key: str, msg: str, category=UserWarning) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"DifficultyTracker: {msg}", category, stacklevel=4)
+        warn_once(self._warned, key, f"DifficultyTracker: {msg}", category, stacklevel=4)
 
     def attach(self, model, monitor) -> None:
         self.model = model
         if self.writer is None and self.save_fn is None:  # default: the Monitor's run store
-            for sink in getattr(monitor, "sinks", []):
-                if hasattr(getattr(sink, "writer", None), "save_array"):
-                    self.writer = sink.writer
-                    break
+            self.writer = run_writer(monitor)
 
     # -- events -------------------------------------------------------------------------
     def scheduled(self, step: int) -> bool:

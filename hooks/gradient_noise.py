@@ -46,7 +46,7 @@ Metrics (one record per measured step; docs/gns.md, "Hook modes")::
     gns/b_small           examples behind gns/small_sq
     gns/b_big             examples behind gns/big_sq
     gns/skipped           steps skipped so far for non-finite gradients (EMAs untouched)
-    gns/<group>/b_simple  the same per parameter group (hooks._groups): embeddings, attention,
+    gns/<group>/b_simple  the same per parameter group (hooks._per_example_groups): embeddings, attention,
                           mlp, norms, head, other, blocks.<i> (group_details=True adds the
                           group's other quantities)
 """
@@ -54,16 +54,15 @@ Metrics (one record per measured step; docs/gns.md, "Hook modes")::
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
-from hooks._gns_parts import _PerExample, _group_fn
-from hooks._groups import default_groups
-from hooks._probe_sites import _unwrap_ddp
+from hooks._common import unwrap_ddp, warn_once
+from hooks._gradient_noise_parts import _PerExample, _group_fn
+from hooks._per_example_groups import default_groups
 from hooks.monitor import Hook
 
 __all__ = ["GradientNoiseScale", "MODES", "default_groups"]
@@ -159,7 +158,7 @@ class GradientNoiseScale(Hook):
     def attach(self, model, monitor=None) -> None:
         if model is None:
             raise ValueError("GradientNoiseScale needs the model: Monitor(model, [GradientNoiseScale()])")
-        model, wrapper = _unwrap_ddp(model)   # torch.compile'd / DDP: the parameters are shared
+        model, wrapper = unwrap_ddp(model)   # torch.compile'd / DDP: the parameters are shared
         ddp = self._ddp_model or getattr(monitor, "ddp_model", None) or wrapper
         owners: dict[int, list[nn.Module]] = {}    # every module holding a parameter (ties: all)
         for m in model.modules():
@@ -512,9 +511,7 @@ class GradientNoiseScale(Hook):
         self._notice(why + "; GNS falls back to the other modes.")
 
     def _notice(self, msg: str) -> None:
-        if msg not in self.notices:
-            self.notices.append(msg)
-            warnings.warn(f"midtrain GradientNoiseScale: {msg}", RuntimeWarning, stacklevel=3)
+        warn_once(self.notices, msg, f"midtrain GradientNoiseScale: {msg}", stacklevel=3)
 
     # -- results and state -----------------------------------------------------------------------
     def summary(self) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Monitor: the event dispatcher a training loop talks to.
 
-Any loop, three calls (DESIGN section 2). The events are marked ``# <--``::
+Any loop, three calls (docs/architecture.md, "The event contract"). The events are marked ``# <--``::
 
     monitor = Monitor(model, [SomeHook()], run_dir="runs/demo")
     for step in range(steps):
@@ -15,82 +15,39 @@ Any loop, three calls (DESIGN section 2). The events are marked ``# <--``::
 
 Rules the Monitor enforces:
 
-- Hooks never change training. A hook that raises is warned about once and
-  disabled for the rest of the run (``strict=True`` re-raises instead, for tests).
+- A hook that raises never stops training: it is warned about once and disabled
+  for the rest of the run (``strict=True`` re-raises instead, for tests).
 - A hook says per step whether it runs (``Hook.scheduled(step)``); unscheduled
   hooks receive no events, so they cost nothing.
 - Scalars passed to ``on_step_end`` are written under ``train/<name>`` unless
   the name already has an area (``val/prose/loss``); hooks' metrics are merged
   into the same record; sinks (run store, stdout, wandb) receive that record.
+
+What hooks do to training: by default nothing. They read what the step computes anyway
+(forward and tensor hooks that return nothing, ``.grad`` before clipping) and run their
+probes under ``no_grad`` in eval mode, restoring the model's mode. Two opt-in settings
+change the step itself:
+
+- ``PerExampleGradNorms(bookkeeping=True)``, and ``GradientNoiseScale(bookkeeping=True)``
+  on the steps it measures with per-example norms: while its hooks are attached, a
+  float32 / float64 ``nn.Linear`` whose per-example gradients are materialised gets its
+  weight gradient as their sum instead of autograd's GEMM. Equal up to float summation
+  order (about 1e-7 relative in float32), so the run is no longer bit-identical to one
+  without the hook.
+- ``GradientNoiseScale(mode="ddp")`` registers a DDP communication hook in ``attach``:
+  every bucket is all-reduced by torch's ``allreduce_hook`` (divide by the world size,
+  then sum: the average DDP computes without a hook) instead of DDP's built-in
+  reduction, and on measured steps the local bucket norms are read first. DDP cannot
+  remove a communication hook, so it stays for the rest of the run, also after the
+  hook is detached or disabled; a DDP model that already has one is refused.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import warnings
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 
-
-class Sink(Protocol):
-    """Where records go (torchtune's metric-logger seam)."""
-
-    def log_dict(self, record: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class RunStoreSink:
-    """Appends every record to ``metrics.jsonl`` of a run directory."""
-
-    def __init__(self, writer):
-        self.writer = writer  # diagnostics.runs.RunWriter
-
-    def log_dict(self, record):
-        self.writer.log(record)
-
-    def close(self, status: str | None = None):
-        self.writer.close(status=status)
-
-
-class StdoutSink:
-    """Prints one compact line every ``every`` steps (for plain scripts)."""
-
-    def __init__(self, every: int = 10, keys: Iterable[str] | None = None, stream=None):
-        self.every, self.keys, self.stream = every, list(keys) if keys else None, stream or sys.stdout
-
-    def log_dict(self, record):
-        if record.get("step", 0) % self.every:
-            return
-        items = [(k, v) for k, v in record.items() if k != "step" and (self.keys is None or k in self.keys)]
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
-        print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
-
-    def close(self):
-        pass
-
-
-class MemorySink:
-    """Keeps every record in ``self.records`` (a list of dicts): for notebooks and tests."""
-
-    def __init__(self):
-        self.records: list[dict[str, Any]] = []
-
-    def log_dict(self, record):
-        self.records.append(dict(record))
-
-    def close(self):
-        pass
-
-
-class NullSink:
-    """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
-
-    def log_dict(self, record):
-        pass
-
-    def close(self):
-        pass
+from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # noqa: F401  (re-exported)
 
 
 def non_zero_rank() -> bool:
@@ -133,7 +90,10 @@ class Hook:
         """Return this step's metrics (merged into the step's record)."""
         return {}
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
+        """The hook's results so far, by metric name: numbers, except where a hook says otherwise
+        (``RepresentationProbe`` puts its list of detected compression events, one dict each,
+        under ``repr/events``). ``Monitor.summary`` merges every live hook's."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,8 +246,9 @@ class Monitor:
                     pass
 
     # -- state -------------------------------------------------------------------
-    def summary(self) -> dict[str, float]:
-        out = {}
+    def summary(self) -> dict[str, Any]:
+        """Every live hook's ``summary`` merged into one dict (``Hook.summary`` says what it holds)."""
+        out: dict[str, Any] = {}
         for h in self._live():
             out.update(self._call(h, "summary") or {})
         return out
@@ -301,9 +262,10 @@ class Monitor:
                 self._call(h, "load_state_dict", state["hooks"][h.name])
 
     def close(self, status: str | None = None) -> None:
-        """Detach the hooks and close the sinks; ``status`` (e.g. "finished") is written to the run
-        store's ``run.json``. Used as a context manager, a Monitor that made its own run store
-        (``run_dir=``) sets "finished", "failed" or "interrupted" by how the block ended."""
+        """Detach the hooks and close the sinks; a ``status`` (e.g. "finished") goes to every sink's
+        ``close`` (``Sink``), so the run store writes it to ``run.json``. Used as a context manager,
+        a Monitor that made its own run store (``run_dir=``) sets "finished", "failed" or
+        "interrupted" by how the block ended."""
         for h in self.hooks:
             try:
                 h.detach()
@@ -311,7 +273,7 @@ class Monitor:
                 pass
         for s in self.sinks:
             try:
-                s.close(status=status) if status is not None and isinstance(s, RunStoreSink) else s.close()
+                s.close() if status is None else s.close(status=status)
             except Exception as e:
                 if self.strict:
                     raise
@@ -327,7 +289,3 @@ class Monitor:
             status = ("finished" if exc_type is None else
                       "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
         self.close(status=status)
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -43,7 +43,8 @@ Conventions and limits:
   per-example gradients are materialised anyway, its weight gradient becomes their sum
   (``_BookkeptLinear``) and autograd's weight GEMM is skipped; equal up to float rounding.
 - One backward per forward, forward and backward while attached, no activation checkpointing.
-  Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (DESIGN section 8).
+  Attach before ``torch.compile`` or use the uncompiled ``model._orig_mod`` (docs/architecture.md,
+  "Known pitfalls").
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ import torch
 import torch.nn as nn
 
 from diagnostics.gns import pegrad
-from hooks._groups import layer_of, param_kind
-from hooks._pe_sites import (  # noqa: F401  (module_kind is public here)
+from hooks._common import warn_once
+from hooks._per_example_groups import layer_of, param_kind
+from hooks._per_example_sites import (  # noqa: F401  (module_kind is public here)
     _BookkeptLinear, _Call, _Group, _Site, _Unsupported, module_kind,
 )
 
@@ -200,9 +202,7 @@ class PerExampleGradNorms:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _warn_once(self, key, msg):
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        warn_once(self._warned, key, msg, stacklevel=2)
 
     def _exclude(self, module_name: str, reason: str, pids=()):
         """Leave a module's parameters out from now on (and every module sharing one), say so once."""
@@ -574,7 +574,7 @@ class PerExampleGradNorms:
         total = torch.zeros(n) if not params else sum(params.values()) if summaries else torch.zeros(0)
         pid_of = {name: pid for pid, name in self._names.items()}
         for name, sq in (params.items() if summaries else ()):
-            g = param_kind(name, self._kinds[pid_of[name]])   # hooks._groups, as GNS's groups
+            g = param_kind(name, self._kinds[pid_of[name]])   # hooks._per_example_groups, as GNS's groups
             groups[g] = groups[g] + sq if g in groups else sq
             layer = layer_of(name)
             if layer is not None:

@@ -7,8 +7,8 @@ manager; always removed). Inside each forward hook the site's output is reduced 
 seeded subsample of at most ``max_tokens`` token positions is gathered on the device, read out through
 the model's own final norm + unembedding (logit lens), moved to CPU as float64, and turned into the
 numbers of ``diagnostics.representation``; nothing of the activations outlives the call. The probe batch
-is normalised in ``hooks._probe_inputs``, the sites and the readout head are found in
-``hooks._probe_sites``. What depends only on the probe set (row domains, readout targets and their
+is normalised in ``hooks._representation_inputs``, the sites and the readout head are found in
+``hooks._representation_sites``. What depends only on the probe set (row domains, readout targets and their
 per-domain counts, the information plane's X and Y with their entropies) is built once at set-up
 (``_Fixed``) and rebuilt only when the probe data change; the readout is pooled by domain with index ops.
 
@@ -48,8 +48,9 @@ import torch.nn as nn
 from diagnostics.representation import (COMPRESSION_DIRECTION, detect_compression_onset, format_event,
                                         grouped_representation_metrics, information_plane, readout_loss,
                                         representation_metrics)
-from hooks._probe_inputs import _build_jobs, _normalise_probe
-from hooks._probe_sites import LayerSpec, _find_readout, _first_tensor, _resolve_sites, _unwrap, default_sites
+from hooks._common import first_tensor, run_writer, unwrap
+from hooks._representation_inputs import _build_jobs, _normalise_probe
+from hooks._representation_sites import LayerSpec, _find_readout, _resolve_sites, default_sites
 from hooks.monitor import Hook, non_zero_rank
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
@@ -82,7 +83,7 @@ def _num_threads(n: Optional[int]):
 # the hook
 
 @dataclass
-class _Call:
+class _ProbeCall:
     """Per-probe-call scratch space; dropped when the call returns."""
 
     jobs: list
@@ -225,13 +226,13 @@ class RepresentationProbe(Hook):
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
-        self._call: Optional[_Call] = None
+        self._call: Optional[_ProbeCall] = None
         if model is not None:
             self._set_model(model)
 
     # -- wiring --------------------------------------------------------------------------------------
     def _set_model(self, model: nn.Module) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.sites = _resolve_sites(self.model, self.layers)
         self._readout = _find_readout(self.model, self.readout) if self.readout else None
         self._embedding = None
@@ -247,10 +248,7 @@ class RepresentationProbe(Hook):
         if model is not None:
             self._set_model(model)
         if self.writer is None:  # the run store the Monitor writes to, if any
-            for sink in getattr(monitor, "sinks", []):
-                if getattr(sink, "writer", None) is not None:
-                    self.writer = sink.writer
-                    break
+            self.writer = run_writer(monitor)
 
     def set_writer(self, writer) -> None:
         """Where eigenspectra go (a ``diagnostics.runs.RunWriter``); None stops saving."""
@@ -288,7 +286,7 @@ class RepresentationProbe(Hook):
         model = self.model
         device = next(model.parameters(), torch.zeros(())).device
         modes = [(m, m.training) for m in model.modules()]
-        call = _Call(self.jobs, self._fixed_state())
+        call = _ProbeCall(self.jobs, self._fixed_state())
         self._call = call
         handles = []
         try:
@@ -331,7 +329,7 @@ class RepresentationProbe(Hook):
             if call.job in fired:
                 return None  # a module used twice in one forward: keep its first output
             fired.add(call.job)
-            h = _first_tensor(output)
+            h = first_tensor(output)
             job = call.jobs[call.job]
             if h is None or not torch.is_floating_point(h) or h.numel() // max(h.shape[-1], 1) != job.n_tokens:
                 shape = None if h is None else tuple(h.shape)
@@ -425,7 +423,7 @@ class RepresentationProbe(Hook):
         self._fixed = _Fixed(key, dom, rows, doms, counts, X, kernel_x, Y, cache)
         return self._fixed
 
-    def _shared(self, call: _Call) -> dict:
+    def _shared(self, call: _ProbeCall) -> dict:
         """X and Y of the information plane (the same for every site), once per probe call. Fixed
         ones (token ids, float inputs) come from set-up with their kernels and entropies cached
         across calls; an embedding X is gathered from this call's forward."""
@@ -524,6 +522,9 @@ class RepresentationProbe(Hook):
         return sorted(self.events.values(), key=lambda e: (e["step"], e["layer"]))
 
     def summary(self) -> dict[str, Any]:
+        """``repr/<layer>/compression_onset_step`` and ``.../compression_onset_p`` (floats) per site
+        with a detected onset, and ``repr/events``: the list of those events, one dict each
+        (``detected_events``) -- the one value of a hook summary that is not a number."""
         out: dict[str, Any] = {}
         for ev in self.detected_events():
             out[f"repr/{ev['layer']}/compression_onset_step"] = float(ev["step"])

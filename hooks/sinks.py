@@ -1,7 +1,13 @@
-"""Where records go besides the run store: Weights & Biases.
+"""Where the Monitor's records go: the ``Sink`` protocol and every sink.
 
-The run directory (``diagnostics.runs``) is the one data format; wandb is a mirror of it, never
-the only copy (DESIGN section 4). ``WandbSink`` sends each Monitor record to a wandb run::
+``RunStoreSink`` appends to a run directory (``diagnostics.runs``; the built-in loop and
+``Monitor(run_dir=...)`` use it), ``StdoutSink`` prints a line every few steps, ``MemorySink`` keeps
+the records in a list (notebooks, tests), ``NullSink`` drops them, and ``WandbSink`` mirrors them to
+Weights & Biases.
+
+The run directory is the one data format; wandb is a mirror of it, never the only copy
+(docs/architecture.md, "The run directory"). ``WandbSink`` sends each Monitor record to a wandb
+run::
 
     from hooks import Monitor, GradientNoiseScale
     from hooks.sinks import WandbSink
@@ -22,14 +28,82 @@ sending to that sink; the run store keeps every record.
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Any
+import sys
+from typing import Any, Iterable, Protocol
 
-__all__ = ["WandbSink", "WANDB_ID_FILE"]
+__all__ = ["Sink", "RunStoreSink", "StdoutSink", "MemorySink", "NullSink", "WandbSink", "WANDB_ID_FILE"]
 
 WANDB_ID_FILE = "wandb.json"
 _MODES = ("online", "offline", "disabled")
+
+
+class Sink(Protocol):
+    """Where records go (torchtune's metric-logger seam).
+
+    ``close(status)``: ``status`` says how the run ended ("finished", "failed", "interrupted", or
+    what ``Monitor.close(status=...)`` was given). A sink that keeps a run status records it
+    (``RunStoreSink``: ``run.json``); the others ignore it. The Monitor passes it only when it has
+    one, so a sink whose ``close`` takes no argument works wherever no status is given.
+    """
+
+    def log_dict(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, status: str | None = None) -> None: ...
+
+
+class RunStoreSink:
+    """Appends every record to ``metrics.jsonl`` of a run directory."""
+
+    def __init__(self, writer):
+        self.writer = writer  # diagnostics.runs.RunWriter
+
+    def log_dict(self, record):
+        self.writer.log(record)
+
+    def close(self, status: str | None = None):
+        """Close the run writer; a ``status`` is written to ``run.json`` (None: left as it is)."""
+        self.writer.close(status=status)
+
+
+class StdoutSink:
+    """Prints one compact line every ``every`` steps (for plain scripts)."""
+
+    def __init__(self, every: int = 10, keys: Iterable[str] | None = None, stream=None):
+        self.every, self.keys, self.stream = every, list(keys) if keys else None, stream or sys.stdout
+
+    def log_dict(self, record):
+        if record.get("step", 0) % self.every:
+            return
+        items = [(k, v) for k, v in record.items() if k != "step" and (self.keys is None or k in self.keys)]
+        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items]
+        print(f"step {record.get('step')}: " + " ".join(parts), file=self.stream, flush=True)
+
+    def close(self, status: str | None = None):
+        pass
+
+
+class MemorySink:
+    """Keeps every record in ``self.records`` (a list of dicts): for notebooks and tests."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+
+    def log_dict(self, record):
+        self.records.append(dict(record))
+
+    def close(self, status: str | None = None):
+        pass
+
+
+class NullSink:
+    """Drops everything (nanoGPT's DummyWandb): keeps tests and quiet runs simple."""
+
+    def log_dict(self, record):
+        pass
+
+    def close(self, status: str | None = None):
+        pass
 
 
 def _import_wandb():
@@ -99,18 +173,19 @@ class WandbSink:
         self.last_step = step
         self.run.log(data, step=step)
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Finish the wandb run this sink started (one given as ``run=`` stays open); ``status``
+        is not sent to wandb."""
         if self._own and self.run is not None:
             self.run.finish()
             self.run = None
 
 
 def _value(v):
-    """Numbers, bools and strings go through; NaN / inf as floats; anything else is dropped."""
-    if isinstance(v, bool) or isinstance(v, str):
+    """Numbers (NaN / inf included), bools and strings go through; a tensor or array scalar as its
+    ``.item()``; anything else is dropped."""
+    if isinstance(v, (bool, str, int, float)):
         return v
-    if isinstance(v, (int, float)):
-        return float(v) if isinstance(v, float) and not math.isfinite(v) else v
     if hasattr(v, "item"):
         try:
             return v.item()

@@ -1,12 +1,11 @@
 """What the framework adapters share: the Monitor they build, fault isolation of the adapter's
-own code, loss-scale wiring of GNS hooks, and batch-size / id extraction."""
+own code, loss-scale wiring of GNS hooks, and the check of per-example ids / domains (the first
+tensor of a batch comes from ``hooks._common.first_tensor``)."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any, Iterable
-
-import torch
 
 from hooks.monitor import Monitor
 
@@ -103,19 +102,6 @@ def wire_loss_scale(hooks: Iterable, scaler, grads_unscaled: bool) -> list[str]:
             h.grad_scale, h.grads_unscaled = scaler, bool(grads_unscaled)
             wired.append(getattr(h, "name", type(h).__name__))
     return wired
-
-
-def first_tensor(obj) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for x in obj:
-            t = first_tensor(x)
-            if t is not None:
-                return t
-    return None
 
 
 def per_example_field(x, n: int, what: str):

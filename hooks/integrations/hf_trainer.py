@@ -69,7 +69,8 @@ from typing import Any, Iterable
 
 import torch
 
-from hooks.integrations._common import AdapterBase, first_tensor, missing, per_example_field, wire_loss_scale
+from hooks._common import first_tensor, warn_once
+from hooks.integrations._common import AdapterBase, missing, per_example_field, wire_loss_scale
 
 try:
     from transformers import TrainerCallback
@@ -173,9 +174,7 @@ class MidtrainCallback(AdapterBase, TrainerCallback):
         self._micros: list[_Micro] = []
 
     def _notice(self, msg: str) -> None:
-        if msg not in self.notices:
-            self.notices.append(msg)
-            warnings.warn(f"midtrain MidtrainCallback: {msg}", RuntimeWarning, stacklevel=3)
+        warn_once(self.notices, msg, f"midtrain MidtrainCallback: {msg}", stacklevel=3)
 
     # -- the model's forward: what the micro-batch is ---------------------------------------------
     def _pre_forward(self, module, args, kwargs):

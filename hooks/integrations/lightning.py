@@ -42,7 +42,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, Iterable
 
-from hooks.integrations._common import AdapterBase, first_tensor, missing, per_example_field, wire_loss_scale
+from hooks._common import first_tensor, warn_once
+from hooks.integrations._common import AdapterBase, missing, per_example_field, wire_loss_scale
 
 try:
     import lightning.pytorch as pl
@@ -77,9 +78,7 @@ class MidtrainCallback(AdapterBase, pl.Callback):
         self._open = False
 
     def _notice(self, msg: str) -> None:
-        if msg not in self.notices:
-            self.notices.append(msg)
-            warnings.warn(f"midtrain MidtrainCallback (lightning): {msg}", RuntimeWarning, stacklevel=3)
+        warn_once(self.notices, msg, f"midtrain MidtrainCallback (lightning): {msg}", stacklevel=3)
 
     # -- set-up --------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):

@@ -1,4 +1,4 @@
-"""Parameter groups (hooks._groups) shared by GradientNoiseScale and PerExampleGradNorms, the
+"""Parameter groups (hooks._per_example_groups) shared by GradientNoiseScale and PerExampleGradNorms, the
 per-example harvest of the GNS hook, model unwrapping, and the auto mode's one-time message.
 
 References: hand-written labels for Hugging Face style (GPT-2, LLaMA) and built-in GPT parameter
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hooks._gns_parts import _PerExample
-from hooks._groups import default_groups, layer_of, param_kind
+from hooks._gradient_noise_parts import _PerExample
+from hooks._per_example_groups import default_groups, layer_of, param_kind
 from hooks.gradient_noise import GradientNoiseScale
 from hooks.monitor import MemorySink, Monitor
 from hooks.per_example import PerExampleGradNorms
@@ -178,7 +178,7 @@ EXPECT = {   # a few labels per model, by hand
 def test_gns_and_per_example_give_the_same_groups(which):
     """Per parameter, GNS's groups (gns/<group>/b_simple) and PerExampleSqNorms.groups / .layers
     agree: every per-example group is the sum of exactly the parameters GNS puts in it. Before
-    hooks._groups, an untied lm_head was "head" in one and "embeddings" in the other, and
+    hooks._per_example_groups, an untied lm_head was "head" in one and "embeddings" in the other, and
     transformer.h.0 was a layer of its own in one and blocks.0 in the other."""
     model = MODELS[which]()
     sink, hook = MemorySink(), GradientNoiseScale(mode="per_example")
@@ -292,7 +292,7 @@ def test_harvest_is_a_few_ops_per_micro_batch(modules):
 
 
 # ----------------------------------------------------------------------------------------------
-# wrapped models: one unwrap helper (hooks._probe_sites._unwrap_ddp)
+# wrapped models: one unwrap helper (hooks._common.unwrap_ddp)
 
 def test_compiled_and_data_parallel_models_are_unwrapped():
     model = gpt(True)

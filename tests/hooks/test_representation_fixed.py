@@ -66,7 +66,7 @@ def test_readout_pooling_by_index_ops_equals_the_per_domain_loop(monkeypatch):
 
 
 def test_fixed_probe_state_is_built_once_and_rebuilt_when_the_probe_data_change():
-    from hooks._probe_inputs import _build_jobs, _normalise_probe
+    from hooks._representation_inputs import _build_jobs, _normalise_probe
 
     model = tiny_gpt()
     kw = dict(max_tokens=90, info_plane_tokens=40, model=model)

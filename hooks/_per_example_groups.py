@@ -15,7 +15,7 @@
 
 The kind comes from the modules that own the parameter (``owner_kinds``: a normalisation layer
 is a norm, an ``nn.Embedding`` an embedding, whatever its name) and, for the rest, from the name.
-Both consumers pass the same owner kinds (``hooks._pe_sites.module_kind`` of every owner), so they
+Both consumers pass the same owner kinds (``hooks._per_example_sites.module_kind`` of every owner), so they
 give one parameter the same labels.
 """
 
@@ -40,7 +40,7 @@ def owner_kinds(modules: Iterable[nn.Module]) -> frozenset[str]:
     """What the owning modules are: ``module_kind`` (linear | embedding | layernorm | rmsnorm) for
     the modules ``hooks.per_example`` handles, else "norm" (class name with "norm": BatchNorm,
     GroupNorm, ...), "embedding" / "linear" (subclasses it refuses) or "module"."""
-    from hooks._pe_sites import module_kind
+    from hooks._per_example_sites import module_kind
 
     out = set()
     for m in modules:

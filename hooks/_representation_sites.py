@@ -1,8 +1,8 @@
 """RepresentationProbe's activation sites: which modules to hook, and the model's readout head.
 
 ``layers`` may be None (``default_sites``), a module name or glob, a list of them, a callable
-name -> bool, or a module type / tuple of types; ``_unwrap`` looks through torch.compile and DDP
-(``_unwrap_ddp`` also returns the DDP wrapper: GradientNoiseScale's comm hook needs it).
+name -> bool, or a module type / tuple of types. (The probe unwraps torch.compile and DDP first:
+``hooks._common.unwrap``.)
 """
 
 from __future__ import annotations
@@ -10,33 +10,14 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
-_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm", "transformer.ln_f", "model.norm")
+# The names a model's final normalisation goes by (built-in GPT, GPT-2, LLaMA, OPT / NeoX), in the
+# order they are tried: under the block stack's parent for ``default_sites``; at the top level, then
+# under ``transformer`` (GPT-2) and ``model`` (LLaMA) for the readout head.
+_FINAL_NORM_NAMES = ("final_norm", "ln_f", "norm", "final_layer_norm")
 
 LayerSpec = Union[None, str, Sequence[str], Callable[[str], bool], type, tuple]
-
-
-def _unwrap_ddp(model: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
-    """(the plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``),
-    the outermost DistributedDataParallel wrapper met on the way or None)."""
-    ddp = None
-    for _ in range(4):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            if ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
-                ddp = model
-            model = model.module
-        else:
-            break
-    return model, ddp
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind torch.compile (``_orig_mod``) and DDP / DataParallel (``module``)."""
-    return _unwrap_ddp(model)[0]
 
 
 def default_sites(model: nn.Module) -> list[str]:
@@ -44,8 +25,8 @@ def default_sites(model: nn.Module) -> list[str]:
 
     Built-in GPT: ``blocks.<i>.resid_post`` and ``final_norm``. Otherwise the children of the longest
     ``nn.ModuleList`` (the transformer blocks of HF-like models, e.g. ``transformer.h.<i>``) plus a
-    sibling final norm (``ln_f``, ``norm``, ...); for an ``nn.Sequential`` or anything else, the
-    top-level children.
+    sibling final norm (``_FINAL_NORM_NAMES``: ``final_norm``, ``ln_f``, ``norm``, ...); for an
+    ``nn.Sequential`` or anything else, the top-level children.
     """
     if hasattr(model, "activation_sites"):
         sites = [s for s in model.activation_sites() if s.endswith(".resid_post")]
@@ -54,17 +35,21 @@ def default_sites(model: nn.Module) -> list[str]:
     if lists:
         name, ml = max(lists, key=lambda nm: len(nm[1]))
         sites = [f"{name}.{i}" if name else str(i) for i in range(len(ml))]
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        for norm in ("ln_f", "norm", "final_norm", "final_layer_norm"):
-            full = f"{parent}.{norm}" if parent else norm
-            try:
-                model.get_submodule(full)
-            except AttributeError:
-                continue
-            sites.append(full)
-            break
-        return sites
+        norm = _final_norm(model, name.rsplit(".", 1)[0] if "." in name else "")
+        return sites + ([norm] if norm is not None else [])
     return [name for name, _ in model.named_children()]
+
+
+def _final_norm(model: nn.Module, parent: str = "") -> Optional[str]:
+    """The full name of the first of ``_FINAL_NORM_NAMES`` that is a module under ``parent``, or None."""
+    for norm in _FINAL_NORM_NAMES:
+        full = f"{parent}.{norm}" if parent else norm
+        try:
+            model.get_submodule(full)
+        except AttributeError:
+            continue
+        return full
+    return None
 
 
 def _resolve_sites(model: nn.Module, layers: LayerSpec) -> list[str]:
@@ -99,21 +84,9 @@ def _find_readout(model: nn.Module, readout: Any) -> Optional[tuple[Optional[nn.
         head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return None
-    norm = None
-    for name in _NORM_NAMES:
-        try:
-            norm = model.get_submodule(name)
-            break
-        except AttributeError:
-            continue
-    return norm, head
+    for parent in ("", "transformer", "model"):
+        name = _final_norm(model, parent)
+        if name is not None:
+            return model.get_submodule(name), head
+    return None, head
 
-
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if hasattr(out, "to_tuple"):  # HF ModelOutput
-        return _first_tensor(out.to_tuple())
-    return None

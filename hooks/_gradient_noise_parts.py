@@ -1,7 +1,7 @@
 """Parts of ``hooks.gradient_noise``: the ``groups=`` argument and the per-example (B_small = 1) adapter.
 
 ``_group_fn`` turns the hook's ``groups=`` argument into a function ``(name, owner modules) ->
-[group, ...]`` (default: ``hooks._groups.default_groups``, the classifier ``hooks.per_example``
+[group, ...]`` (default: ``hooks._per_example_groups.default_groups``, the classifier ``hooks.per_example``
 uses too); ``_PerExample`` accumulates ``hooks.per_example`` norms per parameter over a step's
 micro-batches.
 """
@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from hooks._groups import default_groups
+from hooks._per_example_groups import default_groups
 
 
 def _group_fn(groups) -> Callable[[str, list[nn.Module]], Iterable[str]] | None:
