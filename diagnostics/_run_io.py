@@ -155,13 +155,22 @@ def _parse_metrics(path: Path) -> tuple[list[dict], list[str], str | None]:
     """
     if not path.exists():
         return [], [], None
-    text = path.read_text(encoding="utf-8", errors="strict")
-    pieces = text.split("\n")
-    complete = text.endswith("\n") or text == ""
+    data = path.read_bytes()  # decoded line by line: a bad byte is reported with its line
+    pieces = data.split(b"\n")
+    complete = data.endswith(b"\n") or data == b""
     if complete:
         pieces = pieces[:-1]  # the "" after the final newline
     records, lines, dropped = [], [], None
-    for lineno, line in enumerate(pieces, start=1):
+    for lineno, raw in enumerate(pieces, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if lineno == len(pieces) and not complete:  # a killed writer can cut a character in two
+                dropped = raw.decode("utf-8", errors="replace")
+                break
+            raise RunDirError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                              f"{e.start + 1}); the file was damaged or written by another program",
+                              path, lineno) from e
         if not line.strip():
             continue
         try:

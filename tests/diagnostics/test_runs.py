@@ -216,6 +216,26 @@ def test_truncated_last_line_tolerated_with_warning(tmp_path):
         assert load_run(path).metric("train/loss").to_dict() == {0: 1.0, 1: 0.5, 2: 0.25}
 
 
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, capsys):
+    """Bytes that are not UTF-8 inside metrics.jsonl are malformed content like any other: the error
+    names the file and line (it was a raw UnicodeDecodeError from load_run, show and recommend)."""
+    from midtrain.cli import main
+
+    path = make_run(tmp_path / "r")
+    (path / "metrics.jsonl").write_bytes(b'{"step": 0, "a": 1}\n{"step": 1, "a": \xff\xfe2}\n{"step": 2, "a": 3}\n')
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl:2: not UTF-8 text \(byte 0xff at column 18\)") as e:
+        load_run(path)
+    assert e.value.line == 2
+    for cmd in ("show", "recommend"):
+        assert main([cmd, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "metrics.jsonl:2: not UTF-8" in err and "Traceback" not in err
+    # a character cut in two at the very end is a killed writer's mark: dropped like a truncated line
+    (path / "metrics.jsonl").write_bytes(b'{"step": 0, "a": 1}\n{"step": 1, "a": "\xc3')
+    with pytest.warns(RunDirWarning, match="truncated last line"):
+        assert load_run(path).metrics["step"].tolist() == [0]
+
+
 def test_last_line_without_newline_but_valid_is_kept(tmp_path):
     path = make_run(tmp_path / "r", [{"step": 0, "a": 1.0}])
     with open(path / "metrics.jsonl", "a") as f:
