@@ -14,6 +14,7 @@ import warnings
 from typing import Any, Callable
 
 from hooks.monitor import Hook
+from midtrain.checkpoint import load_reference_model
 from midtrain.config import ConfigError, TrainConfig
 
 # name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook)
@@ -132,37 +133,3 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
         return DifficultyTracker(domain_names=corpus.names(), probe=probe, **opts)
     except ValueError as e:
         raise ConfigError(f"[monitor.difficulty]: {e}") from None
-
-
-def reference_checkpoint_path(path: str) -> str:
-    """The checkpoint file ``path`` names: the file itself, or a run directory's latest checkpoint."""
-    if os.path.isdir(path):
-        from diagnostics.runs import load_run
-
-        latest = load_run(path).latest_checkpoint()
-        if latest is None:
-            raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is a run directory without "
-                              "checkpoints.")
-        return latest[1]
-    if not os.path.isfile(path):
-        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is neither a checkpoint file nor a "
-                          "run directory.")
-    return path
-
-
-def load_reference_model(path: str, vocab_size: int):
-    """A frozen GPT (CPU, eval mode) from a midtrain checkpoint file or run directory, with the
-    checkpoint's own architecture and RoPE base; any architecture works if its vocabulary is ours."""
-    from midtrain.loop import _load_checkpoint, model_config
-    from midtrain.model import GPT
-
-    file = reference_checkpoint_path(path)
-    ck = _load_checkpoint(file)
-    try:
-        ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), vocab_size))
-        ref.load_state_dict(ck["model"])
-        ref.set_rope_base(ck["rope_base"])
-    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:
-        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {file} does not hold a midtrain model for "
-                          f"this corpus (vocabulary {vocab_size}): {type(e).__name__}: {e}") from None
-    return ref.eval().requires_grad_(False)

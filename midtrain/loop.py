@@ -27,7 +27,6 @@ writes the run directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import platform
@@ -44,10 +43,10 @@ import torch.nn.functional as F
 from diagnostics.runs import RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
+from midtrain.checkpoint import checkpoint_path, load_checkpoint, model_config, restore_checkpoint, save_checkpoint
 from midtrain.config import ConfigError, TrainConfig
-from midtrain.model import GPT, GPTConfig, get_preset
-
-CHECKPOINT_FORMAT = 1
+from midtrain.hookset import build_hooks
+from midtrain.model import GPT
 
 
 @dataclass
@@ -74,19 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine; use device = \"cpu\" or \"auto\".")
     return dev
-
-
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    """The preset named in ``[model]`` with the section's overrides applied."""
-    try:
-        mc = get_preset(cfg.model.preset)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(str(e).strip("'\"")) from None
-    overrides = {k: v for k, v in vars(cfg.model).items() if k != "preset" and v is not None}
-    try:
-        return dataclasses.replace(mc, vocab_size=vocab_size, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"[model] section: {e}.") from None
 
 
 def peak_flops(device: torch.device) -> float:
@@ -165,43 +151,6 @@ def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
         out[f"val/{name}/loss"] = tot / max(1, n)
     model.train(was_training)
     return out
-
-
-def _checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
-
-
-def _save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
-    path = _checkpoint_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,  # optimizer updates applied; the next step to run
-        "tokens": tokens,
-        "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rope_base": model.config.rope_base,
-        "config": cfg.to_dict(),
-        "monitor": monitor.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a killed save never leaves a half-written checkpoint
-    return path
-
-
-def _load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
 
 
 _RESUME_KEYS = ("seed", "model", "data", "optim", "phases")
@@ -293,7 +242,7 @@ def train(
             raise ConfigError(f"the branch config has {total} steps in all; nothing is left to run after step {parent_step}.")
         if os.path.exists(run_json):
             raise RunDirError(f"{out_dir} already holds a run; a branch needs a new output directory. Nothing was changed.")
-        ckpt = _load_checkpoint(_checkpoint_path(parent, parent_step))
+        ckpt = load_checkpoint(checkpoint_path(parent, parent_step))
         start_step, tokens = ckpt["step"], ckpt["tokens"]
     elif os.path.exists(run_json):
         if not resume:
@@ -310,7 +259,7 @@ def train(
             )
         latest = old.latest_checkpoint()
         if latest is not None:
-            ckpt = _load_checkpoint(latest[1])
+            ckpt = load_checkpoint(latest[1])
             start_step, tokens = ckpt["step"], ckpt["tokens"]
         if start_step >= total:
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
@@ -338,16 +287,8 @@ def train(
     )
     for g in optimizer.param_groups:
         g["eps"] = cfg.optim.eps
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        model.set_rope_base(ckpt["rope_base"])
-        if parent is None:  # resume: restore RNG streams (dropout); a branch reseeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            np.random.set_state(ckpt["rng"]["numpy"])
-            random.setstate(ckpt["rng"]["python"])
-            if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt is not None:  # a resume restores the RNG streams (dropout) too; a branch reseeds
+        restore_checkpoint(ckpt, model, optimizer, rng=parent is None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
@@ -359,8 +300,6 @@ def train(
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if hooks is None:  # built before the run store: a bad [monitor.<hook>] option touches no disk
-        from midtrain.hookset import build_hooks
-
         hooks = build_hooks(cfg, model, corpus)
 
     # -- run store (rank 0 only) and monitor ----------------------------------------
@@ -474,7 +413,7 @@ def train(
 
             done = step + 1
             if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
-                _save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
+                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
     except BaseException as e:
         # leave the run directory honest: its status says how it ended; checkpoints stay resumable
         if writer is not None:
