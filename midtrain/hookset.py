@@ -3,11 +3,13 @@
 ``build_hooks(cfg, model, corpus)`` reads ``[monitor.<hook>]`` tables of the
 config: ``enabled = false`` turns a hook off; every other key is passed to the
 hook's constructor, so a misspelt option is a ConfigError naming the hook.
-Each hook's registration lives in ``_BUILDERS`` below (one function per hook).
+The list of hooks is ``midtrain.config.MonitorSection``: each of its fields names
+the builder function below that turns its table into a hook (``_BUILDERS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -15,28 +17,13 @@ from typing import Any, Callable
 
 from hooks.monitor import Hook
 from midtrain.checkpoint import load_reference_model
-from midtrain.config import ConfigError, TrainConfig
-
-# name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook)
-_BUILDERS: dict[str, tuple[bool, Callable[..., Hook]]] = {}
-
-
-def register(name: str, default_enabled: bool = True):
-    def deco(fn):
-        _BUILDERS[name] = (default_enabled, fn)
-        return fn
-
-    return deco
+from midtrain.config import ConfigError, MonitorSection, TrainConfig
 
 
 def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
     hooks: list[Hook] = []
-    sections = vars(cfg.monitor)
-    for name, opts in sections.items():
-        if name not in _BUILDERS and opts:
-            raise ConfigError(f"[monitor.{name}] names no known hook; known hooks: {', '.join(sorted(_BUILDERS))}.")
     for name, (default_on, fn) in _BUILDERS.items():
-        opts: dict[str, Any] = dict(sections.get(name) or {})
+        opts: dict[str, Any] = dict(getattr(cfg.monitor, name) or {})
         if not opts.pop("enabled", default_on):
             continue
         try:
@@ -46,8 +33,7 @@ def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
     return hooks
 
 
-@register("gns")
-def _gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
     "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
 
@@ -76,8 +62,8 @@ def _probe_batches(hook: str, cfg: TrainConfig, corpus, n_seq: int) -> dict:
             warnings.warn(f"[monitor.{hook}]: no probe batch for domain {d!r} ({e})", UserWarning)
     return out
 
-@register("representation")
-def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+
+def build_representation_probe(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.representation]``: RepresentationProbe on a fixed per-domain probe batch: the
     ``probe_sequences`` (default 4) evenly spaced validation chunks of every domain at the first phase's
     seq_len (``val_batches``). Defaults: every = eval_every (plus log-spaced steps 1, 2, 4, ...
@@ -102,8 +88,7 @@ def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Ho
 
 # -- difficulty ------------------------------------------------------------------------
 
-@register("difficulty")
-def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+def build_difficulty_tracker(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """DifficultyTracker with a fixed probe set per corpus domain -- every domain, including
     those only later phases train on -- taken from the validation split (``val_batches``:
     evenly spaced chunks at the first phase's seq_len). Extra options: ``probe_size``
@@ -133,3 +118,9 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
         return DifficultyTracker(domain_names=corpus.names(), probe=probe, **opts)
     except ValueError as e:
         raise ConfigError(f"[monitor.difficulty]: {e}") from None
+
+
+# name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook), one per [monitor.<name>]
+_BUILDERS: dict[str, tuple[bool, Callable[..., Hook]]] = {
+    f.name: (f.metadata["enabled"], globals()[f.metadata["builder"]]) for f in dataclasses.fields(MonitorSection)
+}
