@@ -5,8 +5,8 @@ mixture, a learning-rate segment, a batch size, a sequence length and a RoPE
 base. The default recipe is the canonical mid-training recipe in miniature:
 
     pretrain      prose-heavy mixture, warmup then constant LR, short context
-    midtrain      anneal: LR decays to near zero, mixture upweights code and math
-    long_context  longer sequences, raised RoPE base, low constant LR
+    midtrain      anneal: LR decays (1-sqrt) to a tenth, mixture upweights code and math
+    long_context  longer sequences, raised RoPE base, low LR decaying linearly to a tenth of it
 
     >>> cfg = default_config()
     >>> cfg.total_steps()
