@@ -95,7 +95,7 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     steps from ``step``; neither: the tokens the parent spends from ``step`` to the end of ``phase``
     (default: the phase containing ``step``).
     """
-    from diagnostics.runs import RunDirError, load_run
+    from diagnostics.runs import RUN_JSON, RunDirError, load_run
 
     if tokens is not None and steps is not None:
         raise ConfigError("give --tokens or --steps, not both.")
@@ -126,7 +126,7 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     plans = []
     for b in sorted(batch_sizes):
         out = os.path.join(prefix, f"bs{b}")
-        if os.path.exists(os.path.join(out, "run.json")) or (os.path.isdir(out) and os.listdir(out)):
+        if os.path.exists(os.path.join(out, RUN_JSON)) or (os.path.isdir(out) and os.listdir(out)):
             raise RunDirError(f"{out} already exists; a sweep writes new run directories only. Choose another "
                               "--out-prefix. Nothing was written.")
         bcfg = _branch_config(cfg, step, b)
