@@ -1,4 +1,5 @@
-"""Batch-size branch sweep: the empirical critical-batch-size probe (DESIGN section 7).
+"""Batch-size branch sweep: the empirical critical-batch-size probe (docs/architecture.md,
+"Recommendations"; the sweep and the fit: docs/recommendations.md, "Critical batch size").
 
 From a run's checkpoint at step S, train one branch per batch size B for the same number of TOKENS
 (a smaller batch runs more steps). Each branch is an ordinary run directory ``OUT/bs<B>`` whose
