@@ -27,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diagnostics.runs import load_run  # noqa: E402
+from midtrain.checkpoint import model_config  # noqa: E402
 from midtrain.config import Phase, TrainConfig  # noqa: E402
 from midtrain.data import MixtureSampler, default_corpus  # noqa: E402
-from midtrain.loop import model_config, resolve_device, train  # noqa: E402
+from midtrain.loop import resolve_device, train  # noqa: E402
 from midtrain.model import GPT  # noqa: E402
 
 

@@ -1,5 +1,6 @@
 """The run directory's constants, errors and file helpers (atomic writes, run.json and
 metrics.jsonl parsing, value cleaning), shared by ``diagnostics.runs``' writer and reader.
+The one owner of the run directory's file names, including checkpoints' (``checkpoint_name``).
 Import the public names from ``diagnostics.runs``.
 """
 
@@ -27,10 +28,10 @@ CHECKPOINTS_DIR = "checkpoints"
 RECOMMENDATIONS_FILE = "recommendations.json"
 REPORT_FILE = "report.html"
 
-_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+_CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")  # reads back what checkpoint_name writes
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _VAL_LOSS_RE = re.compile(r"^val/([^/]+)/loss$")
-# keys a caller may not set through ``extra`` (create) or ``update_info``
+# keys a caller may not set through ``extra`` (create); ``update_info`` refuses only schema_version
 _RESERVED_CREATE = ("schema_version", "config", "parent")
 
 
@@ -73,13 +74,19 @@ def _dumps_info(info: dict) -> str:
     return json.dumps(info, indent=2, default=_jsonable) + "\n"
 
 
-def _atomic_write(path: Path, data: str | bytes | None = None, writer=None) -> None:
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint taken after ``step`` optimizer steps, in ``CHECKPOINTS_DIR``."""
+    return f"step_{step:07d}.pt"
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, writer=None) -> None:
     """Write ``path`` via a hidden temp file in the same directory and ``os.replace``.
 
     Readers see either the old file or the new one, never a partial write. The
     temp file is removed if anything fails. ``writer(fileobj)`` may be given
-    instead of ``data`` (binary mode).
+    instead of ``data`` (binary mode). Every file midtrain writes whole goes through here.
     """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         binary = writer is not None or isinstance(data, bytes)

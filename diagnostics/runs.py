@@ -60,7 +60,7 @@ import numpy as np
 from diagnostics._run_io import (  # noqa: F401  (constants and errors are public here)
     SCHEMA_VERSION, RUN_JSON, METRICS_FILE, ARRAYS_DIR, CHECKPOINTS_DIR, RECOMMENDATIONS_FILE,
     REPORT_FILE, _CHECKPOINT_RE, _ARRAY_NAME_RE, _VAL_LOSS_RE, _RESERVED_CREATE, RunDirError,
-    RunDirWarning, _now, _dumps_info, _atomic_write, _versions, _read_info,
+    RunDirWarning, _now, _dumps_info, atomic_write, checkpoint_name, _versions, _read_info,
     _parse_metrics, _clean_value,
 )
 
@@ -150,7 +150,7 @@ class RunWriter:
         info = json.loads(text)   # what readers will see (Paths as str, ...)
         for sub in ("", ARRAYS_DIR, CHECKPOINTS_DIR):
             (path / sub).mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / RUN_JSON, text)
+        atomic_write(path / RUN_JSON, text)
         (path / METRICS_FILE).touch()
         return cls(path, info)
 
@@ -184,7 +184,7 @@ class RunWriter:
         text = "".join(ln + "\n" for ln in keep)
         # rewrite only if something changes (dropped records, partial tail, missing newline, blanks)
         if metrics.exists() and metrics.read_text(encoding="utf-8") != text:
-            _atomic_write(metrics, text)
+            atomic_write(metrics, text)
         elif not metrics.exists():
             metrics.touch()
 
@@ -231,7 +231,7 @@ class RunWriter:
             converted[key] = arr
         target = self.path / ARRAYS_DIR / f"{name}.npz"
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(target, writer=lambda f: np.savez(f, **converted))
+        atomic_write(target, writer=lambda f: np.savez(f, **converted))
         return target
 
     def update_info(self, **kv) -> dict:
@@ -244,7 +244,7 @@ class RunWriter:
             raise ValueError("schema_version is fixed by the writer and cannot be updated")
         new = {**self.info, **kv, "updated": _now()}
         text = _dumps_info(new)  # serialise first: a TypeError leaves the file untouched
-        _atomic_write(self.path / RUN_JSON, text)
+        atomic_write(self.path / RUN_JSON, text)
         self.info = json.loads(text)
         return self.info
 

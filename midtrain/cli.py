@@ -50,11 +50,12 @@ def _load_config(args):
         from midtrain.config import TrainConfig
 
         cfg = TrainConfig.from_dict(load_run(args.from_run).config)
-    if cfg is None and getattr(args, "resume", False) and os.path.exists(os.path.join(args.out, "run.json")):
-        from diagnostics.runs import load_run
+    if cfg is None and getattr(args, "resume", False):
+        from diagnostics.runs import RUN_JSON, load_run
         from midtrain.config import TrainConfig
 
-        cfg = TrainConfig.from_dict(load_run(args.out).config)
+        if os.path.exists(os.path.join(args.out, RUN_JSON)):
+            cfg = TrainConfig.from_dict(load_run(args.out).config)
     if cfg is None:
         cfg = default_config()
     if args.preset:
@@ -147,7 +148,7 @@ def cmd_recommend(args) -> int:
     import time
 
     from diagnostics.recommend import RecommendationError, batch_size_recommendation, lr_decay_recommendation
-    from diagnostics.runs import load_run
+    from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
@@ -176,13 +177,10 @@ def cmd_recommend(args) -> int:
     if not recs:
         raise RecommendationError("no recommendation is available for this run: "
                                   + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
-    out = os.path.join(args.run_dir, "recommendations.json")
+    out = os.path.join(args.run_dir, RECOMMENDATIONS_FILE)
     doc = {"schema": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "recommendations": [r.to_dict() for r in recs], "not_available": unavailable}
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(doc, indent=2))
     if not args.json:
         print(f"saved: {out}")
     if args.write_config:

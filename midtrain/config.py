@@ -5,8 +5,8 @@ mixture, a learning-rate segment, a batch size, a sequence length and a RoPE
 base. The default recipe is the canonical mid-training recipe in miniature:
 
     pretrain      prose-heavy mixture, warmup then constant LR, short context
-    midtrain      anneal: LR decays to near zero, mixture upweights code and math
-    long_context  longer sequences, raised RoPE base, low constant LR
+    midtrain      anneal: LR decays (1-sqrt) to a tenth, mixture upweights code and math
+    long_context  longer sequences, raised RoPE base, low LR decaying linearly to a tenth of it
 
     >>> cfg = default_config()
     >>> cfg.total_steps()
@@ -112,18 +112,25 @@ class OptimSection:
     grad_clip: float = 1.0  # 0 disables clipping
 
 
+def _hook(builder: str, enabled: bool = True) -> Any:
+    """A ``[monitor.<name>]`` table, built into a hook by ``midtrain.hookset.<builder>`` (named,
+    not imported: loading a config imports no hook); ``enabled``: attached by default."""
+    return field(default_factory=dict, metadata={"builder": builder, "enabled": enabled})
+
+
 @dataclass
 class MonitorSection:
-    """Which measurement hooks the built-in loop attaches, with their options.
+    """Which measurement hooks the built-in loop attaches, with their options: the one list of
+    them (adding a hook is a field here and its builder in ``midtrain.hookset``).
 
     Each entry is a table of keyword arguments for that hook's constructor plus
     ``enabled``; e.g. ``[monitor.gns] mode = "microbatch"``. Unknown options are
     reported by the hook's constructor (see ``midtrain.hookset``).
     """
 
-    gns: dict[str, Any] = field(default_factory=dict)
-    representation: dict[str, Any] = field(default_factory=dict)
-    difficulty: dict[str, Any] = field(default_factory=dict)
+    gns: dict[str, Any] = _hook("build_gradient_noise_scale")
+    representation: dict[str, Any] = _hook("build_representation_probe")
+    difficulty: dict[str, Any] = _hook("build_difficulty_tracker")
 
 
 @dataclass

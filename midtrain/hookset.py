@@ -3,39 +3,27 @@
 ``build_hooks(cfg, model, corpus)`` reads ``[monitor.<hook>]`` tables of the
 config: ``enabled = false`` turns a hook off; every other key is passed to the
 hook's constructor, so a misspelt option is a ConfigError naming the hook.
-Each hook's registration lives in ``_BUILDERS`` below (one function per hook).
+The list of hooks is ``midtrain.config.MonitorSection``: each of its fields names
+the builder function below that turns its table into a hook (``_BUILDERS``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
 from typing import Any, Callable
 
 from hooks.monitor import Hook
-from midtrain.config import ConfigError, TrainConfig
-
-# name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook)
-_BUILDERS: dict[str, tuple[bool, Callable[..., Hook]]] = {}
-
-
-def register(name: str, default_enabled: bool = True):
-    def deco(fn):
-        _BUILDERS[name] = (default_enabled, fn)
-        return fn
-
-    return deco
+from midtrain.checkpoint import load_reference_model
+from midtrain.config import ConfigError, MonitorSection, TrainConfig
 
 
 def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
     hooks: list[Hook] = []
-    sections = vars(cfg.monitor)
-    for name, opts in sections.items():
-        if name not in _BUILDERS and opts:
-            raise ConfigError(f"[monitor.{name}] names no known hook; known hooks: {', '.join(sorted(_BUILDERS))}.")
     for name, (default_on, fn) in _BUILDERS.items():
-        opts: dict[str, Any] = dict(sections.get(name) or {})
+        opts: dict[str, Any] = dict(getattr(cfg.monitor, name) or {})
         if not opts.pop("enabled", default_on):
             continue
         try:
@@ -45,8 +33,7 @@ def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
     return hooks
 
 
-@register("gns")
-def _gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
     "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
 
@@ -75,8 +62,8 @@ def _probe_batches(hook: str, cfg: TrainConfig, corpus, n_seq: int) -> dict:
             warnings.warn(f"[monitor.{hook}]: no probe batch for domain {d!r} ({e})", UserWarning)
     return out
 
-@register("representation")
-def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+
+def build_representation_probe(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.representation]``: RepresentationProbe on a fixed per-domain probe batch: the
     ``probe_sequences`` (default 4) evenly spaced validation chunks of every domain at the first phase's
     seq_len (``val_batches``). Defaults: every = eval_every (plus log-spaced steps 1, 2, 4, ...
@@ -101,8 +88,7 @@ def _representation(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Ho
 
 # -- difficulty ------------------------------------------------------------------------
 
-@register("difficulty")
-def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
+def build_difficulty_tracker(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """DifficultyTracker with a fixed probe set per corpus domain -- every domain, including
     those only later phases train on -- taken from the validation split (``val_batches``:
     evenly spaced chunks at the first phase's seq_len). Extra options: ``probe_size``
@@ -134,35 +120,7 @@ def _difficulty(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
         raise ConfigError(f"[monitor.difficulty]: {e}") from None
 
 
-def reference_checkpoint_path(path: str) -> str:
-    """The checkpoint file ``path`` names: the file itself, or a run directory's latest checkpoint."""
-    if os.path.isdir(path):
-        from diagnostics.runs import load_run
-
-        latest = load_run(path).latest_checkpoint()
-        if latest is None:
-            raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is a run directory without "
-                              "checkpoints.")
-        return latest[1]
-    if not os.path.isfile(path):
-        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is neither a checkpoint file nor a "
-                          "run directory.")
-    return path
-
-
-def load_reference_model(path: str, vocab_size: int):
-    """A frozen GPT (CPU, eval mode) from a midtrain checkpoint file or run directory, with the
-    checkpoint's own architecture and RoPE base; any architecture works if its vocabulary is ours."""
-    from midtrain.loop import _load_checkpoint, model_config
-    from midtrain.model import GPT
-
-    file = reference_checkpoint_path(path)
-    ck = _load_checkpoint(file)
-    try:
-        ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), vocab_size))
-        ref.load_state_dict(ck["model"])
-        ref.set_rope_base(ck["rope_base"])
-    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:
-        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {file} does not hold a midtrain model for "
-                          f"this corpus (vocabulary {vocab_size}): {type(e).__name__}: {e}") from None
-    return ref.eval().requires_grad_(False)
+# name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook), one per [monitor.<name>]
+_BUILDERS: dict[str, tuple[bool, Callable[..., Hook]]] = {
+    f.name: (f.metadata["enabled"], globals()[f.metadata["builder"]]) for f in dataclasses.fields(MonitorSection)
+}

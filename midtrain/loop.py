@@ -27,7 +27,6 @@ writes the run directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import platform
@@ -41,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diagnostics.runs import RunDirError, RunWriter, load_run
+from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
+from midtrain.checkpoint import checkpoint_path, load_checkpoint, model_config, restore_checkpoint, save_checkpoint
 from midtrain.config import ConfigError, TrainConfig
-from midtrain.model import GPT, GPTConfig, get_preset
-
-CHECKPOINT_FORMAT = 1
+from midtrain.hookset import build_hooks
+from midtrain.model import GPT, GPTConfig
 
 
 @dataclass
@@ -76,17 +75,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
-    """The preset named in ``[model]`` with the section's overrides applied."""
-    try:
-        mc = get_preset(cfg.model.preset)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(str(e).strip("'\"")) from None
-    overrides = {k: v for k, v in vars(cfg.model).items() if k != "preset" and v is not None}
-    try:
-        return dataclasses.replace(mc, vocab_size=vocab_size, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"[model] section: {e}.") from None
+def _set_up_processes(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: under torchrun, each rank on its own GPU."""
+    rank, world, local_rank = dist_info()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
 def peak_flops(device: torch.device) -> float:
@@ -147,6 +143,13 @@ class Progress:
         self.stream.flush()
 
 
+def _val_batches(cfg: TrainConfig, corpus) -> dict[str, list]:
+    """The fixed evaluation set: ``eval_batches`` validation batches per domain at the first phase's seq_len."""
+    eval_seq = cfg.phases[0].seq_len
+    return {d: data_mod.val_batches(corpus, d, eval_seq, cfg.data.eval_batch_size, cfg.data.eval_batches)
+            for d in corpus.names()}
+
+
 @torch.no_grad()
 def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
     """Token-weighted mean val loss per domain: ``{"val/<domain>/loss": float}``."""
@@ -167,42 +170,25 @@ def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
     return out
 
 
-def _checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+def _data_and_model_config(cfg: TrainConfig, corpus, world: int):
+    """(corpus, model config): the data (the config's unless ``corpus`` is given) and the model's
+    config, once the run's config is checked against the data, the model's context length and the
+    number of processes (every micro-batch must split evenly over them)."""
+    if corpus is None:
+        corpus = data_mod.default_corpus() if not cfg.data.path else data_mod.load_corpus(cfg.data.path, val_fraction=cfg.data.val_fraction)
+    mcfg = model_config(cfg, corpus.vocab_size)
+    cfg.validate(domains=list(corpus.names()), max_seq_len=mcfg.block_size)
+    for p in cfg.phases:
+        micro_global = p.batch_size // p.grad_accum
+        if micro_global % world:
+            raise ConfigError(
+                f"phase {p.name!r}: the micro-batch of {micro_global} sequences (batch_size {p.batch_size} / "
+                f"grad_accum {p.grad_accum}) does not split evenly over {world} processes."
+            )
+    return corpus, mcfg
 
 
-def _save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
-    path = _checkpoint_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,  # optimizer updates applied; the next step to run
-        "tokens": tokens,
-        "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rope_base": model.config.rope_base,
-        "config": cfg.to_dict(),
-        "monitor": monitor.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a killed save never leaves a half-written checkpoint
-    return path
-
-
-def _load_checkpoint(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
-
+# -- resume and branch planning: decide everything before writing anything ----------------
 
 _RESUME_KEYS = ("seed", "model", "data", "optim", "phases")
 
@@ -211,8 +197,130 @@ def _incompatible(old: dict, new: dict) -> list[str]:
     return [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
 
 
-# -- the loop -----------------------------------------------------------------------
+@dataclass
+class _Start:
+    """Where a run starts and stops: ``ckpt`` is the checkpoint it continues (None: a new run),
+    ``step`` and ``tokens`` the state it holds, ``end_step`` the global step to stop after."""
 
+    ckpt: dict | None
+    step: int
+    tokens: int
+    end_step: int
+
+
+def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, parent_step: int | None,
+                until_step: int | None, world: int) -> _Start:
+    """A new run, a resume of ``out_dir`` from its latest checkpoint, or a branch from ``parent``'s
+    checkpoint ``parent_step``, decided from the disk as it is; ConfigError / RunDirError for what
+    cannot run. Nothing is written."""
+    total = cfg.total_steps()
+    run_json = os.path.join(out_dir, RUN_JSON)
+    ckpt, start_step, tokens = None, 0, 0
+    if parent is not None:
+        if resume:
+            raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
+        if parent_step is None:
+            raise ConfigError("a branch needs the parent's step (--step S).")
+        prun = load_run(parent)
+        steps = [s for s, _ in prun.checkpoints()]
+        if parent_step not in steps:
+            raise ConfigError(f"run {parent} has no checkpoint at step {parent_step}; it has checkpoints at steps {steps}.")
+        if parent_step >= total:
+            raise ConfigError(f"the branch config has {total} steps in all; nothing is left to run after step {parent_step}.")
+        if os.path.exists(run_json):
+            raise RunDirError(f"{out_dir} already holds a run; a branch needs a new output directory. Nothing was changed.")
+        ckpt = load_checkpoint(checkpoint_path(parent, parent_step))
+        start_step, tokens = ckpt["step"], ckpt["tokens"]
+    elif os.path.exists(run_json):
+        if not resume:
+            raise RunDirError(
+                f"{out_dir} already holds a run ({RUN_JSON} exists). midtrain never overwrites a run: "
+                "pass --resume to continue it, or choose another --out directory. Nothing was changed."
+            )
+        old = load_run(out_dir)
+        diff = _incompatible(old.config, cfg.to_dict())
+        if diff:
+            raise ConfigError(
+                f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
+                "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
+            )
+        latest = old.latest_checkpoint()
+        if latest is not None:
+            ckpt = load_checkpoint(latest[1])
+            start_step, tokens = ckpt["step"], ckpt["tokens"]
+        if start_step >= total:
+            raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
+    elif resume:
+        raise RunDirError(f"--resume was given but {out_dir} holds no run (no {RUN_JSON}) to resume.")
+    if world > 1:  # every rank decided on the same disk state; only now may rank 0 write
+        import torch.distributed as dist
+
+        dist.barrier()
+    end_step = total if until_step is None else min(total, until_step)
+    if end_step <= start_step:
+        raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
+    return _Start(ckpt, start_step, tokens, end_step)
+
+
+# -- model, optimizer, precision ------------------------------------------------------------
+
+def _build_model(cfg: TrainConfig, mcfg: GPTConfig, device: torch.device, start: _Start, *, branch: bool):
+    """The model and its AdamW optimizer, seeded from the config; from the checkpoint the run
+    starts at, if any (a resume restores its RNG streams too, a branch keeps the fresh seed)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = GPT(mcfg).to(device)
+    optimizer = model.configure_optimizer(
+        weight_decay=cfg.optim.weight_decay, lr=cfg.phases[0].lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), device_type=device.type,
+    )
+    for g in optimizer.param_groups:
+        g["eps"] = cfg.optim.eps
+    if start.ckpt is not None:
+        restore_checkpoint(start.ckpt, model, optimizer, rng=not branch)
+    return model, optimizer
+
+
+def _precision(cfg: TrainConfig, device: torch.device):
+    """(dtype, autocast context) of the forward passes: bf16 autocast on CUDA by default, fp32 on CPU."""
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    return dtype, autocast
+
+
+def _forward_model(model, cfg: TrainConfig, device: torch.device, world: int):
+    """What the loop runs forward and backward: the model, compiled if asked (CUDA only), in DDP under torchrun."""
+    fwd_model = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return fwd_model
+
+
+def _clip_grads(params: list, grad_clip: float) -> torch.Tensor:
+    """The gradients' global norm, before clipping them to ``grad_clip`` (0: no clipping)."""
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+
+def _mean_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)  # AVG is NCCL-only: SUM then divide
+    return x / world
+
+
+# -- the run store ----------------------------------------------------------------------------
 
 def _wandb_sink(cfg: TrainConfig, out_dir: str):
     """The [wandb] mirror of the run store (hooks.sinks.WandbSink); a failure to start is a clear
@@ -227,19 +335,67 @@ def _wandb_sink(cfg: TrainConfig, out_dir: str):
                           "trained. Fix it, set mode = \"offline\" (no API key needed), or remove [wandb].") from e
 
 
-def train(
-    cfg: TrainConfig,
-    out_dir: str,
-    *,
-    resume: bool = False,
-    parent: str | None = None,
-    parent_step: int | None = None,
-    until_step: int | None = None,
-    hooks: list[Hook] | None = None,
-    corpus: "data_mod.Corpus | None" = None,
-    progress: bool = True,
-    strict_hooks: bool = False,
-) -> TrainResult:
+def _open_run_store(cfg: TrainConfig, out_dir: str, start: _Start, *, resume: bool, parent: str | None,
+                    parent_step: int | None, model, corpus, world: int, device, dtype) -> RunWriter:
+    """Rank 0's writer of ``out_dir``: a new run (recording its parent, for a branch) or the resumed
+    one (records after the checkpoint's step dropped), with the run's model, data and hardware in run.json."""
+    if parent is not None:
+        writer = RunWriter.create(out_dir, cfg.to_dict(), parent={"run": os.path.abspath(parent), "step": parent_step})
+    elif resume:
+        writer = RunWriter.resume(out_dir, step=start.step - 1)
+    else:
+        writer = RunWriter.create(out_dir, cfg.to_dict())
+    writer.update_info(
+        model=vars(model.config), n_params=model.num_params(non_embedding=False), world_size=world,
+        device=str(device), dtype=str(dtype).replace("torch.", ""), data=corpus.describe(),
+        total_steps=cfg.total_steps(), phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
+        platform=platform.platform(),
+    )
+    return writer
+
+
+def _record_failure(writer: RunWriter | None, monitor: Monitor, e: BaseException, step: int) -> None:
+    """Leave the run directory honest when training stops on an exception: its status says how it
+    ended (interrupted or failed, and where); the checkpoints stay resumable."""
+    if writer is not None:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        writer.update_info(status=status, error=f"{type(e).__name__}: {e}", steps_done=step)
+    monitor.close()
+
+
+class _Throughput:
+    """The loop's speed: per step (tokens/s, its EMA for the progress line, step time, MFU) and over
+    the whole loop, from the first step to the last."""
+
+    def __init__(self, peak: float):
+        self.peak, self.t_loop, self.tokens = peak, time.perf_counter(), 0
+        self.tok_s_ema, self.mfu = float("nan"), float("nan")
+
+    def step_begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def step_end(self, step_tokens: int, flops_per_token: float) -> dict[str, float]:
+        """The step's ``perf/`` scalars (``perf/mfu`` only when the accelerator's peak is known)."""
+        dt = time.perf_counter() - self.t0
+        self.tokens += step_tokens
+        tok_s = step_tokens / dt
+        self.tok_s_ema = tok_s if math.isnan(self.tok_s_ema) else 0.9 * self.tok_s_ema + 0.1 * tok_s
+        self.mfu = flops_per_token * tok_s / self.peak if self.peak == self.peak else float("nan")
+        perf = {"perf/tokens_per_s": tok_s, "perf/step_time_s": dt}
+        if self.mfu == self.mfu:
+            perf["perf/mfu"] = self.mfu
+        return perf
+
+    def loop_tokens_per_s(self) -> float:
+        loop_s = time.perf_counter() - self.t_loop
+        return self.tokens / loop_s if loop_s > 0 else float("nan")
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str | None = None,
+          parent_step: int | None = None, until_step: int | None = None, hooks: list[Hook] | None = None,
+          corpus: "data_mod.Corpus | None" = None, progress: bool = True, strict_hooks: bool = False) -> TrainResult:
     """Run (or resume, or branch) a phased run into ``out_dir``.
 
     Args:
@@ -256,170 +412,53 @@ def train(
     """
     t_start = time.perf_counter()
     cfg.validate()
-    rank, world, local_rank = dist_info()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    rank, world, device = _set_up_processes(cfg)
     master = rank == 0
-
-    if corpus is None:
-        corpus = data_mod.default_corpus() if not cfg.data.path else data_mod.load_corpus(cfg.data.path, val_fraction=cfg.data.val_fraction)
-    mcfg = model_config(cfg, corpus.vocab_size)
-    cfg.validate(domains=list(corpus.names()), max_seq_len=mcfg.block_size)
-    for p in cfg.phases:
-        micro_global = p.batch_size // p.grad_accum
-        if micro_global % world:
-            raise ConfigError(
-                f"phase {p.name!r}: the micro-batch of {micro_global} sequences (batch_size {p.batch_size} / "
-                f"grad_accum {p.grad_accum}) does not split evenly over {world} processes."
-            )
+    corpus, mcfg = _data_and_model_config(cfg, corpus, world)
     total = cfg.total_steps()
+    start = _plan_start(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step,
+                        until_step=until_step, world=world)
+    tokens, end_step = start.tokens, start.end_step
 
-    # -- run directory: decide everything before writing anything -------------------
-    run_json = os.path.join(out_dir, "run.json")
-    ckpt = None
-    start_step, tokens = 0, 0
-    if parent is not None:
-        if resume:
-            raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
-        if parent_step is None:
-            raise ConfigError("a branch needs the parent's step (--step S).")
-        prun = load_run(parent)
-        steps = [s for s, _ in prun.checkpoints()]
-        if parent_step not in steps:
-            raise ConfigError(f"run {parent} has no checkpoint at step {parent_step}; it has checkpoints at steps {steps}.")
-        if parent_step >= total:
-            raise ConfigError(f"the branch config has {total} steps in all; nothing is left to run after step {parent_step}.")
-        if os.path.exists(run_json):
-            raise RunDirError(f"{out_dir} already holds a run; a branch needs a new output directory. Nothing was changed.")
-        ckpt = _load_checkpoint(_checkpoint_path(parent, parent_step))
-        start_step, tokens = ckpt["step"], ckpt["tokens"]
-    elif os.path.exists(run_json):
-        if not resume:
-            raise RunDirError(
-                f"{out_dir} already holds a run (run.json exists). midtrain never overwrites a run: "
-                "pass --resume to continue it, or choose another --out directory. Nothing was changed."
-            )
-        old = load_run(out_dir)
-        diff = _incompatible(old.config, cfg.to_dict())
-        if diff:
-            raise ConfigError(
-                f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
-                "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
-            )
-        latest = old.latest_checkpoint()
-        if latest is not None:
-            ckpt = _load_checkpoint(latest[1])
-            start_step, tokens = ckpt["step"], ckpt["tokens"]
-        if start_step >= total:
-            raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
-    elif resume:
-        raise RunDirError(f"--resume was given but {out_dir} holds no run (no run.json) to resume.")
-    if world > 1:  # every rank decided on the same disk state; only now may rank 0 write
-        import torch.distributed as dist
-
-        dist.barrier()
-    end_step = total if until_step is None else min(total, until_step)
-    if end_step <= start_step:
-        raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
-
-    # -- model, optimizer, state -----------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    random.seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = GPT(mcfg).to(device)
-    optimizer = model.configure_optimizer(
-        weight_decay=cfg.optim.weight_decay, lr=cfg.phases[0].lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2), device_type=device.type,
-    )
-    for g in optimizer.param_groups:
-        g["eps"] = cfg.optim.eps
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        model.set_rope_base(ckpt["rope_base"])
-        if parent is None:  # resume: restore RNG streams (dropout); a branch reseeds
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            np.random.set_state(ckpt["rng"]["numpy"])
-            random.setstate(ckpt["rng"]["python"])
-            if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    fwd_model = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
-
+    model, optimizer = _build_model(cfg, mcfg, device, start, branch=parent is not None)
+    dtype, autocast = _precision(cfg, device)
+    fwd_model = _forward_model(model, cfg, device, world)
     if hooks is None:  # built before the run store: a bad [monitor.<hook>] option touches no disk
-        from midtrain.hookset import build_hooks
-
         hooks = build_hooks(cfg, model, corpus)
-
-    # -- run store (rank 0 only) and monitor ----------------------------------------
     # wandb first: a bad [wandb] (not installed, no API key online) stops here, before run.json
     extra_sinks = [_wandb_sink(cfg, out_dir)] if master and cfg.wandb_enabled() else []
-    writer = None
-    if master:
-        if parent is not None:
-            writer = RunWriter.create(out_dir, cfg.to_dict(), parent={"run": os.path.abspath(parent), "step": parent_step})
-        elif resume:
-            writer = RunWriter.resume(out_dir, step=start_step - 1)
-        else:
-            writer = RunWriter.create(out_dir, cfg.to_dict())
-        writer.update_info(
-            model=vars(mcfg), n_params=model.num_params(non_embedding=False), world_size=world,
-            device=str(device), dtype=str(dtype).replace("torch.", ""), data=corpus.describe(),
-            total_steps=total, phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases],
-            platform=platform.platform(),
-        )
+    writer = _open_run_store(cfg, out_dir, start, resume=resume, parent=parent, parent_step=parent_step, model=model,
+                             corpus=corpus, world=world, device=device, dtype=dtype) if master else None
     monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer), *extra_sinks] if writer else [NullSink()],
                       strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 else None)
-    if ckpt is not None and ckpt.get("monitor"):
-        monitor.load_state_dict(ckpt["monitor"])
+    if start.ckpt is not None and start.ckpt.get("monitor"):
+        monitor.load_state_dict(start.ckpt["monitor"])
 
-    eval_seq = cfg.phases[0].seq_len
-    val = {d: data_mod.val_batches(corpus, d, eval_seq, cfg.data.eval_batch_size, cfg.data.eval_batches) for d in corpus.names()}
-    samplers: dict[int, Any] = {}
-    peak = peak_flops(device)
-    bar = Progress(total, start_step, cfg.log_every, enabled=progress and master)
+    val = _val_batches(cfg, corpus)
+    bar = Progress(total, start.step, cfg.log_every, enabled=progress and master)
     phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
-
     val_start: dict[str, float] = {}
-    last_loss, tok_s_ema, mfu = float("nan"), float("nan"), float("nan")
-    cur_phase = -1
-    skipped = int(ckpt.get("skipped_steps", 0)) if ckpt is not None else 0  # older checkpoints: 0
-    t_loop = time.perf_counter()
-    tokens_loop = 0
+    last_loss, cur_phase = float("nan"), -1
+    skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
+    speed = _Throughput(peak_flops(device))
     model.train()
     try:
-        for step in range(start_step, end_step):
+        for step in range(start.step, end_step):
             pi, phase, _ = cfg.phase_at(step)
             if pi != cur_phase:  # phase switch: context length, RoPE base, data mixture
-                cur_phase = pi
+                cur_phase, sampler = pi, data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
                 if phase.rope_base is not None:
                     model.set_rope_base(phase.rope_base)
-                if pi not in samplers:
-                    samplers[pi] = data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
-                sampler = samplers[pi]
-                micro_global = phase.batch_size // phase.grad_accum
-                flops_tok = model.flops_per_token(phase.seq_len)
+                micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
             scalars: dict[str, Any] = {}
             if step % cfg.eval_every == 0 or step in phase_starts:
                 scalars.update(evaluate(model, val, device, autocast))
                 if step == 0:
                     val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
 
-            t0 = time.perf_counter()  # step time excludes evaluation
+            speed.step_begin()  # step time excludes evaluation
             monitor.on_step_begin(step)
             lr = cfg.lr_at(step)
             for g in optimizer.param_groups:
@@ -427,9 +466,8 @@ def train(
             loss_sum = torch.zeros((), device=device)
             for micro in range(phase.grad_accum):
                 batch = sampler.shard(sampler.global_batch(pi, step, micro, micro_global), rank, world).to(device)
-                sync = micro == phase.grad_accum - 1
-                ctx = fwd_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                with ctx:
+                sync = micro == phase.grad_accum - 1  # DDP all-reduces the gradients on the last micro-batch only
+                with fwd_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
                     with autocast:
                         _, losses = fwd_model(batch.x, batch.y, reduction="none")  # (B,) per-sequence
                     loss = losses.mean()
@@ -437,52 +475,31 @@ def train(
                 monitor.on_backward_end(batch.size, losses=losses.detach(), ids=batch.ids, domains=batch.domains)
                 loss_sum += loss.detach()
             monitor.on_grads_ready()  # accumulated, synchronised, before clipping
-            if cfg.optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            grad_norm = _clip_grads(params, cfg.optim.grad_clip)
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:  # NaN/inf gradients: skip the update rather than poison the weights
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
 
-            train_loss = loss_sum / phase.grad_accum
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)  # AVG is NCCL-only: SUM then divide
-                train_loss = train_loss / world
-            last_loss = train_loss.item()
+            last_loss = _mean_over_ranks(loss_sum / phase.grad_accum, world).item()
             step_tokens = phase.batch_size * phase.seq_len
             tokens += step_tokens
-            tokens_loop += step_tokens
-            dt = time.perf_counter() - t0
-            tok_s = step_tokens / dt
-            tok_s_ema = tok_s if math.isnan(tok_s_ema) else 0.9 * tok_s_ema + 0.1 * tok_s
-            mfu = flops_tok * tok_s / peak if peak == peak else float("nan")
             scalars.update(
                 loss=last_loss, lr=lr, tokens=tokens, batch_size=phase.batch_size, batch_tokens=step_tokens,
                 seq_len=phase.seq_len, phase=phase.name, phase_index=pi, grad_norm=float(grad_norm),
-                skipped_steps=skipped,
-                **{"perf/tokens_per_s": tok_s, "perf/step_time_s": dt},
+                skipped_steps=skipped, **speed.step_end(step_tokens, flops_tok),
             )
-            if mfu == mfu:
-                scalars["perf/mfu"] = mfu
             monitor.on_step_end(step, **scalars)
-            bar.update(step, phase.name, last_loss, lr, tok_s_ema)
+            bar.update(step, phase.name, last_loss, lr, speed.tok_s_ema)
 
             done = step + 1
             if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
-                _save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
+                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
     except BaseException as e:
-        # leave the run directory honest: its status says how it ended; checkpoints stay resumable
-        if writer is not None:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            writer.update_info(status=status, error=f"{type(e).__name__}: {e}", steps_done=step)
-        monitor.close()
+        _record_failure(writer, monitor, e, step)
         raise
-    loop_s = time.perf_counter() - t_loop
+    tokens_per_s = speed.loop_tokens_per_s()
     # the final state is evaluated also when --until stops early (step end_step: the state after
     # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
     # a resume drops this record and evaluates that step again, with the same values)
@@ -492,9 +509,6 @@ def train(
         writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
                            wall_s=time.perf_counter() - t_start)
     monitor.close()
-    tokens_per_s = tokens_loop / loop_s if loop_s > 0 else float("nan")
-    return TrainResult(
-        run_dir=out_dir, start_step=start_step, steps_done=end_step, total_steps=total, final_loss=last_loss,
-        val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,
-        mfu=mfu, wall_s=time.perf_counter() - t_start, model=model,
-    )
+    return TrainResult(run_dir=out_dir, start_step=start.step, steps_done=end_step, total_steps=total,
+                       final_loss=last_loss, val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,
+                       mfu=speed.mfu, wall_s=time.perf_counter() - t_start, model=model)

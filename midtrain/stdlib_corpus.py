@@ -20,13 +20,13 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from diagnostics.runs import atomic_write
 from midtrain.corpus import BUILDER_VERSION, Corpus, DataError, Domain, _domain_from_docs
 from midtrain.mathgen import _math_stream
 
@@ -213,16 +213,11 @@ def _save_npz(corpus: Corpus, path: Path) -> None:
         arrays[f"{n}__train"], arrays[f"{n}__val"] = d.train, d.val
     arrays["meta"] = np.array(json.dumps({"names": corpus.names(), "vocab_size": corpus.vocab_size,
                                           "info": {n: d.info for n, d in corpus.domains.items()}}))
-    tmp = None
     try:  # atomic: concurrent builders (DDP ranks) each write a temp file and rename
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError:  # unwritable cache: the corpus just lives in memory
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, writer=lambda f: np.savez(f, **arrays))
+    except OSError:  # unwritable cache: the corpus just lives in memory (atomic_write removed its temp file)
+        pass
 
 
 def _load_npz(path: Path) -> Corpus:

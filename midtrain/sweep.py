@@ -1,4 +1,5 @@
-"""Batch-size branch sweep: the empirical critical-batch-size probe (DESIGN section 7).
+"""Batch-size branch sweep: the empirical critical-batch-size probe (docs/architecture.md,
+"Recommendations"; the sweep and the fit: docs/recommendations.md, "Critical batch size").
 
 From a run's checkpoint at step S, train one branch per batch size B for the same number of TOKENS
 (a smaller batch runs more steps). Each branch is an ordinary run directory ``OUT/bs<B>`` whose
@@ -95,7 +96,7 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     steps from ``step``; neither: the tokens the parent spends from ``step`` to the end of ``phase``
     (default: the phase containing ``step``).
     """
-    from diagnostics.runs import RunDirError, load_run
+    from diagnostics.runs import RUN_JSON, RunDirError, load_run
 
     if tokens is not None and steps is not None:
         raise ConfigError("give --tokens or --steps, not both.")
@@ -126,7 +127,7 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     plans = []
     for b in sorted(batch_sizes):
         out = os.path.join(prefix, f"bs{b}")
-        if os.path.exists(os.path.join(out, "run.json")) or (os.path.isdir(out) and os.listdir(out)):
+        if os.path.exists(os.path.join(out, RUN_JSON)) or (os.path.isdir(out) and os.listdir(out)):
             raise RunDirError(f"{out} already exists; a sweep writes new run directories only. Choose another "
                               "--out-prefix. Nothing was written.")
         bcfg = _branch_config(cfg, step, b)

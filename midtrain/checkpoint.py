@@ -1,0 +1,117 @@
+"""The built-in loop's checkpoint format: where checkpoints live in a run directory, what one
+holds, saving, loading and restoring one, and the models they describe (``model_config``; the
+reference model of ``[monitor.difficulty]``, ``load_reference_model``).
+
+A checkpoint is ``<run>/checkpoints/step_<N>.pt`` (``diagnostics.runs.checkpoint_name``), taken
+after ``N`` optimizer steps: a ``torch.save`` dict with the model and optimizer state, the RoPE
+base, the run's config, the Monitor's state and every RNG stream, so a resumed run continues
+bit-identically. It is written atomically (``diagnostics.runs.atomic_write``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import numpy as np
+import torch
+
+from diagnostics.runs import CHECKPOINTS_DIR, RunDirError, atomic_write, checkpoint_name, load_run
+from midtrain.config import ConfigError, TrainConfig
+from midtrain.model import GPT, GPTConfig, get_preset
+
+CHECKPOINT_FORMAT = 1
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The preset named in ``[model]`` with the section's overrides applied."""
+    try:
+        mc = get_preset(cfg.model.preset)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    overrides = {k: v for k, v in vars(cfg.model).items() if k != "preset" and v is not None}
+    try:
+        return dataclasses.replace(mc, vocab_size=vocab_size, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"[model] section: {e}.") from None
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, CHECKPOINTS_DIR, checkpoint_name(step))
+
+
+def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
+    path = checkpoint_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,  # optimizer updates applied; the next step to run
+        "tokens": tokens,
+        "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rope_base": model.config.rope_base,
+        "config": cfg.to_dict(),
+        "monitor": monitor.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    atomic_write(path, writer=lambda f: torch.save(state, f))  # a killed save never leaves half a checkpoint
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
+
+
+def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool) -> None:
+    """Load a checkpoint's model, optimizer and RoPE base; with ``rng`` (a resume) also its RNG
+    streams (dropout), which a branch does not take: it reseeds."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    model.set_rope_base(ckpt["rope_base"])
+    if rng:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+# -- the reference model of [monitor.difficulty] ----------------------------------------
+
+def reference_checkpoint_path(path: str) -> str:
+    """The checkpoint file ``path`` names: the file itself, or a run directory's latest checkpoint."""
+    if os.path.isdir(path):
+        latest = load_run(path).latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is a run directory without "
+                              "checkpoints.")
+        return latest[1]
+    if not os.path.isfile(path):
+        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {path!r} is neither a checkpoint file nor a "
+                          "run directory.")
+    return path
+
+
+def load_reference_model(path: str, vocab_size: int):
+    """A frozen GPT (CPU, eval mode) from a midtrain checkpoint file or run directory, with the
+    checkpoint's own architecture and RoPE base; any architecture works if its vocabulary is ours."""
+    file = reference_checkpoint_path(path)
+    ck = load_checkpoint(file)
+    try:
+        ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), vocab_size))
+        ref.load_state_dict(ck["model"])
+        ref.set_rope_base(ck["rope_base"])
+    except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:
+        raise ConfigError(f"[monitor.difficulty] reference_checkpoint {file} does not hold a midtrain model for "
+                          f"this corpus (vocabulary {vocab_size}): {type(e).__name__}: {e}") from None
+    return ref.eval().requires_grad_(False)
