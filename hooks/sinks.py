@@ -32,9 +32,10 @@ import os
 import sys
 from typing import Any, Iterable, Protocol
 
+from diagnostics.runs import WANDB_ID_FILE, atomic_write
+
 __all__ = ["Sink", "RunStoreSink", "StdoutSink", "MemorySink", "NullSink", "WandbSink", "WANDB_ID_FILE"]
 
-WANDB_ID_FILE = "wandb.json"
 _MODES = ("online", "offline", "disabled")
 
 
@@ -208,7 +209,4 @@ def _read_id(run_dir: str) -> str | None:
 
 
 def _write_id(run_dir: str, run_id: str, project: str | None) -> None:
-    tmp = os.path.join(run_dir, WANDB_ID_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"id": run_id, "project": project}, f)
-    os.replace(tmp, os.path.join(run_dir, WANDB_ID_FILE))
+    atomic_write(os.path.join(run_dir, WANDB_ID_FILE), json.dumps({"id": run_id, "project": project}))
