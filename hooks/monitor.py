@@ -27,6 +27,13 @@ Rules the Monitor enforces:
 - A disabled hook is recorded: ``monitor.disabled_hooks`` (also under ``monitor/disabled_hooks``
   in ``Monitor.summary``), one dict per hook (name, class, step, event, reason), which the run
   store's ``run.json`` also keeps under ``disabled_hooks`` (appended to, across resumes).
+- Hook names are unique: they key the checkpoint state and the disabled list. Hooks that keep
+  their class's ``name`` (two ``RepresentationProbe``s, or hooks without a name of their own,
+  ``"hook"``) are numbered in list order: the first keeps the name, later ones get ``_2``,
+  ``_3``, ... (set on ``hook.name``), so a single instance keeps its checkpoint key. A name set to
+  something else (``GradientNoiseScale(name="gns_a")``) that two hooks share is refused with a
+  ``ValueError`` naming it, as is one hook object passed twice (the framework adapters check
+  when they are built).
 - A hook says per step whether it runs (``Hook.scheduled(step)``); unscheduled
   hooks receive no events, so they cost nothing.
 - Scalars passed to ``on_step_end`` are written under ``train/<name>`` unless
@@ -75,6 +82,8 @@ class Hook:
 
     ``name`` prefixes nothing by itself: hooks return metric names in the
     public schema (``gns/b_simple``, ``repr/blocks.3.resid_post/entropy``).
+    It keys the hook's checkpoint state and the Monitor's disabled list, so
+    the Monitor makes it unique (module docstring, "Hook names are unique").
     """
 
     name: str = "hook"
@@ -162,6 +171,33 @@ def _mapping(out: Any) -> dict[str, Any]:
     return dict(out)
 
 
+def _unique_names(hooks: list[Hook]) -> list[Hook]:
+    """``hooks``, each with a name no other has (module docstring, "Hook names are unique"): hooks that
+    keep their class's name are numbered in list order (the first keeps it, then ``_2``, ``_3``, ...);
+    other names set twice, and a hook object passed twice, are a ValueError."""
+    if len({id(h) for h in hooks}) != len(hooks):
+        twice = sorted({f"{h.name!r} ({type(h).__name__})" for h in hooks if sum(g is h for g in hooks) > 1})
+        raise ValueError(f"the same hook object is passed twice: {', '.join(twice)}; build one hook per use")
+    own = [h for h in hooks if h.name != getattr(type(h), "name", None)]
+    dup = sorted({h.name for h in own if sum(g.name == h.name for g in own) > 1})
+    if dup:
+        who = "; ".join(f"{n!r} ({', '.join(type(h).__name__ for h in own if h.name == n)})" for n in dup)
+        raise ValueError(f"hook names must be unique (they key the hooks' checkpoint state and the disabled "
+                         f"list); set more than once: {who}. Give each hook its own name.")
+    taken, own_ids = {h.name for h in own}, {id(h) for h in own}
+    for h in hooks:
+        if id(h) in own_ids:
+            continue
+        name, i = h.name, 1
+        while name in taken:
+            i += 1
+            name = f"{h.name}_{i}"
+        taken.add(name)
+        if name != h.name:
+            h.name = name
+    return hooks
+
+
 class Monitor:
     """Dispatches the loop's events to hooks and writes one record per step.
 
@@ -183,7 +219,7 @@ class Monitor:
                  strict: bool = False, enabled: bool = True, ddp_model=None):
         self.model = model
         self.ddp_model = ddp_model
-        self.hooks: list[Hook] = list(hooks)
+        self.hooks: list[Hook] = _unique_names(list(hooks))  # before anything is written
         self.strict = strict
         self.enabled = enabled
         self.sinks: list[Sink] = list(sinks) if sinks is not None else []

@@ -57,6 +57,17 @@ class EditsRecordThenRaises(Hook):
         return {}
 
 
+class Unnamed(Hook):
+    def __init__(self, fail=False):
+        self.fail, self.calls = fail, 0
+
+    def on_step_end(self, step, scalars):
+        if self.fail:
+            raise RuntimeError("unnamed failed")
+        self.calls += 1
+        return {}
+
+
 def _loop(monitor, steps=6):
     for step in range(steps):
         monitor.on_backward_end(2, losses=torch.ones(2))
@@ -193,6 +204,98 @@ def test_disabled_hook_without_a_run_store_is_in_the_summary():
     [entry] = mon.summary()["monitor/disabled_hooks"]
     assert entry["name"] == "editor" and entry["step"] == 3 and "diagnostic bug" in entry["reason"]
     assert mon.disabled_hooks == [entry]
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3: unique names
+
+def test_hooks_of_one_class_get_unique_names_and_separate_fates():
+    a, b, c = Counting(), Counting(), Counting()
+    mon = Monitor(None, [a, b, c], sinks=[MemorySink()])
+    assert [h.name for h in (a, b, c)] == ["counting", "counting_2", "counting_3"]
+    b.on_step_end = lambda step, scalars: 1 / 0  # b fails; a and c go on
+    with pytest.warns(RuntimeWarning, match="counting_2"):
+        _loop(mon)
+    assert (a.total, c.total) == (6, 6) and set(mon.disabled) == {"counting_2"}
+    state = mon.state_dict()["hooks"]
+    assert set(state) == {"counting", "counting_2", "counting_3"}
+    fresh = [Counting(), Counting(), Counting()]
+    fresh[2].total = 0
+    Monitor(None, fresh, sinks=[MemorySink()]).load_state_dict({"hooks": {"counting": {"total": 6},
+                                                                          "counting_3": {"total": 4}}})
+    assert [h.total for h in fresh] == [6, 0, 4]
+
+
+def test_default_named_hooks_of_different_classes_are_told_apart():
+    ok, bad = Unnamed(), Unnamed(fail=True)
+    mon = Monitor(None, [ok, bad], sinks=[MemorySink()])
+    assert (ok.name, bad.name) == ("hook", "hook_2")
+    with pytest.warns(RuntimeWarning, match="hook_2"):
+        _loop(mon)
+    assert ok.calls == 6
+
+
+def test_single_instance_names_are_unchanged():
+    from hooks import DifficultyTracker, GradientNoiseScale
+
+    hooks = [GradientNoiseScale(), DifficultyTracker(), Counting(), Unnamed()]
+    mon = Monitor(torch.nn.Linear(2, 2), hooks, sinks=[MemorySink()], strict=True)
+    assert [h.name for h in hooks] == ["gns", "difficulty", "counting", "hook"]
+    assert list(mon.state_dict()["hooks"]) == ["gns", "difficulty", "counting", "hook"]
+
+
+def test_duplicate_explicit_names_are_refused(tmp_path):
+    from hooks import GradientNoiseScale
+
+    with pytest.raises(ValueError, match="'mine'.*GradientNoiseScale.*GradientNoiseScale"):
+        Monitor(torch.nn.Linear(2, 2), [GradientNoiseScale(name="mine"), GradientNoiseScale(name="mine")],
+                run_dir=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # refused before the run store is made
+    h = Counting()
+    with pytest.raises(ValueError, match="twice"):
+        Monitor(None, [h, h], sinks=[MemorySink()])
+
+
+def test_framework_adapters_refuse_duplicate_names_when_built():
+    """The adapters build their Monitor at train start, inside their own isolation: they check first."""
+    from hooks import GradientNoiseScale
+    from hooks.integrations._common import AdapterBase
+
+    with pytest.raises(ValueError, match="'mine'"):
+        AdapterBase([GradientNoiseScale(name="mine"), GradientNoiseScale(name="mine")])
+    a, b = Counting(), Counting()
+    AdapterBase([a, b])
+    assert (a.name, b.name) == ("counting", "counting_2")
+
+
+def test_two_representation_probes_keep_their_own_state_and_fate(one_thread):
+    from hooks.representation import RepresentationProbe
+    from midtrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    ids = torch.randint(0, 256, (2, 16))
+    kw = dict(every=1, max_tokens=24, twonn=False, info_plane=False, readout=False, save_spectra=False)
+    p0 = RepresentationProbe(ids, layers="blocks.0.resid_post", **kw)
+    p1 = RepresentationProbe(ids, layers="blocks.1.resid_post", **kw)
+    sink = MemorySink()
+    mon = Monitor(model, [p0, p1], sinks=[sink])
+    assert (p0.name, p1.name) == ("representation", "representation_2")
+    _loop(mon, steps=2)
+    state = mon.state_dict()["hooks"]
+    assert state["representation"] != state["representation_2"]
+    real = p0.on_step_end
+    p0.on_step_end = lambda step, scalars: 1 / 0
+    with pytest.warns(RuntimeWarning, match="'representation'"):
+        mon.on_step_end(2, loss=1.0)
+    mon.on_step_end(3, loss=1.0)
+    assert "repr/blocks.1.resid_post/entropy" in sink.records[-1]
+    assert "repr/blocks.0.resid_post/entropy" not in sink.records[-1]
+    assert set(mon.disabled) == {"representation"}
+    p0.on_step_end = real
+    q0, q1 = (RepresentationProbe(ids, layers=f"blocks.{i}.resid_post", **kw) for i in range(2))
+    Monitor(model, [q0, q1], sinks=[MemorySink()]).load_state_dict({"hooks": state})
+    assert q0.state_dict() == state["representation"] and q1.state_dict() == state["representation_2"]
 
 
 # ---------------------------------------------------------------------------------------------
