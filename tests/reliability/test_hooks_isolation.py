@@ -7,7 +7,6 @@ the record of every step still reaches the run store; a disabled hook is recorde
 """
 
 import json
-import math
 import warnings
 
 import pytest
@@ -15,23 +14,7 @@ import torch
 
 from diagnostics.runs import load_run
 from hooks.monitor import Hook, MemorySink, Monitor
-
-
-class Counting(Hook):
-    name = "counting"
-
-    def __init__(self):
-        self.total = 0
-
-    def on_step_end(self, step, scalars):
-        self.total += 1
-        return {"count/total": self.total}
-
-    def state_dict(self):
-        return {"total": self.total}
-
-    def load_state_dict(self, s):
-        self.total = s["total"]
+from tests.hooks.test_monitor import Counting  # name "counting"; on_step_end returns count/total
 
 
 class Returning(Hook):
