@@ -15,8 +15,25 @@ Any loop, three calls (docs/architecture.md, "The event contract"). The events a
 
 Rules the Monitor enforces:
 
-- A hook that raises never stops training: it is warned about once and disabled
-  for the rest of the run (``strict=True`` re-raises instead, for tests).
+- A hook never stops training: one that raises, or returns what the Monitor cannot use, is
+  warned about once and disabled for the rest of the run (``strict=True`` raises instead, for
+  tests). Returned values are checked inside that isolation: ``on_step_end`` must return a dict
+  (or None) of non-empty string names other than ``"step"`` to a number, bool, string, None ("not
+  measured") or a one-element tensor / array; anything else disables the hook and none of that
+  step's metrics of it are kept. ``scheduled`` must have a truth value, ``summary`` and
+  ``state_dict`` must return dicts (a hook whose ``state_dict`` fails is left out of the state).
+- ``on_step_end`` hands each hook its own copy of the record so far: what a hook changes in it
+  never reaches the record written, nor the next hook.
+- A disabled hook is recorded: ``monitor.disabled_hooks`` (also under ``monitor/disabled_hooks``
+  in ``Monitor.summary``), one dict per hook (name, class, step, event, reason), which the run
+  store's ``run.json`` also keeps under ``disabled_hooks`` (appended to, across resumes).
+- Hook names are unique: they key the checkpoint state and the disabled list. Hooks that keep
+  their class's ``name`` (two ``RepresentationProbe``s, or hooks without a name of their own,
+  ``"hook"``) are numbered in list order: the first keeps the name, later ones get ``_2``,
+  ``_3``, ... (set on ``hook.name``), so a single instance keeps its checkpoint key. A name set to
+  something else (``GradientNoiseScale(name="gns_a")``) that two hooks share is refused with a
+  ``ValueError`` naming it, as is one hook object passed twice (the framework adapters check
+  when they are built).
 - A hook says per step whether it runs (``Hook.scheduled(step)``); unscheduled
   hooks receive no events, so they cost nothing.
 - Scalars passed to ``on_step_end`` are written under ``train/<name>`` unless
@@ -44,8 +61,10 @@ change the step itself:
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import Any, Iterable
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable
 
 from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # noqa: F401  (re-exported)
 
@@ -63,6 +82,8 @@ class Hook:
 
     ``name`` prefixes nothing by itself: hooks return metric names in the
     public schema (``gns/b_simple``, ``repr/blocks.3.resid_post/entropy``).
+    It keys the hook's checkpoint state and the Monitor's disabled list, so
+    the Monitor makes it unique (module docstring, "Hook names are unique").
     """
 
     name: str = "hook"
@@ -107,6 +128,76 @@ def _area(name: str) -> str:
     return name if "/" in name else f"train/{name}"
 
 
+# -- what a hook returns, checked (inside the Monitor's isolation) ----------------------------
+
+def _metric_value(key: str, v: Any) -> Any:
+    """A returned metric value as a record value, or TypeError / ValueError saying what is wrong."""
+    if callable(getattr(v, "item", None)) and not isinstance(v, numbers.Real):  # a tensor, a numpy array
+        n = v.numel() if callable(getattr(v, "numel", None)) else getattr(v, "size", 1)
+        if n != 1:
+            raise ValueError(f"metric {key!r} is a {type(v).__name__} with {n} elements, not one number "
+                             "(.item(), .mean())")
+        v = v.item()
+    if v is None or isinstance(v, (str, bool)):
+        return v
+    if isinstance(v, numbers.Real):
+        return float(v)
+    raise TypeError(f"metric {key!r} is a {type(v).__name__}, not a number, bool, string, None or "
+                    "one-element tensor")
+
+
+def _metrics(out: Any) -> dict[str, Any]:
+    """``on_step_end``'s return as record entries: a dict (or None) of names to scalars."""
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise TypeError(f"a {type(out).__name__}, not a dict of metric name -> number")
+    clean = {}
+    for k, v in out.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"metric names must be non-empty strings, got {k!r}")
+        if k == "step":
+            raise ValueError("a hook may not set 'step' (the Monitor writes the step of the record)")
+        clean[k] = _metric_value(k, v)
+    return clean
+
+
+def _mapping(out: Any) -> dict[str, Any]:
+    """``summary`` / ``state_dict``'s return: a dict (None: empty)."""
+    if out is None:
+        return {}
+    if not isinstance(out, Mapping):
+        raise TypeError(f"a {type(out).__name__}, not a dict")
+    return dict(out)
+
+
+def _unique_names(hooks: list[Hook]) -> list[Hook]:
+    """``hooks``, each with a name no other has (module docstring, "Hook names are unique"): hooks that
+    keep their class's name are numbered in list order (the first keeps it, then ``_2``, ``_3``, ...);
+    other names set twice, and a hook object passed twice, are a ValueError."""
+    if len({id(h) for h in hooks}) != len(hooks):
+        twice = sorted({f"{h.name!r} ({type(h).__name__})" for h in hooks if sum(g is h for g in hooks) > 1})
+        raise ValueError(f"the same hook object is passed twice: {', '.join(twice)}; build one hook per use")
+    own = [h for h in hooks if h.name != getattr(type(h), "name", None)]
+    dup = sorted({h.name for h in own if sum(g.name == h.name for g in own) > 1})
+    if dup:
+        who = "; ".join(f"{n!r} ({', '.join(type(h).__name__ for h in own if h.name == n)})" for n in dup)
+        raise ValueError(f"hook names must be unique (they key the hooks' checkpoint state and the disabled "
+                         f"list); set more than once: {who}. Give each hook its own name.")
+    taken, own_ids = {h.name for h in own}, {id(h) for h in own}
+    for h in hooks:
+        if id(h) in own_ids:
+            continue
+        name, i = h.name, 1
+        while name in taken:
+            i += 1
+            name = f"{h.name}_{i}"
+        taken.add(name)
+        if name != h.name:
+            h.name = name
+    return hooks
+
+
 class Monitor:
     """Dispatches the loop's events to hooks and writes one record per step.
 
@@ -128,7 +219,7 @@ class Monitor:
                  strict: bool = False, enabled: bool = True, ddp_model=None):
         self.model = model
         self.ddp_model = ddp_model
-        self.hooks: list[Hook] = list(hooks)
+        self.hooks: list[Hook] = _unique_names(list(hooks))  # before anything is written
         self.strict = strict
         self.enabled = enabled
         self.sinks: list[Sink] = list(sinks) if sinks is not None else []
@@ -141,7 +232,8 @@ class Monitor:
                 self.sinks.append(RunStoreSink(RunWriter.resume(run_dir)))
             else:
                 self.sinks.append(RunStoreSink(RunWriter.create(run_dir, config={})))
-        self.disabled: dict[str, str] = {}
+        self.disabled: dict[str, str] = {}  # hook name -> error; such a hook gets no more events
+        self.disabled_hooks: list[dict[str, Any]] = []  # one dict per disabled hook: name, class, step, event, reason
         self.failed_sinks: dict[str, str] = {}  # sink class name -> error; such a sink gets no more records
         self.step: int | None = None
         self._armed = False
@@ -151,26 +243,60 @@ class Monitor:
             self._call(h, "attach", model, self)
 
     # -- fault isolation -----------------------------------------------------
-    def _call(self, hook: Hook, event: str, *args, **kwargs):
-        if hook.name in self.disabled and not self.strict:
+    def _call(self, hook: Hook, event: str, *args, check: Callable[[Any], Any] | None = None,
+              even_disabled: bool = False, **kwargs):
+        """``hook.<event>(*args, **kwargs)``, then its result through ``check`` (the value as the Monitor
+        uses it, or an error), both isolated: a failure disables the hook and gives None."""
+        if hook.name in self.disabled and not self.strict and not even_disabled:
             return None
         try:
-            return getattr(hook, event)(*args, **kwargs)
+            out = getattr(hook, event)(*args, **kwargs)
         except Exception as e:  # a diagnostic must never kill training
             if self.strict:
                 raise
-            self.disabled[hook.name] = f"{type(e).__name__}: {e}"
-            warnings.warn(
-                f"midtrain: hook {hook.name!r} raised in {event} ({type(e).__name__}: {e}); "
-                "it is disabled for the rest of this run. Training continues.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            try:
-                hook.detach()
-            except Exception:
-                pass
+            self._disable(hook, event, f"{type(e).__name__}: {e}")
             return None
+        if check is None:
+            return out
+        try:
+            return check(out)
+        except Exception as e:  # TypeError / ValueError of the checks, RuntimeError of bool(tensor)
+            what = f"returned a value the Monitor cannot use ({type(e).__name__}: {e})"
+            if self.strict:
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(
+                    f"hook {hook.name!r} ({type(hook).__name__}) {what} in {event}") from e
+            self._disable(hook, event, what)
+            return None
+
+    def _disable(self, hook: Hook, event: str, reason: str) -> None:
+        """Disable ``hook`` for the rest of the run: warn, detach it, record why (``disabled_hooks``)."""
+        if hook.name in self.disabled:
+            return
+        self.disabled[hook.name] = reason
+        entry = {"name": hook.name, "class": type(hook).__name__, "step": self.step, "event": event,
+                 "reason": reason}
+        self.disabled_hooks.append(entry)
+        warnings.warn(f"midtrain: hook {hook.name!r} ({type(hook).__name__}) failed in {event} at step "
+                      f"{self.step}: {reason}; it is disabled for the rest of this run. Training continues.",
+                      RuntimeWarning, stacklevel=4)
+        try:
+            hook.detach()
+        except Exception:
+            pass
+        self._record_disabled(entry)
+
+    def _record_disabled(self, entry: dict[str, Any]) -> None:
+        """Append ``entry`` to ``disabled_hooks`` in the run store's ``run.json``, if there is one."""
+        from hooks._common import run_writer
+
+        writer = run_writer(self) if self.enabled else None
+        if writer is None or not hasattr(writer, "update_info"):
+            return
+        try:
+            writer.update_info(disabled_hooks=list(writer.info.get("disabled_hooks") or []) + [entry])
+        except Exception as e:  # the record stays in monitor.disabled_hooks
+            warnings.warn(f"midtrain: could not record the disabled hook {entry['name']!r} in run.json "
+                          f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=5)
 
     def _live(self) -> list[Hook]:
         return [h for h in self.hooks if h.name not in self.disabled]
@@ -180,7 +306,7 @@ class Monitor:
         """Optional: announce the step so hooks can arm themselves. If a loop never
         calls it, the first ``on_backward_end`` of a step does it implicitly."""
         self.step, self._armed = step, True
-        self._active = [h for h in self._live() if self._call(h, "scheduled", step)]
+        self._active = [h for h in self._live() if self._call(h, "scheduled", step, check=bool)]
         for h in self._active:
             self._call(h, "on_step_begin", step)
 
@@ -214,10 +340,9 @@ class Monitor:
         for h in self._active:
             if h.name in self.disabled:
                 continue
-            out = self._call(h, "on_step_end", step, record)
+            out = self._call(h, "on_step_end", step, dict(record), check=_metrics)  # its own copy
             if out:
-                for k, v in out.items():
-                    record[k] = float(v) if not isinstance(v, (str, bool)) else v
+                record.update(out)
         self.write(record)
         self.step, self._armed = step + 1, False
         return record
@@ -247,14 +372,23 @@ class Monitor:
 
     # -- state -------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """Every live hook's ``summary`` merged into one dict (``Hook.summary`` says what it holds)."""
+        """Every live hook's ``summary`` merged into one dict (``Hook.summary`` says what it holds), and,
+        once a hook was disabled, ``monitor/disabled_hooks``: ``self.disabled_hooks``."""
         out: dict[str, Any] = {}
         for h in self._live():
-            out.update(self._call(h, "summary") or {})
+            out.update(self._call(h, "summary", check=_mapping) or {})
+        if self.disabled_hooks:
+            out["monitor/disabled_hooks"] = [dict(d) for d in self.disabled_hooks]
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hooks": {h.name: h.state_dict() for h in self.hooks}, "disabled": dict(self.disabled)}
+        """Every hook's ``state_dict`` by hook name (a disabled hook's as it was; one that fails is left out)."""
+        states = {}
+        for h in self.hooks:
+            state = self._call(h, "state_dict", check=_mapping, even_disabled=True)
+            if state is not None:
+                states[h.name] = state
+        return {"hooks": states, "disabled": dict(self.disabled)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for h in self.hooks:

@@ -114,6 +114,10 @@ def cmd_show(args) -> int:
           f"steps {info.get('steps_done', '?')}/{info.get('total_steps', '?')}")
     if run.parent:
         print(f"  branched from {run.parent.get('run')} at step {run.parent.get('step')}")
+    for d in info.get("disabled_hooks") or []:  # hooks.Monitor: a hook that failed, one line each
+        if isinstance(d, dict):
+            print(f"  hook {d.get('name')} ({d.get('class')}) disabled at step {d.get('step')} in {d.get('event')}: "
+                  f"{d.get('reason')}")
     if "model" in info:
         mc = info["model"]
         print(f"  model {run.config.get('model', {}).get('preset', '?')}: {mc.get('n_layer')} layers, "
