@@ -146,7 +146,7 @@ class DifficultyTracker(Hook):
                  learned_loss: float = 1.0, ema_decay: float = 0.9, window: int = 200, level: float = 0.05,
                  reference: torch.nn.Module | Callable[[], torch.nn.Module] | None = None, max_examples: int | None = 1_000_000,
                  track_examples: bool = True, writer=None, save_fn: Callable[..., Any] | None = None,
-                 save_every: int | None = None, array_name: str = "difficulty_examples",
+                 save_every: int | None = None, array_name: str | None = None,
                  probe_batch_size: int = 32, autocast: bool | None = None, ignore_index: int = -1,
                  min_points: int = 8, stats_every: int = 10):
         for k, v in (("probe_every", probe_every), ("window", window), ("probe_batch_size", probe_batch_size),
@@ -177,7 +177,7 @@ class DifficultyTracker(Hook):
         self.reference, self.track_examples = reference, track_examples
         self.reference_error: str | None = None
         self._ref_model = None  # the loaded reference, until every probe domain is scored
-        self.writer, self.save_fn, self.save_every, self.array_name = writer, save_fn, save_every, array_name
+        self.writer, self.save_fn, self.save_every, self._array_name = writer, save_fn, save_every, array_name
         self.probe_batch_size, self.autocast, self.ignore_index = probe_batch_size, autocast, ignore_index
         self._table = ExampleTable(learned_loss=learned_loss, max_examples=max_examples) if track_examples else None
         self.ema_decay = float(ema_decay)
@@ -505,6 +505,14 @@ class DifficultyTracker(Hook):
         a["region"] = data_map_regions(a["confidence"], a["variability"],
                                        confidence_threshold=float(np.exp(-self.learned_loss)))
         return a
+
+    @property
+    def array_name(self) -> str:
+        """``difficulty_examples`` (or the ``array_name`` given); a second tracker in one Monitor, renamed
+        ``difficulty_2``, saves ``difficulty_2_examples`` so that the two never overwrite each other."""
+        if self._array_name:
+            return self._array_name
+        return "difficulty_examples" if self.name == type(self).name else f"{self.name}_examples"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything saved under arrays/<array_name>.npz."""

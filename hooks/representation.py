@@ -316,7 +316,9 @@ class RepresentationProbe(Hook):
         if step is not None:
             self._record(step, out)
             if self.save_spectra and self.writer is not None and call.spectra:
-                self.writer.save_array(f"repr_spectra_step_{int(step)}", **call.spectra)
+                # a second probe in one Monitor (renamed representation_2) keeps its own arrays
+                prefix = "repr_spectra" if self.name == type(self).name else f"{self.name}_spectra"
+                self.writer.save_array(f"{prefix}_step_{int(step)}", **call.spectra)
         out["repr/probe_time_s"] = time.perf_counter() - t0
         return out
 

@@ -281,6 +281,36 @@ def test_two_representation_probes_keep_their_own_state_and_fate(one_thread):
     assert q0.state_dict() == state["representation"] and q1.state_dict() == state["representation_2"]
 
 
+def test_two_hooks_of_one_class_save_their_own_arrays(one_thread, tmp_path):
+    """Saved arrays follow the unique names too: two probes / two trackers in one run wrote the same
+    arrays/repr_spectra_step_N.npz and arrays/difficulty_examples.npz, the second over the first."""
+    from diagnostics.runs import load_run
+    from hooks.difficulty import DifficultyTracker
+    from hooks.representation import RepresentationProbe
+    from midtrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    ids = torch.randint(0, 256, (2, 16))
+    kw = dict(every=1, max_tokens=24, twonn=False, info_plane=False, readout=False, save_spectra=True)
+    probes = [RepresentationProbe(ids, layers=f"blocks.{i}.resid_post", **kw) for i in range(2)]
+    trackers = [DifficultyTracker(["a"]), DifficultyTracker(["a"])]
+    mon = Monitor(model, probes + trackers, run_dir=tmp_path / "r")
+    for step in range(2):
+        model.zero_grad()
+        loss = model(ids[:, :-1], ids[:, 1:])[1]
+        loss.backward()
+        mon.on_backward_end(2, losses=torch.tensor([1.0, 2.0]), ids=torch.tensor([0, 1]),
+                            domains=torch.tensor([0, 0]))
+        mon.on_grads_ready()
+        mon.on_step_end(step, loss=loss.item())
+    mon.close()
+    run = load_run(tmp_path / "r")
+    assert set(run.load_array("repr_spectra_step_1")) == {"blocks.0.resid_post"}
+    assert set(run.load_array("representation_2_spectra_step_1")) == {"blocks.1.resid_post"}
+    assert {"difficulty_examples", "difficulty_2_examples"} <= set(run.arrays())
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end: the built-in loop and `midtrain show`
 
