@@ -250,7 +250,7 @@ def test_show_reports_gaps_and_lost_records(tmp_path, capsys):
         assert main(["show", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "status failed" in out and "3 records could not be written" in out
-    assert "missing steps" in out and "3-5" in out and "8" in out
+    assert "missing steps" in out and "3-5" in out
 
 
 def test_show_notes_a_missing_metrics_file(tmp_path, capsys):
@@ -336,7 +336,7 @@ def test_cli_disk_full_at_a_checkpoint_exits_4_with_one_message(tmp_path, monkey
     faults = Faults(checkpoints=7, err=errno.ENOSPC).install(monkeypatch)
     rc = main(["train", "--config", str(cfgf), "--out", str(out), "--quiet"])
     msg = _one_message(capsys.readouterr().err)
-    assert rc == 4 and "No space left on device" in msg or "ENOSPC" in msg
+    assert rc == 4 and ("No space left on device" in msg or "ENOSPC" in msg)
     assert "--resume" in msg
     run = load_run(out)
     assert run.status == "failed" and run.latest_checkpoint()[0] == 5
@@ -355,7 +355,7 @@ def test_cli_run_directory_refusing_new_files_exits_4_and_resume_completes(tmp_p
     faults = Faults(new_files=7, err=errno.EACCES).install(monkeypatch)
     rc = main(["train", "--config", str(cfgf), "--out", str(out), "--quiet"])
     msg = _one_message(capsys.readouterr().err)
-    assert rc == 4 and "Permission denied" in msg or "EACCES" in msg
+    assert rc == 4 and ("Permission denied" in msg or "EACCES" in msg)
     assert load_run(out).status == "failed"  # run.json itself is still writable: rewritten in place
     faults.off()
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
