@@ -300,7 +300,8 @@ def _read_info(path: Path) -> dict:
     info_path = path / RUN_JSON
     if not info_path.is_file():
         raise RunDirError(f"{info_path} is missing: {path} is not a run directory "
-                          f"(create one with RunWriter.create)", info_path)
+                          f"(`midtrain train --out {path}` makes one, as does a Monitor given "
+                          f"run_dir={str(path)!r})", info_path)
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
