@@ -29,6 +29,7 @@ import textwrap
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 4  # the run could not be written: disk full, read-only run directory, lost records
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`midtrain show RUN | head`), as 128 + SIGPIPE
 
 
 def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -119,6 +120,8 @@ def cmd_train(args) -> int:
     try:
         res = train(cfg, args.out, resume=args.resume, parent=args.from_run, parent_step=args.step,
                     until_step=args.until, progress=not args.quiet)
+    except BrokenPipeError:
+        raise
     except OSError as e:  # a full disk, a read-only run directory, records that could not be written
         return _run_failed(args.out, e)
     print(f"\nrun: {os.path.abspath(res.run_dir)}")
@@ -374,7 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `midtrain show RUN | head`: the reader has what it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except _user_errors() as e:
         return _fail(str(e))
     except KeyboardInterrupt:
