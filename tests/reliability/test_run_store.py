@@ -300,66 +300,57 @@ def _assert_same_run(tmp_path, out, reference):
     np.testing.assert_allclose(got.metrics["train/loss"], reference["train/loss"], atol=1e-6, equal_nan=True)
 
 
-def _one_message(err):
-    assert "Traceback" not in err and "During handling" not in err, err
-    assert err.count("midtrain: error:") == 1, err
-    return err.split("midtrain: error:", 1)[1]
-
-
-def test_cli_permanent_write_failure_exits_4_and_resume_completes(tmp_path, monkeypatch, capsys, no_wait):
+def _train_with_faults(tmp_path, monkeypatch, capsys, faults):
+    """An uninterrupted reference run, then `midtrain train` of the same config under ``faults``:
+    (reference metrics, run directory, exit status, the one error paragraph)."""
     cfg = tiny_cfg()
     reference = _reference(tmp_path, cfg)
     cfgf = tmp_path / "c.toml"
     cfgf.write_text(dumps_toml(cfg))
     out = tmp_path / "r"
-    faults = Faults(metrics=(7, 10**9)).install(monkeypatch)
-    with pytest.warns(RunDirWarning):
+    faults.install(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunDirWarning)  # records waiting in memory are warned about
         rc = main(["train", "--config", str(cfgf), "--out", str(out), "--quiet"])
-    msg = _one_message(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "During handling" not in err, err
+    assert err.count("midtrain: error:") == 1, err
+    return reference, out, rc, err.split("midtrain: error:", 1)[1]
+
+
+def _resume_completes(tmp_path, out, faults, reference):
+    faults.off()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    _assert_same_run(tmp_path, out, reference)
+
+
+def test_cli_permanent_write_failure_exits_4_and_resume_completes(tmp_path, monkeypatch, capsys, no_wait):
+    faults = Faults(metrics=(7, 10**9))
+    reference, out, rc, msg = _train_with_faults(tmp_path, monkeypatch, capsys, faults)
     assert rc == 4
     assert "metrics.jsonl" in msg and "step 7" in msg and "--resume" in msg
     run = load_run(out)
     assert run.status == "failed" and "step 7" in run.info["error"]
     assert run.latest_checkpoint()[0] <= 7
-    faults.off()
-    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
-    _assert_same_run(tmp_path, out, reference)
+    _resume_completes(tmp_path, out, faults, reference)
     assert "error" not in load_run(out).info and "metrics_store" not in load_run(out).info
 
 
-def test_cli_disk_full_at_a_checkpoint_exits_4_with_one_message(tmp_path, monkeypatch, capsys):
-    cfg = tiny_cfg()
-    reference = _reference(tmp_path, cfg)
-    cfgf = tmp_path / "c.toml"
-    cfgf.write_text(dumps_toml(cfg))
-    out = tmp_path / "r"
-    faults = Faults(checkpoints=7, err=errno.ENOSPC).install(monkeypatch)
-    rc = main(["train", "--config", str(cfgf), "--out", str(out), "--quiet"])
-    msg = _one_message(capsys.readouterr().err)
-    assert rc == 4 and ("No space left on device" in msg or "ENOSPC" in msg)
-    assert "--resume" in msg
+@pytest.mark.parametrize("faults, needle", [
+    # a full disk: the checkpoint write fails; run.json (small, written after the temp file is removed) works
+    (lambda: Faults(checkpoints=7, err=errno.ENOSPC), "ENOSPC"),
+    # a run directory made read-only mid-run: no new file (checkpoint, run.json temp file) can be made;
+    # run.json itself is still writable and is rewritten in place
+    (lambda: Faults(new_files=7, err=errno.EACCES), "EACCES"),
+], ids=["disk-full", "read-only-directory"])
+def test_cli_full_disk_or_read_only_directory_exits_4_and_resume_completes(tmp_path, monkeypatch, capsys,
+                                                                           faults, needle):
+    faults = faults()
+    reference, out, rc, msg = _train_with_faults(tmp_path, monkeypatch, capsys, faults)
+    assert rc == 4 and needle in msg and "--resume" in msg
     run = load_run(out)
     assert run.status == "failed" and run.latest_checkpoint()[0] == 5
-    faults.off()
-    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
-    _assert_same_run(tmp_path, out, reference)
-
-
-def test_cli_run_directory_refusing_new_files_exits_4_and_resume_completes(tmp_path, monkeypatch, capsys):
-    """A run directory made read-only mid-run: no temp file (checkpoint, run.json) can be made."""
-    cfg = tiny_cfg()
-    reference = _reference(tmp_path, cfg)
-    cfgf = tmp_path / "c.toml"
-    cfgf.write_text(dumps_toml(cfg))
-    out = tmp_path / "r"
-    faults = Faults(new_files=7, err=errno.EACCES).install(monkeypatch)
-    rc = main(["train", "--config", str(cfgf), "--out", str(out), "--quiet"])
-    msg = _one_message(capsys.readouterr().err)
-    assert rc == 4 and ("Permission denied" in msg or "EACCES" in msg)
-    assert load_run(out).status == "failed"  # run.json itself is still writable: rewritten in place
-    faults.off()
-    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
-    _assert_same_run(tmp_path, out, reference)
+    _resume_completes(tmp_path, out, faults, reference)
 
 
 # ----------------------------------------------------------------------------- messages
