@@ -38,11 +38,18 @@ of one. ``metrics.jsonl`` is append-only; a process killed mid-write leaves at
 most a truncated last line, which ``load_run`` drops with a warning and
 ``RunWriter.resume`` removes before appending.
 
+Write failures: a record that cannot be appended (a full disk, an immutable file) waits in memory
+and is written, in order, with the next record that can be (at most ``max_pending`` wait; beyond
+that records are lost and counted). ``close`` retries for ``close_retry_s`` seconds; a run whose
+records could not all be written ends with status ``failed`` and an ``error`` naming
+``metrics.jsonl`` and the first missing step (docs/run_directory.md, "Write failures").
+
 This module imports neither torch nor anything from ``hooks``/``midtrain``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import numbers
@@ -60,8 +67,8 @@ import numpy as np
 from diagnostics._run_io import (  # noqa: F401  (constants and errors are public here)
     SCHEMA_VERSION, RUN_JSON, METRICS_FILE, ARRAYS_DIR, CHECKPOINTS_DIR, RECOMMENDATIONS_FILE,
     REPORT_FILE, WANDB_ID_FILE, _CHECKPOINT_RE, _ARRAY_NAME_RE, _VAL_LOSS_RE, _RESERVED_CREATE, RunDirError,
-    RunDirWarning, _now, _dumps_info, atomic_write, checkpoint_name, _versions, _read_info,
-    _parse_metrics, _clean_value,
+    RunDirWarning, RunStoreError, _now, _dumps_info, atomic_write, checkpoint_name, _versions, _read_info,
+    _parse_metrics, _clean_value, _write_info, _MetricsFile, _step_gaps, step_ranges,
 )
 
 
@@ -91,18 +98,35 @@ class RunWriter:
     Attributes:
         path: the run directory.
         info: the current contents of ``run.json`` (update with :meth:`update_info`).
+        max_pending: how many records may wait in memory while ``metrics.jsonl`` cannot be
+            written (default 10 000; ``create(..., max_pending=N)`` / ``resume`` set it per run).
+        close_retry_s: how long :meth:`close` and :meth:`check` (``wait=True``) keep retrying
+            records that still wait (default 10 s).
     """
 
-    def __init__(self, path: str | os.PathLike, info: dict):
+    max_pending = 10_000
+    close_retry_s = 10.0
+
+    def __init__(self, path: str | os.PathLike, info: dict, *, max_pending: int | None = None):
         self.path = Path(path)
         self.info = info
         self._metrics_path = self.path / METRICS_FILE
-        self._file = open(self._metrics_path, "a", encoding="utf-8")
+        self._metrics = _MetricsFile(self._metrics_path, max_pending or self.max_pending)
+        self._loss_noted = False
+
+    @property
+    def _file(self):
+        """The open ``metrics.jsonl`` (binary, unbuffered)."""
+        return self._metrics.file
+
+    @_file.setter
+    def _file(self, f) -> None:
+        self._metrics.file = f
 
     # -- construction ---------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict, *, parent=None,
-               extra: dict | None = None) -> "RunWriter":
+               extra: dict | None = None, max_pending: int | None = None) -> "RunWriter":
         """Start a new run in ``path`` (made if needed).
 
         Args:
@@ -113,6 +137,7 @@ class RunWriter:
             parent: for a branch, ``{"run": parent_dir, "step": S}`` or
                 ``(parent_dir, S)``: the run and step it was branched from.
             extra: more top-level ``run.json`` fields (e.g. ``name``, ``device``).
+            max_pending: records kept in memory while ``metrics.jsonl`` cannot be written.
         """
         path = Path(path)
         if not isinstance(config, dict):
@@ -152,23 +177,28 @@ class RunWriter:
             (path / sub).mkdir(parents=True, exist_ok=True)
         atomic_write(path / RUN_JSON, text)
         (path / METRICS_FILE).touch()
-        return cls(path, info)
+        return cls(path, info, max_pending=max_pending)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, step: int | None = None) -> "RunWriter":
+    def resume(cls, path: str | os.PathLike, step: int | None = None, *,
+               max_pending: int | None = None) -> "RunWriter":
         """Open an existing run for appending.
 
         A truncated last line left by a killed process is removed (with a
         warning). If ``step`` is given -- the step of the checkpoint training
         resumes from -- records with ``step > step`` are dropped first (see
         :meth:`truncate_after`), so re-run steps are not logged twice.
-        ``run.json`` gets ``status="running"`` and an entry in ``resumes``.
+        ``run.json`` gets ``status="running"`` and an entry in ``resumes``, which keeps the
+        previous status and, moved there, its ``error`` and ``metrics_store``: the resumed run
+        records the missing steps again.
         """
         path = Path(path)
         info = _read_info(path)
         cls._rewrite_metrics(path / METRICS_FILE, step)
-        writer = cls(path, info)
-        resumes = list(info.get("resumes", [])) + [{"step": step, "time": _now()}]
+        writer = cls(path, info, max_pending=max_pending)
+        entry = {"step": step, "time": _now(), "previous_status": info.get("status"),
+                 **{k: info.pop(k) for k in ("error", "metrics_store") if k in info}}
+        resumes = list(info.get("resumes", [])) + [entry]
         writer.update_info(status="running", resumes=resumes)
         return writer
 
@@ -190,7 +220,10 @@ class RunWriter:
 
     # -- writing --------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record (a flat dict with an int ``"step"``) as one JSON line, flushed."""
+        """Append one record (a flat dict with an int ``"step"``) as one JSON line, flushed.
+
+        If ``metrics.jsonl`` cannot be written, the record waits in memory (with a warning) and
+        is written with the next record that can be; see :attr:`pending` and :attr:`lost`."""
         self._check_open()
         if not isinstance(record, dict):
             raise TypeError(f"record must be a dict, got {type(record).__name__}")
@@ -203,17 +236,48 @@ class RunWriter:
                 raise TypeError(f"record keys must be non-empty strings, got {key!r}")
             if key != "step":
                 clean[key] = _clean_value(key, value)
-        self._file.write(json.dumps(clean) + "\n")  # allow_nan: NaN / Infinity tokens
-        self._file.flush()
+        self._metrics.append(clean["step"], (json.dumps(clean) + "\n").encode("utf-8"))  # NaN / Infinity tokens
+        if self._metrics.lost and not self._loss_noted:  # say so in run.json now, if it can be written
+            self._loss_noted = True
+            with contextlib.suppress(OSError):
+                self.update_info(metrics_store=self._metrics.report())
+
+    @property
+    def pending(self) -> int:
+        """Records waiting in memory because ``metrics.jsonl`` could not be written yet."""
+        return len(self._metrics.pending)
+
+    @property
+    def lost(self) -> int:
+        """Records that will never reach ``metrics.jsonl`` (the memory buffer was full)."""
+        return self._metrics.lost
+
+    def flush(self, retry_s: float = 0.0) -> bool:
+        """Write the records waiting in memory, retrying for up to ``retry_s`` seconds. True when
+        every record logged so far is in ``metrics.jsonl`` (none waits, none was lost)."""
+        self._check_open()
+        return self._metrics.retry(retry_s) and not self._metrics.lost
+
+    def check(self, *, wait: bool = False) -> None:
+        """Raise :class:`RunStoreError` if a record was lost; with ``wait``, also if records still
+        wait after retrying for ``close_retry_s`` seconds (they then count as lost)."""
+        if wait and not self._metrics.retry(self.close_retry_s):
+            self._metrics.give_up()
+        if self._metrics.lost:
+            raise RunStoreError(self._metrics.failure_message(), self._metrics_path,
+                                self._metrics.first_missing_step())
 
     def truncate_after(self, step: int) -> None:
         """Drop every logged record with ``step > step`` (atomic rewrite of ``metrics.jsonl``)."""
         self._check_open()
-        self._file.close()
+        if not self.flush():
+            raise RunStoreError(self._metrics.failure_message(), self._metrics_path,
+                                self._metrics.first_missing_step())
+        self._metrics.close()
         try:
             self._rewrite_metrics(self._metrics_path, step)
         finally:
-            self._file = open(self._metrics_path, "a", encoding="utf-8")
+            self._metrics = _MetricsFile(self._metrics_path, self._metrics.max_pending)
 
     def save_array(self, name: str, **arrays) -> Path:
         """Save numpy-convertible arrays to ``arrays/<name>.npz`` (atomic; replaces an old one)."""
@@ -244,27 +308,48 @@ class RunWriter:
             raise ValueError("schema_version is fixed by the writer and cannot be updated")
         new = {**self.info, **kv, "updated": _now()}
         text = _dumps_info(new)  # serialise first: a TypeError leaves the file untouched
-        atomic_write(self.path / RUN_JSON, text)
+        _write_info(self.path / RUN_JSON, text)
         self.info = json.loads(text)
         return self.info
 
     # -- lifetime -------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._metrics.file.closed
 
     def _check_open(self) -> None:
-        if self._file.closed:
+        if self.closed:
             raise ValueError(f"RunWriter for {self.path} is closed")
 
     def close(self, status: str | None = None) -> None:
-        """Flush and close ``metrics.jsonl``; optionally set ``status`` in ``run.json``. Idempotent."""
-        if status is not None:
-            self.update_info(status=status)
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+        """Write what waits (retrying for ``close_retry_s`` seconds), fsync and close ``metrics.jsonl``;
+        optionally set ``status`` in ``run.json``. Idempotent.
+
+        If records could not be written, ``status`` becomes ``"failed"`` with an ``error`` naming
+        ``metrics.jsonl`` and the first missing step (an ``error`` already set with status
+        ``failed`` is kept), and a :class:`RunDirWarning` says so; ``metrics_store`` in
+        ``run.json`` counts the records that waited and those lost."""
+        if self.closed:
+            if status is not None:
+                self.update_info(status=status)
+            return
+        store = self._metrics
+        if not store.retry(self.close_retry_s):
+            store.give_up()
+        kv: dict[str, Any] = {} if status is None else {"status": status}
+        if store.report() is not None:
+            kv["metrics_store"] = store.report()
+        if store.lost:
+            if self.info.get("status") != "failed":
+                kv["error"] = store.failure_message()
+                warnings.warn(f"{store.failure_message()}; the run's status is set to failed", RunDirWarning,
+                              stacklevel=2)
+            kv["status"] = "failed"
+        try:
+            store.close()
+        finally:
+            if kv:
+                self.update_info(**kv)
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -365,6 +450,16 @@ class Run:
         series = self.metrics.set_index("step")[name]
         return series.dropna() if dropna else series
 
+    def gaps(self) -> list[tuple[int, int]]:
+        """The steps missing from ``metrics.jsonl``, as ``[(first, last), ...]`` (both included).
+
+        Only a run that logs every step has expected steps: a run of the built-in loop (every
+        step from its first, 0 or the parent's step, through its last record, and through
+        ``steps_done`` once finished or stopped), or another loop's run whose consecutive steps
+        mostly differ by one. A run that logs every n-th step has no gaps by this rule
+        (docs/run_directory.md, "Gaps")."""
+        return _step_gaps(sorted({r["step"] for r in self.records}), self.info)
+
     def metric_names(self) -> list[str]:
         return [c for c in self.metrics.columns if c != "step"]
 
@@ -436,7 +531,8 @@ def load_run(path: str | os.PathLike) -> Run:
     Raises RunDirError if the directory or ``run.json`` is missing, if
     ``run.json`` is corrupt, or if a line of ``metrics.jsonl`` is malformed
     (the message names the file and line). A truncated last line -- a process
-    killed mid-write -- is dropped with a :class:`RunDirWarning`.
+    killed mid-write -- is dropped with a :class:`RunDirWarning`; a missing ``metrics.jsonl`` and
+    steps missing from it (:meth:`Run.gaps`) are also warned about.
     """
     path = Path(path)
     info = _read_info(path)
@@ -445,4 +541,10 @@ def load_run(path: str | os.PathLike) -> Run:
     if dropped is not None:
         warnings.warn(f"{metrics}: ignoring truncated last line ({len(dropped)} characters), "
                       f"probably left by an interrupted write", RunDirWarning, stacklevel=2)
-    return Run(path, info, records)
+    run = Run(path, info, records)
+    if not metrics.exists():
+        warnings.warn(f"{metrics} is missing: the run has no records", RunDirWarning, stacklevel=2)
+    elif gaps := run.gaps():
+        warnings.warn(f"{metrics}: steps {step_ranges(gaps)} are missing ({sum(b - a + 1 for a, b in gaps)} "
+                      f"steps; Run.gaps() lists them)", RunDirWarning, stacklevel=2)
+    return run

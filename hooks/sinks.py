@@ -22,7 +22,10 @@ gives wandb's no-op run. wandb is imported only when a sink is built: ``pip inst
 resumed run (``midtrain train --resume``) continues the same wandb run.
 
 A failure while logging (network, quota) never stops training: the Monitor warns once and stops
-sending to that sink; the run store keeps every record.
+sending to that sink; the run store keeps every record. The run store itself does not raise for a
+write failure (a full disk, an immutable file), so the Monitor never drops it for one: the record
+waits in memory and is written with the next one that can be, and records that never reach the
+file are counted and make the run's status ``failed`` (docs/run_directory.md, "Write failures").
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ class Sink(Protocol):
 
 
 class RunStoreSink:
-    """Appends every record to ``metrics.jsonl`` of a run directory."""
+    """Appends every record to ``metrics.jsonl`` of a run directory (``RunWriter.log``: a record that
+    cannot be written yet waits in memory; ``close`` retries and sets status ``failed`` for records
+    that never reached the file)."""
 
     def __init__(self, writer):
         self.writer = writer  # diagnostics.runs.RunWriter

@@ -13,7 +13,10 @@
 
 Bad input (a missing file, an unknown key, a run directory that already holds
 a run, ...) prints one paragraph and exits with status 2; nothing on disk is
-changed.
+changed. A run that cannot be written (a full disk, a read-only run directory,
+records of metrics.jsonl that could not be written) stops with one paragraph,
+status "failed" in run.json where it can still be written, and exit status 4;
+`midtrain train --out RUN --resume` continues it once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -25,11 +28,36 @@ import sys
 import textwrap
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 4  # the run could not be written: disk full, read-only run directory, lost records
+EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`midtrain show RUN | head`), as 128 + SIGPIPE
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     print("midtrain: error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return code
+
+
+def _run_failed(out: str, e: OSError) -> int:
+    """One paragraph for a run stopped by a write error: what failed, what run.json says, how to go on."""
+    import warnings
+
+    from diagnostics.runs import RunDirError, load_run
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = load_run(out)
+    except (RunDirError, OSError):
+        return _fail(f"could not write the run directory {out}: {e}. Nothing was trained.", EXIT_RUN_FAILED)
+    if run.status == "failed":
+        state = f"Its status in run.json is \"failed\" (steps done: {run.info.get('steps_done', '?')})"
+    else:
+        state = f"Its status could not be recorded (run.json still says {run.status!r})"
+    latest = run.latest_checkpoint()
+    where = f"from its checkpoint at step {latest[0]}" if latest else "from the start"
+    return _fail(f"the run in {out} stopped: {e}. {state}. Once the cause is fixed (free "
+                 f"disk space, make {out} writable), continue it {where}, recording the missing steps again: "
+                 f"midtrain train --out {out} --resume", EXIT_RUN_FAILED)
 
 
 def _user_errors():
@@ -89,8 +117,13 @@ def cmd_train(args) -> int:
         import time
 
         args.out = os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
-    res = train(cfg, args.out, resume=args.resume, parent=args.from_run, parent_step=args.step,
-                until_step=args.until, progress=not args.quiet)
+    try:
+        res = train(cfg, args.out, resume=args.resume, parent=args.from_run, parent_step=args.step,
+                    until_step=args.until, progress=not args.quiet)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # a full disk, a read-only run directory, records that could not be written
+        return _run_failed(args.out, e)
     print(f"\nrun: {os.path.abspath(res.run_dir)}")
     print(f"steps {res.start_step} -> {res.steps_done} of {res.total_steps}   final train loss {res.final_loss:.4f}   "
           f"{res.tokens_per_s / 1e3:.1f}k tokens/s   {res.wall_s:.0f}s"
@@ -104,6 +137,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _show_store(run) -> None:
+    """What `show` says about the run's records: an error, records that waited or were lost, a
+    missing metrics.jsonl, missing steps."""
+    from diagnostics.runs import METRICS_FILE, step_ranges
+
+    info = run.info
+    if info.get("error"):
+        print(f"  error: {info['error']}")
+    store = info.get("metrics_store") or {}
+    if store.get("lost_records"):
+        print(f"  records lost: {store['lost_records']} could not be written to {METRICS_FILE}, the first at "
+              f"step {store.get('first_missing_step')}")
+    elif store.get("delayed_records"):
+        print(f"  {METRICS_FILE} could not be written for a while: {store['delayed_records']} records waited "
+              f"in memory and were written later, none lost")
+    if not (run.path / METRICS_FILE).exists():
+        print(f"  {METRICS_FILE} is missing: no step was recorded")
+    elif gaps := run.gaps():
+        print(f"  missing steps in {METRICS_FILE}: {step_ranges(gaps)} ({sum(b - a + 1 for a, b in gaps)} steps)")
+
+
 def cmd_show(args) -> int:
     from diagnostics.runs import load_run
 
@@ -112,6 +166,7 @@ def cmd_show(args) -> int:
     print(f"run {run.path}")
     print(f"  created {info.get('created', '?')}  status {info.get('status', 'running or killed')}  "
           f"steps {info.get('steps_done', '?')}/{info.get('total_steps', '?')}")
+    _show_store(run)
     if run.parent:
         print(f"  branched from {run.parent.get('run')} at step {run.parent.get('step')}")
     for d in info.get("disabled_hooks") or []:  # hooks.Monitor: a hook that failed, one line each
@@ -326,7 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `midtrain show RUN | head`: the reader has what it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except _user_errors() as e:
         return _fail(str(e))
     except KeyboardInterrupt:

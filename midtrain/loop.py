@@ -356,11 +356,26 @@ def _open_run_store(cfg: TrainConfig, out_dir: str, start: _Start, *, resume: bo
 
 def _record_failure(writer: RunWriter | None, monitor: Monitor, e: BaseException, step: int) -> None:
     """Leave the run directory honest when training stops on an exception: its status says how it
-    ended (interrupted or failed, and where); the checkpoints stay resumable."""
+    ended (interrupted or failed, and where); the checkpoints stay resumable. On a full or read-only
+    disk this may itself fail: then the original exception is the one that surfaces (the CLI says
+    whether run.json could record the status), not a chain of tracebacks from here."""
     if writer is not None:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        writer.update_info(status=status, error=f"{type(e).__name__}: {e}", steps_done=step)
+        with contextlib.suppress(OSError):
+            writer.update_info(status=status, error=f"{type(e).__name__}: {e}", steps_done=step)
+        with contextlib.suppress(OSError):
+            writer.close()
     monitor.close()
+
+
+def _checkpoint_now(writer: RunWriter | None, owed: bool) -> bool:
+    """Whether to take the checkpoint that is ``owed`` (due now, or since records waited): only once
+    every record before it is in metrics.jsonl, so that a resume from the latest checkpoint records
+    again every step that is missing; a lost record stops the run (RunStoreError)."""
+    if writer is None:
+        return False
+    writer.check()
+    return owed and writer.flush()
 
 
 class _Throughput:
@@ -444,6 +459,7 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
     skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
     speed = _Throughput(peak_flops(device))
     model.train()
+    done, owed = start.step, False  # steps done; a checkpoint owed since records waited (_checkpoint_now)
     try:
         for step in range(start.step, end_step):
             pi, phase, _ = cfg.phase_at(step)
@@ -494,20 +510,24 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
             bar.update(step, phase.name, last_loss, lr, speed.tok_s_ema)
 
             done = step + 1
-            if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
+            owed = owed or ((done % cfg.checkpoint_every == 0 or done in phase_ends) and done < end_step)
+            if _checkpoint_now(writer, owed):
                 save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
+                owed = False
+        tokens_per_s = speed.loop_tokens_per_s()
+        # the final state is evaluated also when --until stops early (step end_step: the state after
+        # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
+        # a resume drops this record and evaluates that step again, with the same values)
+        val_end = evaluate(model, val, device, autocast)
+        monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
+        if writer is not None:  # the last checkpoint once every record is written (evaluating drew no RNG)
+            writer.check(wait=True)
+            save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped)
+            writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
+                               wall_s=time.perf_counter() - t_start)
     except BaseException as e:
-        _record_failure(writer, monitor, e, step)
+        _record_failure(writer, monitor, e, done)
         raise
-    tokens_per_s = speed.loop_tokens_per_s()
-    # the final state is evaluated also when --until stops early (step end_step: the state after
-    # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
-    # a resume drops this record and evaluates that step again, with the same values)
-    val_end = evaluate(model, val, device, autocast)
-    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
-    if writer is not None:
-        writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
-                           wall_s=time.perf_counter() - t_start)
     monitor.close()
     return TrainResult(run_dir=out_dir, start_step=start.step, steps_done=end_step, total_steps=total,
                        final_loss=last_loss, val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,

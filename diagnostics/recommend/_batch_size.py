@@ -71,7 +71,8 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
             if chosen is None:
                 raise RecommendationError(
                     f"no phase has {min_steps} measured GNS steps (measured per phase: {counts}); train "
-                    "longer or lower min_steps / pass window")
+                    "longer with the GradientNoiseScale hook on ([monitor.gns]), or name a phase and use fewer "
+                    "of its steps: `midtrain recommend RUN --phase NAME --window N` (phase=, window=)")
         ok &= (steps_all >= chosen[1]) & (steps_all < chosen[2])
     elif phase is not None:
         raise RecommendationError("phase= needs a run of the built-in loop (run.json with its phases)")
