@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diagnostics.stats import robust_noise_scale
+from diagnostics.schedule._fit import check_curves, joint_fit, profile_linear
 
 __all__ = ["lr_areas", "lr_decreases", "annealing_law", "AnnealingLawFit", "fit_annealing_law"]
 
@@ -123,14 +123,63 @@ class AnnealingLawFit:
         return float(self.predict(lrs, segment)[-1])
 
 
+class _AnnealingLaw:
+    """The annealing law for ``_fit.joint_fit``: scaled parameters (L0, A, alpha, C), features (S1, S2)
+    at the logged steps of LRs divided by the scale."""
+
+    names = ("L0", "A", "alpha", "C")
+    lo = np.array([0.0, 0.0, 1e-3, 0.0])     # cross-entropy: L0 >= 0
+    hi = np.array([np.inf, np.inf, 4.0, np.inf])
+
+    def __init__(self, momentum: float = 0.999):
+        self.momentum = momentum
+
+    def features(self, lrs, steps):
+        S1, S2 = lr_areas(lrs, momentum=self.momentum)
+        x1 = S1[steps - 1]
+        return x1, S2[steps - 1], np.log(x1)
+
+    def value(self, p, f):
+        return p[0] + p[1] * f[0] ** (-p[2]) - p[3] * f[1]
+
+    def jac(self, p, f):
+        pw = f[0] ** (-p[2])
+        return np.column_stack([np.ones_like(pw), pw, -p[1] * pw * f[2], -f[1]])
+
+    def init(self, feats, y, O):
+        """alpha profiled on a grid: for a fixed alpha the law is linear in L0, A, C and the offsets."""
+        x1 = np.concatenate([f[0] for f in feats])
+        x2 = np.concatenate([f[1] for f in feats])
+        best = None
+        for alpha in np.geomspace(0.02, 3.0, 40):
+            sse, coef = profile_linear([np.ones_like(x1), x1 ** (-alpha), -x2], y, O, nonneg=(0, 1, 2))
+            coef[1] = max(coef[1], 1e-12)
+            if best is None or sse < best[0]:
+                best = (sse, np.r_[coef[0], coef[1], alpha, coef[2], coef[3:]])
+        return best[1]
+
+    def natural(self, p, scale):
+        return {"L0": float(p[0]), "A": float(p[1] * scale ** p[2]), "alpha": float(p[2]), "C": float(p[3] / scale)}
+
+    def scaled(self, q, scale):
+        return np.array([q["L0"], q["A"] / scale ** q["alpha"], q["alpha"], q["C"] * scale])
+
+    def predict(self, q, lrs, steps):
+        S1, S2 = lr_areas(lrs, momentum=self.momentum)
+        with np.errstate(divide="ignore"):
+            return annealing_law(S1[steps - 1], S2[steps - 1], q["L0"], q["A"], q["alpha"], q["C"])
+
+
 def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=None,
                       robust: bool = True, x0: dict | None = None, max_nfev: int = 500) -> AnnealingLawFit:
-    """Fit L0, A, alpha, C (and one offset per extra segment) to losses logged at ``steps``.
+    """Fit L0, A, alpha, C (and one offset per extra segment) to losses logged at ``steps`` of one run
+    (several curves at once: ``fit_schedule_law``, whose joint fit this is with one curve).
 
     lrs: the LR of every update 0..N-1 (N > max(steps) - 1): the areas are cumulative, so the whole
         history is needed, also where no loss was logged.
     steps: the steps at which ``losses`` were measured, before that step's update (so after ``step``
-        updates); steps < 1 are dropped (S1 = 0: the power law is infinite there).
+        updates); steps < 1 are dropped (S1 = 0: the power law is infinite there), and so are
+        non-finite losses.
     segments: optional integer label per loss (e.g. the phase's data mixture): every label other
         than the first one's gets its own additive offset, for loss-level jumps the LR does not
         cause (a mixture or sequence-length switch changes what the loss measures).
@@ -145,74 +194,13 @@ def fit_annealing_law(lrs, steps, losses, *, momentum: float = 0.999, segments=N
     L0 >= 0 (a cross-entropy; without it a near-flat curve drifts to alpha -> 0 with L0 -> -inf),
     A >= 0, C >= 0, 0.001 <= alpha <= 4 (``scipy.optimize.least_squares``, trust-region reflective).
     """
-    lrs = np.asarray(lrs, dtype=np.float64)
-    steps = np.asarray(steps, dtype=np.int64)
-    y = np.asarray(losses, dtype=np.float64)
-    if steps.shape != y.shape:
-        raise ValueError(f"steps and losses differ in length ({len(steps)} vs {len(y)})")
-    seg = np.zeros(len(y), dtype=np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
-    if seg.shape != y.shape:
-        raise ValueError("segments needs one label per loss")
-    keep = (steps >= 1) & np.isfinite(y)
-    steps, y, seg = steps[keep], y[keep], seg[keep]
-    if len(steps) and steps.max() > len(lrs):
-        raise ValueError(f"a loss at step {int(steps.max())} needs the LRs of {int(steps.max())} updates; "
-                         f"got {len(lrs)}")
-    labels = [int(s) for s in dict.fromkeys(seg.tolist())][1:]  # offsets for all but the first label
-    n_par = 4 + len(labels)
-    if len(y) < n_par + 2:
-        raise ValueError(f"{len(y)} usable losses; the fit of {n_par} parameters needs at least {n_par + 2}")
-    scale = float(lrs.max())
-    if scale <= 0:
-        raise ValueError("all learning rates are 0")
-    S1, S2 = lr_areas(lrs, momentum=momentum)
-    x1, x2 = S1[steps - 1] / scale, S2[steps - 1] / scale
-    O = np.stack([(seg == lab).astype(np.float64) for lab in labels], 1) if labels else np.zeros((len(y), 0))
-    noise = robust_noise_scale(y)
-    f_scale = 1.345 * noise if robust and noise > 0 else 1.0
-    loss = "huber" if robust and noise > 0 else "linear"
-
-    def model(p):
-        L0, A, alpha, C = p[:4]
-        return L0 + A * x1 ** (-alpha) - C * x2 + O @ p[4:]
-
-    def resid(p):
-        return model(p) - y
-
-    lx1 = np.log(x1)
-
-    def jac(p):
-        pw = x1 ** (-p[2])
-        return np.column_stack([np.ones_like(x1), pw, -p[1] * pw * lx1, -x2, O])
-
-    if x0 is not None:
-        init = np.r_[x0["L0"], x0["A"] / scale ** x0["alpha"], x0["alpha"], x0["C"] * scale,
-                     np.zeros(len(labels))]
-    else:  # profile alpha: linear least squares in (L0, A, C, offsets) for each alpha on a grid
-        best = None
-        for alpha in np.geomspace(0.02, 3.0, 40):
-            X = np.column_stack([np.ones_like(x1), x1 ** (-alpha), -x2, O])
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            coef[0], coef[1], coef[2] = max(coef[0], 0.0), max(coef[1], 1e-12), max(coef[2], 0.0)
-            sse = float(np.sum((X @ coef - y) ** 2))
-            if best is None or sse < best[0]:
-                best = (sse, np.r_[coef[0], coef[1], alpha, coef[2], coef[3:]])
-        init = best[1]
-    lo = np.r_[0.0, 0.0, 1e-3, 0.0, np.full(len(labels), -np.inf)]  # cross-entropy: L0 >= 0
-    hi = np.r_[np.inf, np.inf, 4.0, np.inf, np.full(len(labels), np.inf)]
-    init = np.clip(init, lo + 1e-12 * (np.isfinite(lo)), hi - 1e-9)
-    from scipy.optimize import least_squares  # here: importing diagnostics.schedule (midtrain.config does) stays light
-
-    sol = least_squares(resid, init, jac=jac, bounds=(lo, hi), loss=loss, f_scale=f_scale, method="trf",
-                        x_scale="jac", xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=max_nfev)
-    p = sol.x
-    r = resid(p)
-    ss = float(np.sum((y - y.mean()) ** 2))
-    return AnnealingLawFit(
-        L0=float(p[0]), A=float(p[1] * scale ** p[2]), alpha=float(p[2]), C=float(p[3] / scale),
-        momentum=momentum, offsets={lab: float(v) for lab, v in zip(labels, p[4:])},
-        rmse=float(np.sqrt(np.mean(r ** 2))), noise=noise, r2=1 - float(np.sum(r ** 2)) / ss if ss > 0 else math.nan,
-        n_points=len(y), steps=steps, residuals=r, fitted=model(p))
-
-
-
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    steps, losses = np.asarray(steps), np.asarray(losses)
+    if steps.shape != losses.shape:
+        raise ValueError(f"steps and losses differ in length ({len(steps)} vs {len(losses)})")
+    curves = check_curves([(lrs, steps, losses)], None if segments is None else [segments], drop_unusable=True)
+    sol = joint_fit(_AnnealingLaw(momentum), curves, robust=robust, x0=x0, max_nfev=max_nfev)
+    return AnnealingLawFit(**_AnnealingLaw(momentum).natural(sol.p, sol.scale), momentum=momentum,
+                           offsets=sol.offsets, rmse=sol.rmse, noise=sol.noise, r2=sol.r2, n_points=sol.n_points,
+                           steps=curves[0].steps, residuals=sol.residuals, fitted=sol.fitted)
