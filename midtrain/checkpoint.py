@@ -41,7 +41,7 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CHECKPOINTS_DIR, checkpoint_name(step))
 
 
-def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
+def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0, recent_skipped=()) -> str:
     path = checkpoint_path(run_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
@@ -49,6 +49,7 @@ def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipp
         "step": step,  # optimizer updates applied; the next step to run
         "tokens": tokens,
         "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
+        "recent_skipped": list(recent_skipped),  # those in the divergence guard's window (midtrain._guard)
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rope_base": model.config.rope_base,

@@ -13,7 +13,9 @@
 
 Bad input (a missing file, an unknown key, a run directory that already holds
 a run, ...) prints one paragraph and exits with status 2; nothing on disk is
-changed.
+changed. A run that diverges (too many updates skipped for non-finite gradients) stops with
+status ``diverged`` in run.json, prints a paragraph naming the step and the likely cause, and exits
+with status 3.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import sys
 import textwrap
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # training stopped: too many non-finite-gradient steps (midtrain/_guard.py)
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
     print("midtrain: error: " + textwrap.fill(msg, width=100, subsequent_indent="  "), file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return code
 
 
 def _user_errors():
@@ -101,6 +104,8 @@ def cmd_train(args) -> int:
             a, b = res.val_start.get(k, float("nan")), res.val_end[k]
             print(f"  {k.split('/')[1]:<28s} {_fmt(a)} {_fmt(b)}   {_fmt(b / a if a == a else float('nan'))}")
     print(f"next: midtrain show {res.run_dir}")
+    if res.status == "diverged":
+        return _fail(res.message, EXIT_DIVERGED)
     return 0
 
 
@@ -130,6 +135,7 @@ def cmd_show(args) -> int:
             row = last.iloc[-1]
             print(f"  last step {int(row['step'])}: train/loss {row.get('train/loss', float('nan')):.4f}  "
                   f"lr {row.get('train/lr', float('nan')):.3e}  tokens {int(row.get('train/tokens', 0))}")
+        _print_skipped(m)
         if "perf/tokens_per_s" in m:
             print(f"  throughput: median {m['perf/tokens_per_s'].median() / 1e3:.1f}k tokens/s")
         vcols = [c for c in m.columns if c.startswith("val/")]
@@ -141,6 +147,16 @@ def cmd_show(args) -> int:
     cks = run.checkpoints()
     print(f"  checkpoints: {len(cks)}" + (f" (steps {', '.join(str(s) for s, _ in cks)})" if cks else ""))
     return 0
+
+
+def _print_skipped(m) -> None:
+    """The steps whose update was skipped for a non-finite gradient (``train/skipped_steps`` rose)."""
+    from diagnostics.recommend import skipped_steps
+
+    steps = skipped_steps(m)
+    if len(steps):
+        shown = ", ".join(str(s) for s in steps[:10]) + (f", ... {steps[-1]}" if len(steps) > 10 else "")
+        print(f"  skipped steps: {len(steps)} (steps {shown}; non-finite gradients, the update was not applied)")
 
 
 def cmd_recommend(args) -> int:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
+from midtrain._guard import DivergenceGuard
 from midtrain.checkpoint import checkpoint_path, load_checkpoint, model_config, restore_checkpoint, save_checkpoint
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.hookset import build_hooks
@@ -62,6 +63,8 @@ class TrainResult:
     mfu: float = float("nan")
     wall_s: float = 0.0
     model: Any = None
+    status: str = "finished"  # or "stopped" (until_step), "diverged" (midtrain._guard; ``message`` says why)
+    message: str = ""
 
 
 # -- set-up helpers ---------------------------------------------------------------
@@ -363,6 +366,32 @@ def _record_failure(writer: RunWriter | None, monitor: Monitor, e: BaseException
     monitor.close()
 
 
+def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWriter | None, monitor: Monitor,
+                  dtype) -> str:
+    """Record a divergence: status ``diverged`` and the guard's report in run.json; nothing else is
+    written (no evaluation, no checkpoint of the diverged state). Returns the message."""
+    ckpts = [s for s, _ in load_run(out_dir).checkpoints()] if writer is not None else []
+    report = guard.report(step, ckpts, str(dtype).replace("torch.", ""))
+    if writer is not None:
+        writer.update_info(status="diverged", diverged=report, error=report["message"], steps_done=step + 1)
+    monitor.close()
+    return report["message"]
+
+
+def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int, tokens: int,
+             status: str, t_start: float) -> dict[str, float]:
+    """The final evaluation, written as the record of step ``end_step``, and the run's status; returns
+    the evaluation. The final state is evaluated also when --until stops early (step end_step: the
+    state after end_step updates, as an evaluation at the start of step end_step of a longer run would
+    see it; a resume drops this record and evaluates that step again, with the same values)."""
+    val_end = evaluate(model, val, device, autocast)
+    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
+    if writer is not None:
+        writer.update_info(status=status, steps_done=end_step, wall_s=time.perf_counter() - t_start)
+    monitor.close()
+    return val_end
+
+
 class _Throughput:
     """The loop's speed: per step (tokens/s, its EMA for the progress line, step time, MFU) and over
     the whole loop, from the first step to the last."""
@@ -440,8 +469,9 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
     val_start: dict[str, float] = {}
-    last_loss, cur_phase = float("nan"), -1
+    last_loss, cur_phase, message = float("nan"), -1, ""  # message: why the run diverged (midtrain._guard)
     skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
+    guard = DivergenceGuard(cfg.max_skipped_steps, cfg.skip_window, (start.ckpt or {}).get("recent_skipped", ()))
     speed = _Throughput(peak_flops(device))
     model.train()
     try:
@@ -476,7 +506,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
                 loss_sum += loss.detach()
             monitor.on_grads_ready()  # accumulated, synchronised, before clipping
             grad_norm = _clip_grads(params, cfg.optim.grad_clip)
-            if torch.isfinite(grad_norm):
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
                 optimizer.step()
             else:  # NaN/inf gradients: skip the update rather than poison the weights
                 skipped += 1
@@ -492,23 +523,20 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
             )
             monitor.on_step_end(step, **scalars)
             bar.update(step, phase.name, last_loss, lr, speed.tok_s_ema)
+            if guard.update(step, skipped=not finite, loss=last_loss, lr=lr, grad_norm=float(grad_norm)):
+                end_step, message = step + 1, _end_diverged(guard, step, out_dir, writer, monitor, dtype)
+                break
 
-            done = step + 1
-            if master and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
-                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
+            done = step + 1  # no checkpoint of a state whose last update was skipped
+            if master and finite and (done % cfg.checkpoint_every == 0 or done in phase_ends or done == end_step):
+                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped, guard.state())
     except BaseException as e:
         _record_failure(writer, monitor, e, step)
         raise
     tokens_per_s = speed.loop_tokens_per_s()
-    # the final state is evaluated also when --until stops early (step end_step: the state after
-    # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
-    # a resume drops this record and evaluates that step again, with the same values)
-    val_end = evaluate(model, val, device, autocast)
-    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
-    if writer is not None:
-        writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
-                           wall_s=time.perf_counter() - t_start)
-    monitor.close()
+    status = "diverged" if message else "finished" if end_step == total else "stopped"
+    val_end = {} if message else _end_run(model, val, device, autocast, monitor, writer, end_step, tokens, status,
+                                          t_start)
     return TrainResult(run_dir=out_dir, start_step=start.step, steps_done=end_step, total_steps=total,
                        final_loss=last_loss, val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,
-                       mfu=speed.mfu, wall_s=time.perf_counter() - t_start, model=model)
+                       mfu=speed.mfu, wall_s=time.perf_counter() - t_start, model=model, status=status, message=message)
