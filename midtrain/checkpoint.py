@@ -73,6 +73,22 @@ def load_checkpoint(path: str) -> dict:
         raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
 
 
+def newest_readable_checkpoint(run) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint of ``run`` (a ``diagnostics.runs.Run``) that loads, or None when it has
+    none, and why each newer one could not be read (a truncated or corrupted file). RunDirError when
+    there are checkpoints but none loads."""
+    unreadable = []
+    for _, path in reversed(run.checkpoints()):
+        try:
+            return load_checkpoint(str(path)), unreadable
+        except RunDirError as e:
+            unreadable.append(str(e))
+    if unreadable:
+        raise RunDirError(f"no checkpoint of {run.path} can be read: {' '.join(unreadable)} Nothing was changed. "
+                          f"Delete the run directory to start again, or branch from another run.")
+    return None, []
+
+
 def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool) -> None:
     """Load a checkpoint's model, optimizer and RoPE base; with ``rng`` (a resume) also its RNG
     streams (dropout), which a branch does not take: it reseeds."""

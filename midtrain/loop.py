@@ -33,6 +33,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
 from midtrain._guard import DivergenceGuard
-from midtrain.checkpoint import checkpoint_path, load_checkpoint, model_config, restore_checkpoint, save_checkpoint
+from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
+                                 restore_checkpoint, save_checkpoint)
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.hookset import build_hooks
 from midtrain.model import GPT, GPTConfig
@@ -247,10 +249,12 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
                 f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
                 "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
             )
-        latest = old.latest_checkpoint()
-        if latest is not None:
-            ckpt = load_checkpoint(latest[1])
+        ckpt, unreadable = newest_readable_checkpoint(old)
+        if ckpt is not None:
             start_step, tokens = ckpt["step"], ckpt["tokens"]
+        if unreadable:
+            warnings.warn(" ".join(unreadable) + f" Resuming from step {start_step}, the newest readable checkpoint.",
+                          RuntimeWarning, stacklevel=3)
         if start_step >= total:
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
     elif resume:
