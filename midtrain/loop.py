@@ -45,6 +45,7 @@ from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
 from midtrain._guard import DivergenceGuard
+from midtrain._lock import RunLock
 from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
                                  restore_checkpoint, save_checkpoint)
 from midtrain.config import ConfigError, TrainConfig
@@ -441,8 +442,22 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
         hooks: measurement hooks for the Monitor; None: the defaults of ``[monitor]``
             (``midtrain.hookset``); ``[]``: none.
         corpus: data to use instead of the config's (tests pass small corpora).
-    Raises ConfigError / DataError / RunDirError for bad input, before touching disk.
+    Raises ConfigError / DataError / RunDirError for bad input, before touching disk (but for the
+    lock file: one process at a time trains ``out_dir``, ``midtrain._lock``; a RunDirError names the
+    holder of a live lock).
     """
+    lock = RunLock(out_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step, until_step=until_step,
+                      hooks=hooks, corpus=corpus, progress=progress, strict_hooks=strict_hooks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, parent_step: int | None,
+           until_step: int | None, hooks: list[Hook] | None, corpus, progress: bool, strict_hooks: bool) -> TrainResult:
+    """``train`` once the run directory is locked."""
     t_start = time.perf_counter()
     cfg.validate()
     rank, world, device = _set_up_processes(cfg)

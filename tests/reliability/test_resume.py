@@ -44,3 +44,65 @@ def test_truncated_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path,
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def _write_lock(out, pid, host=None):
+    (out / LOCK).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": "earlier"}))
+
+
+def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    cfg = _cfg()
+    out = tmp_path / "r"
+    train(cfg, str(out), until_step=5, progress=False)
+    assert not (out / LOCK).exists()  # released on exit
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(out, holder.pid)
+        before = {p: (out / p).read_bytes() for p in ("run.json", "metrics.jsonl")}
+        assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert str(holder.pid) in err and socket.gethostname() in err and LOCK in err
+        assert before == {p: (out / p).read_bytes() for p in ("run.json", "metrics.jsonl")}
+        assert json.loads((out / LOCK).read_text())["pid"] == holder.pid  # the holder keeps it
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_the_lock_is_released_on_failure(tmp_path):
+    cfg = _cfg()
+    out = tmp_path / "r"
+    train(cfg, str(out), until_step=5, progress=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    _write_lock(out, gone.pid)
+    seen = {}
+
+    from hooks.monitor import Hook
+
+    class LockWatcher(Hook):
+        name = "lock_watcher"
+
+        def on_step_begin(self, step):
+            seen[step] = json.loads((out / LOCK).read_text())
+
+        def on_step_end(self, step, scalars):
+            if step == 8:
+                raise RuntimeError("boom")
+            return {}
+
+    with pytest.warns(UserWarning, match=rf"stale.*{gone.pid}"):
+        with pytest.raises(RuntimeError, match="boom"):
+            train(cfg, str(out), resume=True, progress=False, hooks=[LockWatcher()], strict_hooks=True)
+    assert seen[5]["pid"] == os.getpid() and seen[5]["host"] == socket.gethostname()
+    assert not (out / LOCK).exists()  # released on failure too
+    res = train(cfg, str(out), resume=True, progress=False)
+    assert res.steps_done == cfg.total_steps() and not (out / LOCK).exists()
+
+
+def test_a_failed_fresh_start_leaves_no_directory_for_the_lock(tmp_path):
+    cfg = _cfg()
+    cfg.phases[0].mixture = {"nope": 1.0}
+    with pytest.raises(Exception):
+        train(cfg, str(tmp_path / "new"), progress=False)
+    assert not (tmp_path / "new").exists()
