@@ -206,12 +206,22 @@ def _incompatible(old: dict, new: dict) -> list[str]:
 @dataclass
 class _Start:
     """Where a run starts and stops: ``ckpt`` is the checkpoint it continues (None: a new run),
-    ``step`` and ``tokens`` the state it holds, ``end_step`` the global step to stop after."""
+    ``step`` and ``tokens`` the state it holds, ``end_step`` the global step to stop after;
+    ``val_start``: a resumed run's first evaluation (the summary's "start")."""
 
     ckpt: dict | None
     step: int
     tokens: int
     end_step: int
+    val_start: dict[str, float] = field(default_factory=dict)
+
+
+def _first_evaluation(run, before: int) -> dict[str, float]:
+    """The validation losses of ``run``'s first evaluation at a step <= ``before`` ({} if none)."""
+    m = run.metrics
+    vcols = [c for c in m.columns if c.startswith("val/")]
+    rows = m[m["step"] <= before].dropna(subset=vcols, how="all") if vcols and len(m) else m.iloc[:0]
+    return {} if rows.empty else {c: float(v) for c, v in rows.iloc[0][vcols].items() if v == v}
 
 
 def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, parent_step: int | None,
@@ -221,7 +231,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     cannot run. Nothing is written."""
     total = cfg.total_steps()
     run_json = os.path.join(out_dir, RUN_JSON)
-    ckpt, start_step, tokens = None, 0, 0
+    ckpt, start_step, tokens, val_start = None, 0, 0, {}
     if parent is not None:
         if resume:
             raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
@@ -256,6 +266,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
         if unreadable:
             warnings.warn(" ".join(unreadable) + f" Resuming from step {start_step}, the newest readable checkpoint.",
                           RuntimeWarning, stacklevel=3)
+        val_start = _first_evaluation(old, start_step)
         if start_step >= total:
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
     elif resume:
@@ -267,7 +278,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     end_step = total if until_step is None else min(total, until_step)
     if end_step <= start_step:
         raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
-    return _Start(ckpt, start_step, tokens, end_step)
+    return _Start(ckpt, start_step, tokens, end_step, val_start)
 
 
 # -- model, optimizer, precision ------------------------------------------------------------
@@ -487,7 +498,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
-    val_start: dict[str, float] = {}
+    val_start = dict(start.val_start)  # a resume keeps the run's first evaluation
     last_loss, cur_phase, message = float("nan"), -1, ""  # message: why the run diverged (midtrain._guard)
     skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
     guard = DivergenceGuard(cfg.max_skipped_steps, cfg.skip_window, (start.ckpt or {}).get("recent_skipped", ()))

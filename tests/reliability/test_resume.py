@@ -106,3 +106,27 @@ def test_a_failed_fresh_start_leaves_no_directory_for_the_lock(tmp_path):
     with pytest.raises(Exception):
         train(cfg, str(tmp_path / "new"), progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_resumed_summary_keeps_the_first_evaluation(tmp_path, capsys):
+    cfg = _cfg()
+    out = tmp_path / "r"
+    first = train(cfg, str(out), until_step=6, progress=False)
+    assert first.val_start
+    res = train(cfg, str(out), resume=True, progress=False)
+    assert res.val_start == pytest.approx(first.val_start)
+    assert main(["train", "--config", _toml(tmp_path, cfg), "--out", str(tmp_path / "c"), "--quiet",
+                 "--until", "6"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "c"), "--resume", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    table = text.split("validation loss")[1]
+    assert "n/a" not in table
+
+
+def _toml(tmp_path, cfg):
+    from midtrain.config import dumps_toml
+
+    p = tmp_path / "c.toml"
+    p.write_text(dumps_toml(cfg))
+    return str(p)
