@@ -31,6 +31,7 @@ CHECKPOINTS_DIR = "checkpoints"
 RECOMMENDATIONS_FILE = "recommendations.json"
 REPORT_FILE = "report.html"
 WANDB_ID_FILE = "wandb.json"  # only with the wandb mirror: its run id, so a resume logs into the same run
+LOCK_FILE = "lock.json"  # while a process trains the run: its pid and host (midtrain/_lock.py)
 
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")  # reads back what checkpoint_name writes
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")

@@ -66,7 +66,8 @@ import numpy as np
 
 from diagnostics._run_io import (  # noqa: F401  (constants and errors are public here)
     SCHEMA_VERSION, RUN_JSON, METRICS_FILE, ARRAYS_DIR, CHECKPOINTS_DIR, RECOMMENDATIONS_FILE,
-    REPORT_FILE, WANDB_ID_FILE, _CHECKPOINT_RE, _ARRAY_NAME_RE, _VAL_LOSS_RE, _RESERVED_CREATE, RunDirError,
+    REPORT_FILE, WANDB_ID_FILE, LOCK_FILE, _CHECKPOINT_RE, _ARRAY_NAME_RE, _VAL_LOSS_RE, _RESERVED_CREATE,
+    RunDirError,
     RunDirWarning, RunStoreError, _now, _dumps_info, atomic_write, checkpoint_name, _versions, _read_info,
     _parse_metrics, _clean_value, _write_info, _MetricsFile, _step_gaps, step_ranges,
 )

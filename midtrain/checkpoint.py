@@ -41,7 +41,7 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, CHECKPOINTS_DIR, checkpoint_name(step))
 
 
-def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0) -> str:
+def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipped_steps=0, recent_skipped=()) -> str:
     path = checkpoint_path(run_dir, step)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
@@ -49,6 +49,7 @@ def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipp
         "step": step,  # optimizer updates applied; the next step to run
         "tokens": tokens,
         "skipped_steps": skipped_steps,  # non-finite-gradient steps so far: the count spans resumes
+        "recent_skipped": list(recent_skipped),  # those in the divergence guard's window (midtrain._guard)
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rope_base": model.config.rope_base,
@@ -70,6 +71,22 @@ def load_checkpoint(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RunDirError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be corrupted.") from None
+
+
+def newest_readable_checkpoint(run) -> tuple[dict | None, list[str]]:
+    """The newest checkpoint of ``run`` (a ``diagnostics.runs.Run``) that loads, or None when it has
+    none, and why each newer one could not be read (a truncated or corrupted file). RunDirError when
+    there are checkpoints but none loads."""
+    unreadable = []
+    for _, path in reversed(run.checkpoints()):
+        try:
+            return load_checkpoint(str(path)), unreadable
+        except RunDirError as e:
+            unreadable.append(str(e))
+    if unreadable:
+        raise RunDirError(f"no checkpoint of {run.path} can be read: {' '.join(unreadable)} Nothing was changed. "
+                          f"Delete the run directory to start again, or branch from another run.")
+    return None, []
 
 
 def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool) -> None:

@@ -17,6 +17,9 @@ changed. A run that cannot be written (a full disk, a read-only run directory,
 records of metrics.jsonl that could not be written) stops with one paragraph,
 status "failed" in run.json where it can still be written, and exit status 4;
 `midtrain train --out RUN --resume` continues it once the cause is fixed.
+A run that diverges (too many updates skipped for non-finite gradients) stops with
+status ``diverged`` in run.json, prints a paragraph naming the step and the likely cause, and exits
+with status 3.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import textwrap
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # training stopped: too many non-finite-gradient steps (midtrain/_guard.py)
 EXIT_RUN_FAILED = 4  # the run could not be written: disk full, read-only run directory, lost records
 EXIT_BROKEN_PIPE = 141  # stdout closed by its reader (`midtrain show RUN | head`), as 128 + SIGPIPE
 
@@ -134,6 +138,8 @@ def cmd_train(args) -> int:
             a, b = res.val_start.get(k, float("nan")), res.val_end[k]
             print(f"  {k.split('/')[1]:<28s} {_fmt(a)} {_fmt(b)}   {_fmt(b / a if a == a else float('nan'))}")
     print(f"next: midtrain show {res.run_dir}")
+    if res.status == "diverged":
+        return _fail(res.message, EXIT_DIVERGED)
     return 0
 
 
@@ -189,6 +195,7 @@ def cmd_show(args) -> int:
             row = last.iloc[-1]
             print(f"  last step {int(row['step'])}: train/loss {row.get('train/loss', float('nan')):.4f}  "
                   f"lr {row.get('train/lr', float('nan')):.3e}  tokens {int(row.get('train/tokens', 0))}")
+        _print_skipped(m)
         if "perf/tokens_per_s" in m:
             print(f"  throughput: median {m['perf/tokens_per_s'].median() / 1e3:.1f}k tokens/s")
         vcols = [c for c in m.columns if c.startswith("val/")]
@@ -200,6 +207,16 @@ def cmd_show(args) -> int:
     cks = run.checkpoints()
     print(f"  checkpoints: {len(cks)}" + (f" (steps {', '.join(str(s) for s, _ in cks)})" if cks else ""))
     return 0
+
+
+def _print_skipped(m) -> None:
+    """The steps whose update was skipped for a non-finite gradient (``train/skipped_steps`` rose)."""
+    from diagnostics.recommend import skipped_steps
+
+    steps = skipped_steps(m)
+    if len(steps):
+        shown = ", ".join(str(s) for s in steps[:10]) + (f", ... {steps[-1]}" if len(steps) > 10 else "")
+        print(f"  skipped steps: {len(steps)} (steps {shown}; non-finite gradients, the update was not applied)")
 
 
 def cmd_recommend(args) -> int:

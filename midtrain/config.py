@@ -144,6 +144,10 @@ class TrainConfig:
     eval_every: int = 100  # also at step 0, at each phase end and at the end
     checkpoint_every: int = 200  # also at each phase end
     log_every: int = 10  # progress-bar / stdout cadence; metrics are written every step
+    # divergence guard (midtrain/_guard.py): the run stops as "diverged" when more than
+    # max_skipped_steps of its last skip_window steps were skipped for non-finite gradients
+    max_skipped_steps: int = 10
+    skip_window: int = 100
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -290,9 +294,11 @@ class TrainConfig:
                     raise ConfigError(f"{where}: unknown domain(s) {bad} in the mixture; the data has {sorted(domains)}.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, bfloat16.")
-        for k in ("eval_every", "checkpoint_every", "log_every"):
+        for k in ("eval_every", "checkpoint_every", "log_every", "skip_window"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}.")
         self._validate_wandb()
         return self
 

@@ -33,6 +33,7 @@ import platform
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,10 @@ import torch.nn.functional as F
 from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
-from midtrain.checkpoint import checkpoint_path, load_checkpoint, model_config, restore_checkpoint, save_checkpoint
+from midtrain._guard import DivergenceGuard
+from midtrain._lock import RunLock
+from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
+                                 restore_checkpoint, save_checkpoint)
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.hookset import build_hooks
 from midtrain.model import GPT, GPTConfig
@@ -62,6 +66,8 @@ class TrainResult:
     mfu: float = float("nan")
     wall_s: float = 0.0
     model: Any = None
+    status: str = "finished"  # or "stopped" (until_step), "diverged" (midtrain._guard; ``message`` says why)
+    message: str = ""
 
 
 # -- set-up helpers ---------------------------------------------------------------
@@ -200,12 +206,22 @@ def _incompatible(old: dict, new: dict) -> list[str]:
 @dataclass
 class _Start:
     """Where a run starts and stops: ``ckpt`` is the checkpoint it continues (None: a new run),
-    ``step`` and ``tokens`` the state it holds, ``end_step`` the global step to stop after."""
+    ``step`` and ``tokens`` the state it holds, ``end_step`` the global step to stop after;
+    ``val_start``: a resumed run's first evaluation (the summary's "start")."""
 
     ckpt: dict | None
     step: int
     tokens: int
     end_step: int
+    val_start: dict[str, float] = field(default_factory=dict)
+
+
+def _first_evaluation(run, before: int) -> dict[str, float]:
+    """The validation losses of ``run``'s first evaluation at a step <= ``before`` ({} if none)."""
+    m = run.metrics
+    vcols = [c for c in m.columns if c.startswith("val/")]
+    rows = m[m["step"] <= before].dropna(subset=vcols, how="all") if vcols and len(m) else m.iloc[:0]
+    return {} if rows.empty else {c: float(v) for c, v in rows.iloc[0][vcols].items() if v == v}
 
 
 def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, parent_step: int | None,
@@ -215,7 +231,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     cannot run. Nothing is written."""
     total = cfg.total_steps()
     run_json = os.path.join(out_dir, RUN_JSON)
-    ckpt, start_step, tokens = None, 0, 0
+    ckpt, start_step, tokens, val_start = None, 0, 0, {}
     if parent is not None:
         if resume:
             raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
@@ -244,10 +260,13 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
                 f"cannot resume {out_dir}: the config differs from the run's in {diff}. Resume with the run's own "
                 "config (omit --config), or branch a new run from a checkpoint with --from. Nothing was changed."
             )
-        latest = old.latest_checkpoint()
-        if latest is not None:
-            ckpt = load_checkpoint(latest[1])
+        ckpt, unreadable = newest_readable_checkpoint(old)
+        if ckpt is not None:
             start_step, tokens = ckpt["step"], ckpt["tokens"]
+        if unreadable:
+            warnings.warn(" ".join(unreadable) + f" Resuming from step {start_step}, the newest readable checkpoint.",
+                          RuntimeWarning, stacklevel=3)
+        val_start = _first_evaluation(old, start_step)
         if start_step >= total:
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
     elif resume:
@@ -259,7 +278,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     end_step = total if until_step is None else min(total, until_step)
     if end_step <= start_step:
         raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
-    return _Start(ckpt, start_step, tokens, end_step)
+    return _Start(ckpt, start_step, tokens, end_step, val_start)
 
 
 # -- model, optimizer, precision ------------------------------------------------------------
@@ -378,6 +397,36 @@ def _checkpoint_now(writer: RunWriter | None, owed: bool) -> bool:
     return owed and writer.flush()
 
 
+def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWriter | None, monitor: Monitor,
+                  dtype) -> str:
+    """Record a divergence: status ``diverged`` and the guard's report in run.json; nothing else is
+    written (no evaluation, no checkpoint of the diverged state). Returns the message."""
+    ckpts = [s for s, _ in load_run(out_dir).checkpoints()] if writer is not None else []
+    report = guard.report(step, ckpts, str(dtype).replace("torch.", ""))
+    if writer is not None:
+        writer.update_info(status="diverged", diverged=report, error=report["message"], steps_done=step + 1)
+    return report["message"]
+
+
+def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int, tokens: int,
+             status: str, t_start: float, save_checkpoint_now) -> dict[str, float]:
+    """The final evaluation, written as the record of step ``end_step``, the last checkpoint and the run's
+    status; returns the evaluation. The final state is evaluated also when --until stops early (step
+    end_step: the state after end_step updates, as an evaluation at the start of step end_step of a
+    longer run would see it; a resume drops this record and evaluates that step again, with the same
+    values). The last checkpoint is taken once every record is written (evaluating drew no RNG), so a
+    resume from it records every missing step again; ``save_checkpoint_now`` is None when the last
+    update was skipped (no checkpoint of such a state)."""
+    val_end = evaluate(model, val, device, autocast)
+    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
+    if writer is not None:
+        writer.check(wait=True)
+        if save_checkpoint_now is not None:
+            save_checkpoint_now()
+        writer.update_info(status=status, steps_done=end_step, wall_s=time.perf_counter() - t_start)
+    return val_end
+
+
 class _Throughput:
     """The loop's speed: per step (tokens/s, its EMA for the progress line, step time, MFU) and over
     the whole loop, from the first step to the last."""
@@ -423,8 +472,22 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
         hooks: measurement hooks for the Monitor; None: the defaults of ``[monitor]``
             (``midtrain.hookset``); ``[]``: none.
         corpus: data to use instead of the config's (tests pass small corpora).
-    Raises ConfigError / DataError / RunDirError for bad input, before touching disk.
+    Raises ConfigError / DataError / RunDirError for bad input, before touching disk (but for the
+    lock file: one process at a time trains ``out_dir``, ``midtrain._lock``; a RunDirError names the
+    holder of a live lock).
     """
+    lock = RunLock(out_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _train(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step, until_step=until_step,
+                      hooks=hooks, corpus=corpus, progress=progress, strict_hooks=strict_hooks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, parent_step: int | None,
+           until_step: int | None, hooks: list[Hook] | None, corpus, progress: bool, strict_hooks: bool) -> TrainResult:
+    """``train`` once the run directory is locked."""
     t_start = time.perf_counter()
     cfg.validate()
     rank, world, device = _set_up_processes(cfg)
@@ -454,12 +517,13 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
     phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
-    val_start: dict[str, float] = {}
-    last_loss, cur_phase = float("nan"), -1
+    val_start = dict(start.val_start)  # a resume keeps the run's first evaluation
+    last_loss, cur_phase, message = float("nan"), -1, ""  # message: why the run diverged (midtrain._guard)
     skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
+    guard = DivergenceGuard(cfg.max_skipped_steps, cfg.skip_window, (start.ckpt or {}).get("recent_skipped", ()))
     speed = _Throughput(peak_flops(device))
     model.train()
-    done, owed = start.step, False  # steps done; a checkpoint owed since records waited (_checkpoint_now)
+    done, owed, finite = start.step, False, True  # steps done; a checkpoint owed (_checkpoint_now)
     try:
         for step in range(start.step, end_step):
             pi, phase, _ = cfg.phase_at(step)
@@ -492,7 +556,8 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
                 loss_sum += loss.detach()
             monitor.on_grads_ready()  # accumulated, synchronised, before clipping
             grad_norm = _clip_grads(params, cfg.optim.grad_clip)
-            if torch.isfinite(grad_norm):
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:
                 optimizer.step()
             else:  # NaN/inf gradients: skip the update rather than poison the weights
                 skipped += 1
@@ -508,27 +573,25 @@ def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str |
             )
             monitor.on_step_end(step, **scalars)
             bar.update(step, phase.name, last_loss, lr, speed.tok_s_ema)
+            if guard.update(step, skipped=not finite, loss=last_loss, lr=lr, grad_norm=float(grad_norm)):
+                end_step, message = step + 1, _end_diverged(guard, step, out_dir, writer, monitor, dtype)
+                break
 
             done = step + 1
             owed = owed or ((done % cfg.checkpoint_every == 0 or done in phase_ends) and done < end_step)
-            if _checkpoint_now(writer, owed):
-                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped)
+            if _checkpoint_now(writer, owed) and finite:  # never a checkpoint of a skipped update's state
+                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped, guard.state())
                 owed = False
         tokens_per_s = speed.loop_tokens_per_s()
-        # the final state is evaluated also when --until stops early (step end_step: the state after
-        # end_step updates, as an evaluation at the start of step end_step of a longer run would see it;
-        # a resume drops this record and evaluates that step again, with the same values)
-        val_end = evaluate(model, val, device, autocast)
-        monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
-        if writer is not None:  # the last checkpoint once every record is written (evaluating drew no RNG)
-            writer.check(wait=True)
-            save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped)
-            writer.update_info(status="finished" if end_step == total else "stopped", steps_done=end_step,
-                               wall_s=time.perf_counter() - t_start)
+        status = "diverged" if message else "finished" if end_step == total else "stopped"
+        last = (lambda: save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped,
+                                        guard.state())) if finite else None
+        val_end = {} if message else _end_run(model, val, device, autocast, monitor, writer, end_step, tokens,
+                                              status, t_start, last)
     except BaseException as e:
         _record_failure(writer, monitor, e, done)
         raise
     monitor.close()
     return TrainResult(run_dir=out_dir, start_step=start.step, steps_done=end_step, total_steps=total,
                        final_loss=last_loss, val_start=val_start, val_end=val_end, tokens_per_s=tokens_per_s,
-                       mfu=speed.mfu, wall_s=time.perf_counter() - t_start, model=model)
+                       mfu=speed.mfu, wall_s=time.perf_counter() - t_start, model=model, status=status, message=message)

@@ -3,7 +3,8 @@
 
     _common          ``Recommendation`` (value, range, evidence, assumptions, what would change it, a
                      config patch, how to check it) and ``RecommendationError``; phase-table and
-                     runnable-batch helpers the recommenders share
+                     runnable-batch helpers the recommenders share; ``skipped_steps`` (the updates
+                     skipped for non-finite gradients) and the refusal to fit through a diverged stretch
     _batch_size      ``batch_size_recommendation``: the batch size the gradient noise scale points to
     _lr_decay        ``lr_decay_recommendation``: when to start the LR decay, from the annealing law
     _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
@@ -18,11 +19,11 @@ its own family, so there is no import cycle::
 """
 
 from diagnostics.recommend._batch_size import batch_size_recommendation
-from diagnostics.recommend._common import Recommendation, RecommendationError
+from diagnostics.recommend._common import MAX_SKIPPED_FRACTION, Recommendation, RecommendationError, skipped_steps
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
-__all__ = ["Recommendation", "RecommendationError", "batch_size_recommendation", "lr_decay_recommendation",
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "batch_size_recommendation", "lr_decay_recommendation",
            "candidate_decays", "critical_batch_recommendation", "steps_to_target", "branch_curve",
            "block_bootstrap_ratio", "moving_block_indices"]

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from diagnostics.gns import examples_needed, steps_needed, two_batch_estimates
-from diagnostics.recommend._common import (Recommendation, RecommendationError, _fmt, _phase_table,
-                                           _runnable_batch)
+from diagnostics.recommend._common import (Recommendation, RecommendationError, _check_not_diverged, _fmt,
+                                           _phase_table, _runnable_batch)
 from diagnostics.stats import block_bootstrap_ratio
 
 __all__ = ["batch_size_recommendation"]
@@ -84,6 +84,9 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
             f"only {n_avail} measured GNS steps{' in phase ' + repr(chosen[0]) if chosen else ''}; "
             f"a recommendation needs at least {min_steps}")
     rows = rows[-min(n_use, n_avail):]
+    # steps whose update was skipped (non-finite gradient) are dropped; a diverged stretch is refused
+    skipped = _check_not_diverged(run, int(steps_all[rows[0]]), int(steps_all[rows[-1]]), "the noise scale")
+    rows = rows[~np.isin(steps_all[rows], skipped)]
     pick = lambda c: df[c].to_numpy(dtype=np.float64)[rows]  # noqa: E731
     small, big, bs, bb = (pick(c) for c in cols)
     grad_sq, trace_cov = two_batch_estimates(small, big, bs, bb)

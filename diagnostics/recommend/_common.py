@@ -17,7 +17,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Recommendation", "RecommendationError"]
+import numpy as np
+
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION"]
+
+# a fit refuses a span of steps in which more than this fraction of the updates were skipped
+MAX_SKIPPED_FRACTION = 0.1
 
 
 class RecommendationError(ValueError):
@@ -112,3 +117,42 @@ def _runnable_batch(b_simple: float, pcfg: dict, current: float, world: int,
         return unit * accum_new, accum_new, micro
     micro_new = max(1, int(round(b_simple / world)))  # below one micro-batch: shrink it
     return micro_new * world, 1, micro_new
+
+
+def skipped_steps(df) -> np.ndarray:
+    """The steps whose optimizer update was skipped for a non-finite gradient: where the built-in
+    loop's running count ``train/skipped_steps`` rose over the previous logged step (a run's first
+    record counts from 0 when it is step 0; a branch's carries its parent's count). Empty without it."""
+    if "train/skipped_steps" not in df.columns:
+        return np.zeros(0, dtype=np.int64)
+    rows = df[["step", "train/skipped_steps"]].dropna()
+    steps = rows["step"].to_numpy(dtype=np.int64)
+    count = rows["train/skipped_steps"].to_numpy(dtype=np.float64)
+    if not len(steps):
+        return steps
+    prev = np.concatenate([[0.0 if steps[0] == 0 else count[0]], count[:-1]])
+    return steps[count > prev]
+
+
+def _check_not_diverged(run, lo: int, hi: int, what: str) -> np.ndarray:
+    """The run's skipped steps (``skipped_steps``; the caller drops them), once steps ``lo``..``hi``,
+    which ``what`` is fitted on, are known to hold no diverged stretch: RecommendationError when they
+    overlap the stretch a ``diverged`` run stopped in (run.json ``diverged``, midtrain's divergence
+    guard) or more than MAX_SKIPPED_FRACTION of them were skipped."""
+    df = run.metrics if hasattr(run, "metrics") else run
+    skipped = skipped_steps(df)
+    info = (run.info or {}) if hasattr(run, "metrics") else {}
+    div = info.get("diverged") if info.get("status") == "diverged" else None
+    advice = ("a fit through it would describe a run that did not train. Fix the cause (usually a learning rate "
+              "too high), train again or branch from a checkpoint before the skips, and recommend on that run")
+    if isinstance(div, dict) and div.get("first_skipped", hi + 1) <= hi and div.get("step", lo - 1) >= lo:
+        raise RecommendationError(
+            f"the run diverged at step {div.get('step')} (updates skipped for non-finite gradients from step "
+            f"{div.get('first_skipped')}), inside steps {lo}-{hi} that {what} would be fitted on: {advice}")
+    inside = skipped[(skipped >= lo) & (skipped <= hi)]
+    if len(inside) > MAX_SKIPPED_FRACTION * (hi - lo + 1):
+        raise RecommendationError(
+            f"{len(inside)} of steps {lo}-{hi}, which {what} would be fitted on, were skipped for non-finite "
+            f"gradients (from step {int(inside[0])}; more than {MAX_SKIPPED_FRACTION:.0%}): the run diverged "
+            f"there, and {advice}")
+    return skipped

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt, _phase_table
+from diagnostics.recommend._common import (Recommendation, RecommendationError, _check_not_diverged, _fmt,
+                                           _phase_table)
 from diagnostics.schedule import DECAY_SHAPES, annealing_law, fit_annealing_law, lr_areas, lr_decreases, phase_lrs
 from diagnostics.stats import moving_block_indices
 
@@ -84,6 +85,9 @@ def lr_decay_recommendation(run, *, phase: str | None = None, shapes=None, level
     steps, y = steps_all[ok], loss[ok]
     if len(steps) == 0:
         raise RecommendationError(f"no logged train/loss from step {max(1, first)} on")
+    # steps whose update was skipped (non-finite gradient) are dropped; a diverged stretch is refused
+    keep = ~np.isin(steps, _check_not_diverged(run, int(steps.min()), int(steps.max()), "the annealing law"))
+    steps, y = steps[keep], y[keep]
     last = int(steps.max())
     # -- is there annealing in the history the losses see?
     d = lr_decreases(lrs[:last], ignore_initial_warmup=True)
