@@ -174,3 +174,13 @@ def test_recommend_cli_on_a_diverged_run_explains(tmp_path, capsys):
     assert main(["recommend", out]) == 2
     captured = capsys.readouterr()
     assert "diverged at step" in captured.out + captured.err
+
+
+def test_a_checkpoint_due_at_a_skipped_update_is_taken_after_the_next_good_one(tmp_path, monkeypatch):
+    """No checkpoint holds a state whose last update was skipped, and none is lost for it: the one due
+    after step 2 (checkpoint_every = 3) waits for step 3's good update; later ones are on time."""
+    _overflow_at(monkeypatch, {2})
+    cfg = _no_hooks(micro_config(steps=(6, 4, 2), checkpoint_every=3))
+    res = train(cfg, str(tmp_path / "r"), progress=False)
+    assert res.status == "finished"
+    assert [s for s, _ in load_run(tmp_path / "r").checkpoints()] == [4, 6, 9, 10, 12]
