@@ -1,0 +1,77 @@
+"""Bad input gets a message, not a traceback, and leaves nothing behind (issue 11: item 5, "Tracebacks
+where a message belongs", "Wrong values accepted silently").
+
+Every refusal: exit 2, one paragraph on stderr naming the field (or file, or option), no traceback,
+and no run directory that a fresh start would trip over."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from midtrain.cli import main
+from tests.reliability._inputs import assert_refused, micro_dict, no_run_left, patched, train_cli, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _refused(tmp_path, capsys, d, *needles, extra=()):
+    out = tmp_path / "run"
+    rc = train_cli(write_config(tmp_path / "c.toml", d), out, *extra)
+    assert_refused(rc, capsys.readouterr().err, *needles)
+    assert no_run_left(out)
+    return out
+
+
+# -- tracebacks where a message belongs ------------------------------------------------------------
+
+@pytest.mark.parametrize("d, needles", [
+    (micro_dict(lr=float("nan")), ["lr", "nan"]),
+    (micro_dict(lr=float("inf")), ["lr", "inf"]),
+    (micro_dict(lr="fast"), ["lr", "fast"]),
+    (patched(micro_dict(), top={"seed": "abc"}), ["seed", "abc"]),
+    (micro_dict(mixture="prose"), ["mixture", "prose"]),
+    (patched(micro_dict(), optim={"beta2": 1.5}), ["beta2", "1.5"]),
+    (patched(micro_dict(), top={"device": "tpu"}), ["device", "tpu"]),
+    (micro_dict(steps=..., tokens=1000, batch_size=0), ["batch_size"]),
+    (micro_dict(steps=..., tokens=1000, seq_len=0), ["seq_len"]),
+], ids=["lr_nan", "lr_inf", "lr_str", "seed_str", "mixture_str", "beta2", "device", "tokens_bs0", "tokens_seq0"])
+def test_bad_value_is_a_message(tmp_path, capsys, d, needles):
+    _refused(tmp_path, capsys, d, *needles)
+
+
+def test_device_option_is_checked(tmp_path, capsys):
+    _refused(tmp_path, capsys, micro_dict(), "device", "tpu", extra=("--device", "tpu"))
+
+
+# -- wrong values accepted silently ----------------------------------------------------------------
+
+@pytest.mark.parametrize("d, needles", [
+    (micro_dict(steps="240"), ["steps", "'240'"]),
+    (micro_dict(steps=240.5), ["steps", "240.5"]),
+    (micro_dict(steps=True), ["steps", "true (a boolean)"]),
+    (patched(micro_dict(), optim={"grad_clip": -1}), ["grad_clip", "-1"]),
+    (patched(micro_dict(), data={"val_fraction": 1.0}), ["val_fraction", "1.0"]),
+    ({**micro_dict(), "phases": []}, ["[[phases]]"]),
+], ids=["steps_str", "steps_float", "steps_bool", "grad_clip_negative", "val_fraction_1", "phases_empty"])
+def test_wrong_value_is_refused(tmp_path, capsys, d, needles):
+    _refused(tmp_path, capsys, d, *needles)
+
+
+def test_val_fraction_on_the_built_in_data_is_warned_about(tmp_path, capsys):
+    d = patched(micro_dict(), data={"val_fraction": 0.2})
+    with pytest.warns(UserWarning, match=r"val_fraction .*built-in"):
+        assert train_cli(write_config(tmp_path / "c.toml", d), tmp_path / "run", "--until", "1") == 0
+
+
+def test_config_without_phases_runs_the_default_recipe_and_says_so(tmp_path, capsys):
+    d = micro_dict()
+    del d["phases"]
+    f = write_config(tmp_path / "c.toml", d)
+    with pytest.warns(UserWarning, match=r"no \[\[phases\]\].*default recipe"):
+        assert main(["config", "--config", f]) == 0
+    assert 'name = "pretrain"' in capsys.readouterr().out
+    with warnings.catch_warnings():  # a config with phases: no warning
+        warnings.simplefilter("error")
+        assert main(["config", "--config", write_config(tmp_path / "p.toml", micro_dict())]) == 0
