@@ -24,6 +24,34 @@ def _refused(tmp_path, capsys, d, *needles, extra=()):
     return out
 
 
+# -- item 5: errors found at start-up leave no run directory behind -------------------------------
+
+def _text_data(tmp_path, name: str, text: str) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "a.txt").write_text(text)
+    return str(d)
+
+
+@pytest.mark.parametrize("case", ["phase_batch_size_0", "eval_batch_size_0", "eval_batches_0", "tiny_corpus"])
+def test_start_up_error_leaves_no_run_and_the_fixed_config_starts_fresh(tmp_path, capsys, case):
+    good = micro_dict()
+    if case == "phase_batch_size_0":
+        bad, needle = micro_dict(batch_size=0), "batch_size"
+    elif case == "eval_batch_size_0":
+        bad, needle = patched(good, data={"eval_batch_size": 0}), "eval_batch_size"
+    elif case == "eval_batches_0":
+        bad, needle = patched(good, data={"eval_batches": 0}), "eval_batches"
+    else:  # a corpus shorter than one sequence (seq_len + 1 tokens), hooks off
+        small = _text_data(tmp_path, "small", "hello world")
+        bad = patched(micro_dict(mixture={"text": 1.0}), data={"path": small})
+        good = patched(bad, data={"path": _text_data(tmp_path, "big", "hello world, " * 200)})
+        needle = "seq_len"
+    out = _refused(tmp_path, capsys, bad, needle)
+    # the user fixes the config and starts again into the same --out: not refused
+    assert train_cli(write_config(tmp_path / "fixed.toml", good), out, "--until", "1") == 0, capsys.readouterr().err
+
+
 # -- tracebacks where a message belongs ------------------------------------------------------------
 
 @pytest.mark.parametrize("d, needles", [
