@@ -73,6 +73,11 @@ def test_device_option_is_checked(tmp_path, capsys):
     _refused(tmp_path, capsys, micro_dict(), "device", "tpu", extra=("--device", "tpu"))
 
 
+def test_unknown_hook_option_lists_the_valid_ones(tmp_path, capsys):
+    d = patched(micro_dict(), monitor_gns={"enabled": True, "mdoe": "microbatch"})
+    _refused(tmp_path, capsys, d, "[monitor.gns]", "mdoe", "mode", "every", "ema")
+
+
 # -- wrong values accepted silently ----------------------------------------------------------------
 
 @pytest.mark.parametrize("d, needles", [
