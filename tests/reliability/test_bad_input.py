@@ -6,6 +6,7 @@ and no run directory that a fresh start would trip over."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -76,6 +77,18 @@ def test_device_option_is_checked(tmp_path, capsys):
 def test_unknown_hook_option_lists_the_valid_ones(tmp_path, capsys):
     d = patched(micro_dict(), monitor_gns={"enabled": True, "mdoe": "microbatch"})
     _refused(tmp_path, capsys, d, "[monitor.gns]", "mdoe", "mode", "every", "ema")
+
+
+def test_resume_without_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert_refused(main(["train", "--resume", "--quiet"]), capsys.readouterr().err, "--resume", "--out")
+    assert not os.listdir(tmp_path)
+
+
+def test_config_dump_into_a_missing_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert_refused(main(["config", "--dump", "missing_dir/x.toml"]), capsys.readouterr().err, "missing_dir/x.toml")
+    assert not os.listdir(tmp_path)
 
 
 # -- wrong values accepted silently ----------------------------------------------------------------
