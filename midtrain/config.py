@@ -366,8 +366,8 @@ def _validate_phase(p: Phase, domains: list[str] | None, max_seq_len: int | None
             f"{where}: seq_len {p.seq_len} is beyond what the model supports (block_size {max_seq_len}). "
             "Raise [model] block_size or shorten the phase's sequences."
         )
-    if p.rope_base is not None and p.rope_base <= 0:
-        raise ConfigError(f"{where}: rope_base must be positive, got {p.rope_base}.")
+    if p.rope_base is not None and p.rope_base <= 1:
+        raise ConfigError(f"{where}: rope_base must be > 1 (as the model's), got {p.rope_base}.")
     if not p.mixture:
         raise ConfigError(f"{where} has an empty mixture; give domain weights, e.g. mixture = {{ prose = 1.0 }}.")
     weights = list(p.mixture.values())

@@ -49,6 +49,14 @@ def _check_options(hook: str, cls: type, opts: dict[str, Any], *, supplied: tupl
         raise ConfigError(f"[monitor.{hook}]: unknown key(s) {bad}; valid keys are: {', '.join(valid)}.")
 
 
+def _count_option(hook: str, opts: dict[str, Any], key: str, default: int) -> int:
+    """Pop a builder's own option that counts sequences: a positive integer, or a ConfigError naming it."""
+    value = opts.pop(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"[monitor.{hook}] {key} must be a positive integer, got {value!r}.")
+    return value
+
+
 def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
     "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
@@ -92,7 +100,7 @@ def build_representation_probe(opts: dict[str, Any], cfg: TrainConfig, model, co
     _check_options("representation", RepresentationProbe, opts, supplied=("probe_batch", "writer", "model"),
                    extra=("probe_sequences",))
     opts = dict(opts)
-    n_seq = int(opts.pop("probe_sequences", 4))
+    n_seq = _count_option("representation", opts, "probe_sequences", 4)
     probe = {d: (b.x, b.y) for d, b in _probe_batches("representation", cfg, corpus, n_seq).items()}
     if not probe:
         raise ConfigError("[monitor.representation]: no domain has enough validation tokens for a probe batch.")
@@ -124,7 +132,7 @@ def build_difficulty_tracker(opts: dict[str, Any], cfg: TrainConfig, model, corp
     _check_options("difficulty", DifficultyTracker, opts, supplied=("domain_names", "probe", "reference", "writer", "save_fn"),
                    extra=("probe_size", "reference_checkpoint"))
     opts = dict(opts)
-    probe_size = int(opts.pop("probe_size", 16))
+    probe_size = _count_option("difficulty", opts, "probe_size", 16)
     ref_path = opts.pop("reference_checkpoint", None)
     probe = {d: torch.cat([b.x, b.y[:, -1:]], dim=1)  # (N, T+1) token ids
              for d, b in _probe_batches("difficulty", cfg, corpus, probe_size).items()}

@@ -48,19 +48,24 @@ def patched(d: dict[str, Any], **tables: dict[str, Any]) -> dict[str, Any]:
 
 def toml_text(d: dict[str, Any]) -> str:
     """TOML for a config dict (top-level keys, tables, ``[monitor.<hook>]`` tables, ``[[phases]]``)."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items()
-             if k not in (*_TABLES, "monitor", "phases") or not isinstance(v, (dict, list)) or v == []]
+
+    def inline(k: str, v: Any) -> bool:  # written as `key = value` at the top, not as a table
+        if k == "phases":
+            return not (isinstance(v, list) and v and all(isinstance(p, dict) for p in v))
+        return k not in (*_TABLES, "monitor") or not isinstance(v, dict)
+
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items() if inline(k, v)]
     for t in _TABLES:
         if isinstance(d.get(t), dict):
             lines += ["", f"[{t}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d[t].items()]
-    for hook, opts in (d.get("monitor") or {}).items() if isinstance(d.get("monitor"), dict) else ():
+    monitor = d.get("monitor") if isinstance(d.get("monitor"), dict) else {}
+    scalars = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in monitor.items() if not isinstance(v, dict)]
+    lines += ["", "[monitor]", *scalars] if scalars else []
+    for hook, opts in monitor.items():
         if isinstance(opts, dict):
             lines += ["", f"[monitor.{_toml_key(hook)}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in opts.items()]
-        else:
-            lines += ["", "[monitor]", f"{_toml_key(hook)} = {_toml_value(opts)}"]
-    for p in d.get("phases", []) if isinstance(d.get("phases"), list) else ():
-        if isinstance(p, dict):
-            lines += ["", "[[phases]]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in p.items()]
+    for p in d.get("phases", []) if not inline("phases", d.get("phases")) else ():
+        lines += ["", "[[phases]]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in p.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -81,8 +86,9 @@ def assert_refused(rc: int, err: str, *needles: str) -> None:
     assert err.startswith("midtrain: error:"), err
     assert "Traceback" not in err, err
     assert "\n\n" not in err.strip(), f"more than one paragraph:\n{err}"
+    flat = " ".join(err.split())  # the message is wrapped at 100 columns
     for n in needles:
-        assert n in err, f"{n!r} not named in:\n{err}"
+        assert n in flat, f"{n!r} not named in:\n{err}"
 
 
 def train_cli(cfg_file: str, out, *extra: str) -> int:

@@ -65,7 +65,11 @@ def test_start_up_error_leaves_no_run_and_the_fixed_config_starts_fresh(tmp_path
     (patched(micro_dict(), top={"device": "tpu"}), ["device", "tpu"]),
     (micro_dict(steps=..., tokens=1000, batch_size=0), ["batch_size"]),
     (micro_dict(steps=..., tokens=1000, seq_len=0), ["seq_len"]),
-], ids=["lr_nan", "lr_inf", "lr_str", "seed_str", "mixture_str", "beta2", "device", "tokens_bs0", "tokens_seq0"])
+    # found by test_fuzz.py: a traceback from the model at the phase switch, and from int("") in the builder
+    (micro_dict(rope_base=1.0), ["rope_base", "1.0"]),
+    (patched(micro_dict(), monitor_difficulty={"enabled": True, "probe_size": ""}), ["[monitor.difficulty]", "probe_size"]),
+], ids=["lr_nan", "lr_inf", "lr_str", "seed_str", "mixture_str", "beta2", "device", "tokens_bs0", "tokens_seq0",
+        "phase_rope_base_1", "probe_size_str"])
 def test_bad_value_is_a_message(tmp_path, capsys, d, needles):
     _refused(tmp_path, capsys, d, *needles)
 
