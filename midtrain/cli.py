@@ -114,6 +114,8 @@ def _fmt(x: float) -> str:
 def cmd_train(args) -> int:
     from midtrain.loop import train
 
+    if args.resume and args.out is None:
+        return _fail("--resume continues the run in a directory: name it with --out DIR.")
     cfg = _load_config(args)
     if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _fail("under torchrun every process must name the same run directory: pass --out DIR.")
@@ -302,8 +304,12 @@ def cmd_config(args) -> int:
     if args.dump and args.dump != "-":
         if os.path.exists(args.dump) and not args.force:
             return _fail(f"{args.dump} already exists; pass --force to overwrite it or choose another file name.")
-        with open(args.dump, "w") as f:
-            f.write(text)
+        from diagnostics.runs import atomic_write
+
+        try:  # a whole file or none: a failed write leaves nothing behind
+            atomic_write(args.dump, text)
+        except OSError as e:
+            return _fail(f"cannot write {args.dump}: {e.strerror or e}.")
         print(f"wrote {args.dump}")
     else:
         sys.stdout.write(text)

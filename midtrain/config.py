@@ -22,6 +22,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
+import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +127,8 @@ class MonitorSection:
     them (adding a hook is a field here and its builder in ``midtrain.hookset``).
 
     Each entry is a table of keyword arguments for that hook's constructor plus
-    ``enabled``; e.g. ``[monitor.gns] mode = "microbatch"``. Unknown options are
-    reported by the hook's constructor (see ``midtrain.hookset``).
+    ``enabled``; e.g. ``[monitor.gns] mode = "microbatch"``. An option the hook's
+    constructor does not take is a ConfigError listing those it does (``midtrain.hookset``).
     """
 
     gns: dict[str, Any] = _hook("build_gradient_noise_scale")
@@ -251,47 +254,28 @@ class TrainConfig:
         return cfg
 
     def validate(self, domains: list[str] | None = None, max_seq_len: int | None = None) -> "TrainConfig":
-        """Raise ConfigError on anything that cannot run. Returns self."""
-        if not self.phases:
+        """Raise ConfigError, naming the field, on anything that cannot run. Returns self.
+
+        Types first (every field against its annotation: ``steps = "240"``, ``240.5`` or ``true``
+        is refused, not converted; floats must be finite), then ranges, then how fields combine."""
+        _check_fields(self, "")
+        for sect in ("model", "data", "optim", "monitor"):
+            _check_fields(getattr(self, sect), f"[{sect}] ")
+        if not isinstance(self.phases, list) or not self.phases:
             raise ConfigError("the config has no phases; a run needs at least one [[phases]] table.")
+        for i, p in enumerate(self.phases):
+            if not isinstance(p, Phase) or not isinstance(p.name, str) or not p.name.strip():
+                raise ConfigError(f"[[phases]] #{i + 1}: name must be a non-empty string, got {getattr(p, 'name', p)!r}.")
+            _check_fields(p, f"phase {p.name!r}: ")
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ConfigError(f"phase names must be unique, got {names}.")
         for p in self.phases:
-            where = f"phase {p.name!r}"
-            if (p.steps is None) == (p.tokens is None):
-                raise ConfigError(f"{where}: give exactly one budget, steps or tokens (got steps={p.steps}, tokens={p.tokens}).")
-            if p.num_steps() <= 0:
-                raise ConfigError(f"{where} has a zero budget ({p.steps=}, {p.tokens=}); every phase needs at least one optimizer step.")
-            if p.decay not in DECAY_SHAPES:
-                raise ConfigError(f"{where}: unknown decay {p.decay!r}; valid shapes: {', '.join(DECAY_SHAPES)}.")
-            if p.lr <= 0 or p.final_lr < 0:
-                raise ConfigError(f"{where}: lr must be > 0 and final_lr >= 0 (got lr={p.lr}, final_lr={p.final_lr}).")
-            if p.decay == "exponential" and p.final_lr <= 0:
-                raise ConfigError(f"{where}: an exponential decay needs final_lr > 0 (a floor); got {p.final_lr}.")
-            if not 0.0 < p.decay_fraction <= 1.0:
-                raise ConfigError(f"{where}: decay_fraction must be in (0, 1], got {p.decay_fraction}.")
-            if p.warmup_steps < 0 or p.warmup_steps >= p.num_steps() + (1 if p.decay == "constant" else 0):
-                raise ConfigError(f"{where}: warmup_steps={p.warmup_steps} must be >= 0 and leave room in the phase's {p.num_steps()} steps.")
-            if p.batch_size <= 0 or p.grad_accum <= 0 or p.batch_size % p.grad_accum:
-                raise ConfigError(f"{where}: batch_size ({p.batch_size}) must be a positive multiple of grad_accum ({p.grad_accum}).")
-            if p.seq_len <= 0:
-                raise ConfigError(f"{where}: seq_len must be positive, got {p.seq_len}.")
-            if max_seq_len is not None and p.seq_len > max_seq_len:
-                raise ConfigError(
-                    f"{where}: seq_len {p.seq_len} is beyond what the model supports (block_size {max_seq_len}). "
-                    "Raise [model] block_size or shorten the phase's sequences."
-                )
-            if p.rope_base is not None and p.rope_base <= 0:
-                raise ConfigError(f"{where}: rope_base must be positive, got {p.rope_base}.")
-            if not p.mixture:
-                raise ConfigError(f"{where} has an empty mixture; give domain weights, e.g. mixture = {{ prose = 1.0 }}.")
-            if any((not isinstance(w, (int, float))) or w < 0 for w in p.mixture.values()) or sum(p.mixture.values()) <= 0:
-                raise ConfigError(f"{where}: mixture weights must be non-negative numbers with a positive sum, got {p.mixture}.")
-            if domains is not None:
-                bad = sorted(set(p.mixture) - set(domains))
-                if bad:
-                    raise ConfigError(f"{where}: unknown domain(s) {bad} in the mixture; the data has {sorted(domains)}.")
+            _validate_phase(p, domains, max_seq_len)
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}.")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ConfigError(f"device {self.device!r} (device = ... or --device) is not one of auto, cpu, cuda, cuda:N.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, bfloat16.")
         for k in ("eval_every", "checkpoint_every", "log_every", "skip_window"):
@@ -299,8 +283,30 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")
         if self.max_skipped_steps < 0:
             raise ConfigError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}.")
+        self._validate_sections()
         self._validate_wandb()
         return self
+
+    def _validate_sections(self) -> None:
+        d, o = self.data, self.optim
+        if not 0 <= d.val_fraction < 1:
+            raise ConfigError(f"[data] val_fraction must be in [0, 1), got {d.val_fraction}.")
+        if not d.path and d.val_fraction != DataSection.val_fraction:
+            warnings.warn(f"[data] val_fraction = {d.val_fraction} is ignored: the built-in corpus keeps its fixed "
+                          "split by document; val_fraction applies to [data] path.", UserWarning, stacklevel=3)
+        for k in ("eval_batches", "eval_batch_size"):
+            if getattr(d, k) < 1:
+                raise ConfigError(f"[data] {k} must be at least 1, got {getattr(d, k)}.")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(o, k) < 1:
+                raise ConfigError(f"[optim] {k} must be in [0, 1), got {getattr(o, k)}.")
+        for k in ("weight_decay", "eps", "grad_clip"):
+            if getattr(o, k) < 0:
+                raise ConfigError(f"[optim] {k} must be >= 0, got {getattr(o, k)}"
+                                  + (" (grad_clip = 0 turns clipping off)." if k == "grad_clip" else "."))
+        for name, opts in vars(self.monitor).items():
+            if not isinstance(opts.get("enabled", True), bool):
+                raise ConfigError(f"[monitor.{name}] enabled must be true or false, got {opts['enabled']!r}.")
 
     def _validate_wandb(self) -> None:
         bad = sorted(set(self.wandb) - set(WANDB_KEYS))
@@ -340,6 +346,83 @@ def _check_keys(d: dict, cls: type, where: str) -> None:
         raise ConfigError(f"unknown key(s) {bad} in {where}; valid keys are: {', '.join(valid)}.")
 
 
+def _validate_phase(p: Phase, domains: list[str] | None, max_seq_len: int | None) -> None:
+    """ConfigError naming the field for a phase that cannot run (types already checked)."""
+    where = f"phase {p.name!r}"
+    if p.batch_size <= 0 or p.grad_accum <= 0 or p.batch_size % p.grad_accum:
+        raise ConfigError(f"{where}: batch_size ({p.batch_size}) must be a positive multiple of grad_accum ({p.grad_accum}).")
+    if p.seq_len <= 0:
+        raise ConfigError(f"{where}: seq_len must be positive, got {p.seq_len}.")
+    if (p.steps is None) == (p.tokens is None):
+        raise ConfigError(f"{where}: give exactly one budget, steps or tokens (got steps={p.steps}, tokens={p.tokens}).")
+    if p.num_steps() <= 0:
+        raise ConfigError(f"{where} has a zero budget ({p.steps=}, {p.tokens=}); every phase needs at least one optimizer step.")
+    if p.decay not in DECAY_SHAPES:
+        raise ConfigError(f"{where}: unknown decay {p.decay!r}; valid shapes: {', '.join(DECAY_SHAPES)}.")
+    if p.lr <= 0 or p.final_lr < 0:
+        raise ConfigError(f"{where}: lr must be > 0 and final_lr >= 0 (got lr={p.lr}, final_lr={p.final_lr}).")
+    if p.decay == "exponential" and p.final_lr <= 0:
+        raise ConfigError(f"{where}: an exponential decay needs final_lr > 0 (a floor); got {p.final_lr}.")
+    if not 0.0 < p.decay_fraction <= 1.0:
+        raise ConfigError(f"{where}: decay_fraction must be in (0, 1], got {p.decay_fraction}.")
+    if p.warmup_steps < 0 or p.warmup_steps >= p.num_steps() + (1 if p.decay == "constant" else 0):
+        raise ConfigError(f"{where}: warmup_steps={p.warmup_steps} must be >= 0 and leave room in the phase's {p.num_steps()} steps.")
+    if max_seq_len is not None and p.seq_len > max_seq_len:
+        raise ConfigError(
+            f"{where}: seq_len {p.seq_len} is beyond what the model supports (block_size {max_seq_len}). "
+            "Raise [model] block_size or shorten the phase's sequences."
+        )
+    if p.rope_base is not None and p.rope_base <= 1:
+        raise ConfigError(f"{where}: rope_base must be > 1 (as the model's), got {p.rope_base}.")
+    if not p.mixture:
+        raise ConfigError(f"{where} has an empty mixture; give domain weights, e.g. mixture = {{ prose = 1.0 }}.")
+    weights = list(p.mixture.values())
+    if any(_type_problem(w, float) for w in weights) or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(f"{where}: mixture weights must be finite non-negative numbers with a positive sum, got {p.mixture}.")
+    if domains is not None:
+        bad = sorted(set(p.mixture) - set(domains))
+        if bad:
+            raise ConfigError(f"{where}: unknown domain(s) {bad} in the mixture; the data has {sorted(domains)}.")
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``hint`` (bool, int, float, str, dict,
+    optionally ``| None``); None if nothing. Nothing is converted: ``"240"`` is not an integer."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    kind = typing.get_origin(hint) or hint
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool:
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind is int:
+        ok, want = number and isinstance(value, int), "an integer"
+    elif kind is float:
+        ok, want = number and (isinstance(value, int) or math.isfinite(value)), "a finite number"
+    elif kind is str:
+        ok, want = isinstance(value, str), "a string"
+    elif kind is dict:
+        ok, want = isinstance(value, dict), "a table"
+    else:
+        return None
+    if ok:
+        return None
+    what = {bool: "a boolean", str: "a string", list: "a list", dict: "a table"}.get(type(value))
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML writes a boolean
+    return f"must be {want}, got {shown}" + (f" ({what})" if what else "")
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """ConfigError naming the first field of dataclass ``obj`` whose value does not fit its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        problem = _type_problem(getattr(obj, f.name), hints[f.name])
+        if problem:
+            raise ConfigError(f"{where}{f.name} {problem}.")
+
+
 def default_config() -> TrainConfig:
     """The default recipe: pretrain -> midtrain (anneal + data switch) -> long_context.
 
@@ -371,7 +454,8 @@ def default_config() -> TrainConfig:
 
 def load_toml(path) -> TrainConfig:
     """Read a config file. Keys missing from the file take their defaults; phases
-    given in the file replace the default recipe's phases."""
+    given in the file replace the default recipe's phases (a file without ``[[phases]]``
+    runs the default recipe's, with a warning; ``phases = []`` is refused by ``validate``)."""
     import os
 
     if not os.path.exists(path):
@@ -381,6 +465,9 @@ def load_toml(path) -> TrainConfig:
             d = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path!s} is not valid TOML: {e}.") from None
+    if "phases" not in d:
+        warnings.warn(f"config file {path!s} has no [[phases]]: it runs the default recipe's phases "
+                      f"({', '.join(p.name for p in default_config().phases)}).", UserWarning, stacklevel=2)
     return config_from_dict(d)
 
 

@@ -44,7 +44,7 @@ from midtrain.stdlib_corpus import default_cache_dir, default_corpus  # noqa: F4
 
 __all__ = [
     "DataError", "ByteTokenizer", "EOT", "Domain", "Corpus", "Batch", "MixtureSampler",
-    "default_corpus", "load_corpus", "val_batches", "shard", "example_id", "decode_example_id",
+    "default_corpus", "load_corpus", "check_phases", "val_batches", "shard", "example_id", "decode_example_id",
     "generate_math_problems", "default_cache_dir", "BUILDER_VERSION",
 ]
 
@@ -299,6 +299,17 @@ class MixtureSampler:
         return _gather(self.corpus, "train", dom, starts, self.seq_len)
 
     shard = staticmethod(shard)
+
+
+def check_phases(corpus: Corpus, phases: Iterable) -> None:
+    """DataError, naming the phase, for a phase the corpus cannot serve: each phase (``name``,
+    ``mixture``, ``seq_len``, as in ``midtrain.config.Phase``) builds its sampler up front, so a
+    domain shorter than one sequence is found before a run directory is written."""
+    for p in phases:
+        try:
+            MixtureSampler(corpus, p.mixture, p.seq_len)
+        except DataError as e:
+            raise DataError(f"phase {p.name!r}: {e} (data: {corpus.source or 'in memory'})") from None
 
 
 def val_batches(corpus: Corpus, domain: str, seq_len: int, batch_size: int, n_batches: int) -> list[Batch]:

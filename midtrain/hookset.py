@@ -2,7 +2,8 @@
 
 ``build_hooks(cfg, model, corpus)`` reads ``[monitor.<hook>]`` tables of the
 config: ``enabled = false`` turns a hook off; every other key is passed to the
-hook's constructor, so a misspelt option is a ConfigError naming the hook.
+hook's constructor, so a misspelt option is a ConfigError naming the hook and
+listing the keys it takes (``_check_options``, from the constructor's signature).
 The list of hooks is ``midtrain.config.MonitorSection``: each of its fields names
 the builder function below that turns its table into a hook (``_BUILDERS``).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import warnings
 from typing import Any, Callable
@@ -33,6 +35,28 @@ def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
     return hooks
 
 
+def _check_options(hook: str, cls: type, opts: dict[str, Any], *, supplied: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> None:
+    """ConfigError for a ``[monitor.<hook>]`` key that neither the hook's constructor (its signature, less
+    what the builder or the Monitor ``supplied``: objects, not TOML values) nor the builder (``extra``)
+    takes, listing the valid keys."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted({"enabled", *extra, *(n for n in params if n not in supplied)})
+    bad = sorted(set(opts) - set(valid))
+    if bad:
+        raise ConfigError(f"[monitor.{hook}]: unknown key(s) {bad}; valid keys are: {', '.join(valid)}.")
+
+
+def _count_option(hook: str, opts: dict[str, Any], key: str, default: int) -> int:
+    """Pop a builder's own option that counts sequences: a positive integer, or a ConfigError naming it."""
+    value = opts.pop(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"[monitor.{hook}] {key} must be a positive integer, got {value!r}.")
+    return value
+
+
 def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
     "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
@@ -40,6 +64,7 @@ def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, co
     Tokens per example come from each step's ``train/seq_len``; the DDP wrapper from the Monitor."""
     from hooks.gradient_noise import GradientNoiseScale
 
+    _check_options("gns", GradientNoiseScale, opts, supplied=("ddp_model", "process_group", "grad_scale"))
     try:
         return GradientNoiseScale(**opts)
     except ValueError as e:
@@ -72,8 +97,10 @@ def build_representation_probe(opts: dict[str, Any], cfg: TrainConfig, model, co
     to the run store found on the Monitor's sink."""
     from hooks.representation import RepresentationProbe
 
+    _check_options("representation", RepresentationProbe, opts, supplied=("probe_batch", "writer", "model"),
+                   extra=("probe_sequences",))
     opts = dict(opts)
-    n_seq = int(opts.pop("probe_sequences", 4))
+    n_seq = _count_option("representation", opts, "probe_sequences", 4)
     probe = {d: (b.x, b.y) for d, b in _probe_batches("representation", cfg, corpus, n_seq).items()}
     if not probe:
         raise ConfigError("[monitor.representation]: no domain has enough validation tokens for a probe batch.")
@@ -102,8 +129,10 @@ def build_difficulty_tracker(opts: dict[str, Any], cfg: TrainConfig, model, corp
 
     from hooks.difficulty import DifficultyTracker
 
+    _check_options("difficulty", DifficultyTracker, opts, supplied=("domain_names", "probe", "reference", "writer", "save_fn"),
+                   extra=("probe_size", "reference_checkpoint"))
     opts = dict(opts)
-    probe_size = int(opts.pop("probe_size", 16))
+    probe_size = _count_option("difficulty", opts, "probe_size", 16)
     ref_path = opts.pop("reference_checkpoint", None)
     probe = {d: torch.cat([b.x, b.y[:, -1:]], dim=1)  # (N, T+1) token ids
              for d, b in _probe_batches("difficulty", cfg, corpus, probe_size).items()}

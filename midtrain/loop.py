@@ -184,6 +184,7 @@ def _data_and_model_config(cfg: TrainConfig, corpus, world: int):
         corpus = data_mod.default_corpus() if not cfg.data.path else data_mod.load_corpus(cfg.data.path, val_fraction=cfg.data.val_fraction)
     mcfg = model_config(cfg, corpus.vocab_size)
     cfg.validate(domains=list(corpus.names()), max_seq_len=mcfg.block_size)
+    data_mod.check_phases(corpus, cfg.phases)
     for p in cfg.phases:
         micro_global = p.batch_size // p.grad_accum
         if micro_global % world:
@@ -493,6 +494,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     rank, world, device = _set_up_processes(cfg)
     master = rank == 0
     corpus, mcfg = _data_and_model_config(cfg, corpus, world)
+    val = _val_batches(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
     total = cfg.total_steps()
     start = _plan_start(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step,
                         until_step=until_step, world=world)
@@ -512,7 +514,6 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     if start.ckpt is not None and start.ckpt.get("monitor"):
         monitor.load_state_dict(start.ckpt["monitor"])
 
-    val = _val_batches(cfg, corpus)
     bar = Progress(total, start.step, cfg.log_every, enabled=progress and master)
     phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
