@@ -228,6 +228,8 @@ def cmd_recommend(args) -> int:
     from diagnostics.recommend import RecommendationError, batch_size_recommendation, lr_decay_recommendation
     from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
+    if args.write_config and not os.path.isdir(os.path.dirname(os.path.abspath(args.write_config))):
+        return _fail(f"--write-config {args.write_config}: its directory does not exist; nothing was written.")
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
     makers = {
@@ -271,8 +273,10 @@ def cmd_recommend(args) -> int:
         for r in patched:  # every patch, in order (they touch different keys)
             cfg = cfg.with_patch(r.patch)
         cfg.validate()
-        with open(args.write_config, "w") as f:
-            f.write(dumps_toml(cfg))
+        try:
+            atomic_write(args.write_config, dumps_toml(cfg))
+        except OSError as e:
+            return _fail(f"cannot write {args.write_config}: {e.strerror or e}.")
         last = min(r.branch_step for r in patched)
         ckpts = [s for s, _ in run.checkpoints()]
         step = max([s for s in ckpts if s <= last] or [min(ckpts or [0])])

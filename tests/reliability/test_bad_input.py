@@ -95,6 +95,16 @@ def test_config_dump_into_a_missing_directory(tmp_path, monkeypatch, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_recommend_write_config_into_a_missing_directory(tmp_path, capsys):
+    """Refused before anything is written (it was a traceback after recommendations.json was saved)."""
+    out = tmp_path / "run"
+    assert train_cli(write_config(tmp_path / "c.toml", micro_dict()), out) == 0
+    capsys.readouterr()
+    rc = main(["recommend", str(out), "--write-config", str(tmp_path / "missing_dir" / "rec.toml")])
+    assert_refused(rc, capsys.readouterr().err, "missing_dir", "--write-config")
+    assert not (out / "recommendations.json").exists() and not (tmp_path / "missing_dir").exists()
+
+
 # -- wrong values accepted silently ----------------------------------------------------------------
 
 @pytest.mark.parametrize("d, needles", [
