@@ -171,7 +171,7 @@ def _mapping(out: Any) -> dict[str, Any]:
     return dict(out)
 
 
-def _unique_names(hooks: list[Hook]) -> list[Hook]:
+def unique_hook_names(hooks: list[Hook]) -> list[Hook]:
     """``hooks``, each with a name no other has (module docstring, "Hook names are unique"): hooks that
     keep their class's name are numbered in list order (the first keeps it, then ``_2``, ``_3``, ...);
     other names set twice, and a hook object passed twice, are a ValueError."""
@@ -219,7 +219,7 @@ class Monitor:
                  strict: bool = False, enabled: bool = True, ddp_model=None):
         self.model = model
         self.ddp_model = ddp_model
-        self.hooks: list[Hook] = _unique_names(list(hooks))  # before anything is written
+        self.hooks: list[Hook] = unique_hook_names(list(hooks))  # before anything is written
         self.strict = strict
         self.enabled = enabled
         self.sinks: list[Sink] = list(sinks) if sinks is not None else []

@@ -17,7 +17,7 @@ import os
 import warnings
 from typing import Any, Callable
 
-from hooks.monitor import Hook
+from hooks.monitor import Hook, unique_hook_names
 from midtrain.checkpoint import load_reference_model
 from midtrain.config import ConfigError, MonitorSection, TrainConfig
 
@@ -55,6 +55,15 @@ def _count_option(hook: str, opts: dict[str, Any], key: str, default: int) -> in
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"[monitor.{hook}] {key} must be a positive integer, got {value!r}.")
     return value
+
+
+def named_hooks(hooks: list[Hook]) -> list[Hook]:
+    """A user's hook list with unique names (``hooks.monitor.unique_hook_names``), or a ConfigError
+    naming the duplicates, before the run directory is written."""
+    try:
+        return unique_hook_names(list(hooks))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:

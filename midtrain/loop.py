@@ -49,7 +49,7 @@ from midtrain._lock import RunLock
 from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
                                  restore_checkpoint, save_checkpoint)
 from midtrain.config import ConfigError, TrainConfig
-from midtrain.hookset import build_hooks
+from midtrain.hookset import build_hooks, named_hooks
 from midtrain.model import GPT, GPTConfig
 
 
@@ -503,8 +503,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     model, optimizer = _build_model(cfg, mcfg, device, start, branch=parent is not None)
     dtype, autocast = _precision(cfg, device)
     fwd_model = _forward_model(model, cfg, device, world)
-    if hooks is None:  # built before the run store: a bad [monitor.<hook>] option touches no disk
-        hooks = build_hooks(cfg, model, corpus)
+    # before the run store: a bad [monitor.<hook>] option or two hooks of one name touch no disk
+    hooks = build_hooks(cfg, model, corpus) if hooks is None else named_hooks(hooks)
     # wandb first: a bad [wandb] (not installed, no API key online) stops here, before run.json
     extra_sinks = [_wandb_sink(cfg, out_dir)] if master and cfg.wandb_enabled() else []
     writer = _open_run_store(cfg, out_dir, start, resume=resume, parent=parent, parent_step=parent_step, model=model,

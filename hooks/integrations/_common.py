@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterable
 
-from hooks.monitor import Monitor, _unique_names
+from hooks.monitor import Monitor, unique_hook_names
 
 
 def missing(framework: str, extra: str, packages: str, err: Exception) -> ImportError:
@@ -24,7 +24,7 @@ class AdapterBase:
 
     def __init__(self, hooks: Iterable = (), run_dir=None, sinks=None, strict: bool = False,
                  ids_key: str | None = "ids", domains_key: str | None = "domains"):
-        self.hooks = _unique_names(list(hooks))  # duplicate names refused here, not at train start
+        self.hooks = unique_hook_names(list(hooks))  # duplicate names refused here, not at train start
         self.run_dir, self.sinks, self.strict = run_dir, sinks, strict
         self.ids_key, self.domains_key = ids_key, domains_key
         self.monitor: Monitor | None = None

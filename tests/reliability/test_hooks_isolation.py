@@ -239,6 +239,20 @@ def test_duplicate_explicit_names_are_refused(tmp_path):
         Monitor(None, [h, h], sinks=[MemorySink()])
 
 
+def test_built_in_loop_refuses_duplicate_names_before_writing(tmp_path):
+    """train(hooks=[...]) with two hooks of one explicit name: a ConfigError and no run directory (the
+    Monitor is built after the run store, so the loop checks the names first)."""
+    from midtrain.config import ConfigError
+    from midtrain.loop import train
+    from tests.midtrain.conftest import micro_config
+
+    a, b = Counting(), Counting()
+    a.name = b.name = "mine"
+    with pytest.raises(ConfigError, match="'mine'"):
+        train(micro_config(steps=(2, 1, 1)), str(tmp_path / "r"), hooks=[a, b], progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_framework_adapters_refuse_duplicate_names_when_built():
     """The adapters build their Monitor at train start, inside their own isolation: they check first."""
     from hooks import GradientNoiseScale
