@@ -282,13 +282,15 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from midtrain.sweep import parse_batch_sizes, plan_sweep, run_sweep
+    from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
     plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
-                       steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals)
+                       steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals,
+                       lr_scaling=args.lr_scaling, lr_grid=parse_lr_grid(args.lr_grid))
     for p in plans:
-        print(f"branch bs{p.batch_size}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
-              f"eval every {p.config.eval_every} -> {p.out}")
+        lr = p.config.phase_at(args.step)[1].lr
+        print(f"branch {os.path.basename(p.out)}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
+              f"lr {lr:.3g}, eval every {p.config.eval_every} -> {p.out}")
     run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
     print(f"next: midtrain recommend {args.run_dir} --branches " + " ".join(p.out for p in plans))
     return 0
@@ -378,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--phase", help="without --tokens/--steps: train the tokens the parent spends up to the end of "
                    "this phase (default: the phase containing --step)")
     w.add_argument("--evals", type=int, default=20, help="validation evaluations per branch (default 20)")
+    w.add_argument("--lr-scaling", choices=["sqrt", "none"], default="sqrt", help="LR at batch k x B: sqrt "
+                   "multiplies each changed phase's lr and final_lr by sqrt(k) (default; the Adam rule, a fair "
+                   "sweep), none keeps the parent's LR")
+    w.add_argument("--lr-grid", metavar="M1,M2,...", help="LR multipliers on top of the scaling, one branch per "
+                   "batch and multiplier (OUT_PREFIX/bs<B>-lr<M>), e.g. 0.5,1,2; the fit keeps the best per batch")
     w.add_argument("--out-prefix", help="folder for the branches (default RUN-sweep<STEP>)")
     w.add_argument("--quiet", action="store_true", help="no progress line")
     w.set_defaults(func=cmd_sweep)
