@@ -243,6 +243,18 @@ def cmd_recommend(args) -> int:
             recs.append(make())
         except RecommendationError as e:
             unavailable[name] = str(e)
+    if args.branches:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
+        from diagnostics.recommend import combined_batch_recommendation
+
+        by = {r.name: r for r in recs}
+        try:
+            one = combined_batch_recommendation(run, *(by.get(n) or unavailable[n] for n in
+                                                       ("batch_size", "critical_batch_size")))
+            recs = [r for r in recs if r.name != "batch_size"]
+            recs.insert(0, one)
+            unavailable.pop("batch_size", None)
+        except RecommendationError as e:
+            unavailable["batch_size"] = str(e)
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
     else:

@@ -22,12 +22,12 @@ import math
 import os
 from dataclasses import dataclass
 
+from diagnostics.recommend import LR_SCALINGS, rescale_phase
+from diagnostics.recommend import lr_factor as _lr_factor
 from midtrain.config import ConfigError, TrainConfig
 
 __all__ = ["BranchPlan", "plan_sweep", "run_sweep", "parse_batch_sizes", "parse_lr_grid", "lr_factor",
            "LR_SCALINGS"]
-
-LR_SCALINGS = ("sqrt", "none")
 
 
 @dataclass
@@ -68,9 +68,10 @@ def parse_lr_grid(text: str | None) -> list[float]:
 def lr_factor(batch: int, parent_batch: int, scaling: str = "sqrt") -> float:
     """The LR multiplier for batch ``batch`` in a phase the parent ran at ``parent_batch``: sqrt(k),
     k = batch / parent_batch (``"sqrt"``, Adam-type optimisers), or 1 (``"none"``)."""
-    if scaling not in LR_SCALINGS:
-        raise ConfigError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}.")
-    return math.sqrt(batch / parent_batch) if scaling == "sqrt" else 1.0
+    try:
+        return _lr_factor(batch, parent_batch, scaling)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _accum_for(batch: int, accum: int) -> int:
@@ -84,17 +85,13 @@ def _branch_config(cfg: TrainConfig, step: int, batch: int, lr_scaling: str = "s
     starts = cfg.phase_starts()
     pi, phase, t = cfg.phase_at(step)
     d = cfg.to_dict()
+    lr_factor(batch, batch, lr_scaling)   # an unknown scaling is a ConfigError
     for i, p in enumerate(cfg.phases):
         if i < pi or p.seq_len != phase.seq_len:
             continue
-        n = p.num_steps()
-        left = (n - t if i == pi else n) * p.batch_size * p.seq_len   # tokens the parent spends there
-        q = d["phases"][i]
-        q["batch_size"], q["grad_accum"] = batch, _accum_for(batch, p.grad_accum)
-        q["tokens"] = None
-        q["steps"] = (t if i == pi else 0) + max(1, math.ceil(left / (batch * p.seq_len)))
-        f = lr_factor(batch, p.batch_size, lr_scaling) * lr_multiplier
-        q["lr"], q["final_lr"] = p.lr * f, p.final_lr * f
+        d["phases"][i].update(rescale_phase(d["phases"][i], batch, _accum_for(batch, p.grad_accum),
+                                            done=t if i == pi else 0, lr_scaling=lr_scaling,
+                                            lr_multiplier=lr_multiplier))
     out = TrainConfig.from_dict(d)
     assert out.phase_starts()[: pi + 1] == starts[: pi + 1]
     return out

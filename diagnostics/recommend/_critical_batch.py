@@ -83,6 +83,14 @@ def branch_curve(run, parent=None, domain: str | None = None) -> tuple[int, int,
     return start, _branch_batch(run, start), steps, loss
 
 
+def _phase_of(run, step: int) -> tuple[str | None, int | None]:
+    """(phase name, seq_len) of the phase holding ``step`` in a run of the built-in loop, else Nones."""
+    for name, s0, e0, p in _phase_table(run):
+        if s0 <= step < e0:
+            return name, (int(p["seq_len"]) if p.get("seq_len") else None)
+    return None, None
+
+
 def _phase_lr(run, step: int) -> float | None:
     for _, s0, e0, p in _phase_table(run):
         if s0 <= step < e0 and p.get("lr"):
@@ -173,7 +181,9 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
         pcfg = next((p for _, s0, e0, p in _phase_table(parent_run) if s0 <= start < e0), {})
     world = int((getattr(parent_run, "info", None) or {}).get("world_size") or 1) if pcfg else 1
     value, _, _ = _runnable_batch(fit.b_crit, pcfg, float(pcfg.get("batch_size") or 1), world, 1.0)
+    name, seq_len = _phase_of(branch_runs[0], start)
     evidence: dict[str, Any] = {
+        "phase": name, "seq_len": seq_len,               # which phase and sequence length the answer holds for
         "branch point": f"step {start} of {getattr(parent_run, 'path', 'the parent')}",
         "target validation loss": tgt if domain is None else f"{tgt:.4g} ({domain})",
         "S_min (steps)": fit.s_min, "E_min (sequences)": fit.e_min,
@@ -193,7 +203,8 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
             evidence["B_crit / B_simple"] = fit.b_crit / gns if gns > 0 else math.nan
         except RecommendationError as e:
             evidence["parent's gradient noise scale"] = f"not available ({str(e)[:80]}...)"
-    summary = (f"branches at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
+    where = (f" from phase {name!r}" if name else "") + (f" at seq_len {seq_len}" if seq_len else "")
+    summary = (f"branches{where} at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
                f"examples that fit B_crit = E_min/S_min = {_fmt(fit.b_crit)} sequences"
                + (f" ({_fmt(fit.b_crit / gns)}x the parent's noise scale)" if gns and gns > 0 else "")
                + f"; {value} is the nearest batch the parent's micro-batch can run.")
@@ -214,5 +225,6 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
             "the range is the spread over targets and leave-one-branch-out refits, not a coverage interval",
         ],
         would_change=["more branches or longer branches (lower targets)", "an LR tuned per batch size"],
-        check="compare with `midtrain recommend PARENT` (the GNS batch size); rerun the sweep later in training")
+        check="compare with `midtrain recommend PARENT` (the GNS batch size); rerun the sweep later in training",
+        branch_step=start)
 

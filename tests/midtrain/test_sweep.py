@@ -99,6 +99,16 @@ def test_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["recommend", parent, "--branches", f"{prefix}/bs4", f"{prefix}/bs16", "--json"])
     doc = json.loads(capsys.readouterr().out)
+    # ONE batch answer (the combined rule), naming the phase and sequence length it holds for
+    batch = [r for r in doc["recommendations"] if r["name"] == "batch_size"]
+    assert len(batch) + ("batch_size" in doc["not_available"]) == 1
+    if batch:
+        ev = batch[0]["evidence"]
+        assert ev["phase"] == "pretrain" and ev["seq_len"] == 32 and ev["follows"] and ev["why"]
+        assert "phase 'pretrain' at seq_len 32" in batch[0]["summary"]
+        if ev["follows"].startswith("the branches") and batch[0]["patch"]:
+            p0 = batch[0]["patch"]["phases"]["pretrain"]     # the branch the sweep trains at that batch
+            assert p0["lr"] == pytest.approx(3e-3 * (p0["batch_size"] / 8) ** 0.5)
     names = [r["name"] for r in doc["recommendations"]] + list(doc["not_available"])
     assert "critical_batch_size" in names   # a fit, or a clear reason on these few noisy steps
     if "critical_batch_size" in doc["not_available"]:
