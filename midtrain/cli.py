@@ -223,7 +223,8 @@ def cmd_recommend(args) -> int:
     import json
     import time
 
-    from diagnostics.recommend import RecommendationError, batch_size_recommendation, lr_decay_recommendation
+    from diagnostics.recommend import (RecommendationError, batch_schedule_recommendation, batch_size_recommendation,
+                                       lr_decay_recommendation)
     from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
     run = load_run(args.run_dir)
@@ -231,6 +232,7 @@ def cmd_recommend(args) -> int:
     makers = {
         "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
         "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
+        "batch_schedule": lambda: batch_schedule_recommendation(run),
     }
     if args.branches:
         from diagnostics.recommend import critical_batch_recommendation
@@ -274,7 +276,7 @@ def cmd_recommend(args) -> int:
     if args.write_config:
         from midtrain.config import ConfigError, TrainConfig, dumps_toml
 
-        patched = [r for r in recs if r.patch]
+        patched = [r for r in recs if r.patch and r.name != "batch_schedule"]  # it replaces the phase list
         if not patched:
             raise ConfigError("this run has no built-in loop config to patch (not a `midtrain train` run).")
         cfg = TrainConfig.from_dict(run.config)

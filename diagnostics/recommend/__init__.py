@@ -10,6 +10,8 @@
     _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
     _batch_choice    ``combined_batch_recommendation``: one batch answer from the noise scale and the
                      branches, saying which it follows and why
+    _batch_schedule  ``batch_schedule_recommendation``: a batch-size ramp from the noise scale's growth
+                     against tokens, as a phase list split at the switch points
 
 One module per recommendation; each imports only ``_common`` and the families it builds on
 (``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
@@ -21,6 +23,7 @@ its own family, so there is no import cycle::
 """
 
 from diagnostics.recommend._batch_choice import combined_batch_recommendation
+from diagnostics.recommend._batch_schedule import batch_schedule_recommendation, ramp_points
 from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Recommendation, RecommendationError,
                                            lr_factor, rescale_phase, skipped_steps)
@@ -30,5 +33,6 @@ from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
 __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS", "lr_factor",
            "rescale_phase", "batch_size_recommendation", "lr_decay_recommendation",
-           "candidate_decays", "critical_batch_recommendation", "combined_batch_recommendation", "steps_to_target", "branch_curve",
+           "candidate_decays", "critical_batch_recommendation", "combined_batch_recommendation",
+           "batch_schedule_recommendation", "ramp_points", "steps_to_target", "branch_curve",
            "block_bootstrap_ratio", "moving_block_indices"]

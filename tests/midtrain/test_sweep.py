@@ -99,6 +99,9 @@ def test_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["recommend", parent, "--branches", f"{prefix}/bs4", f"{prefix}/bs16", "--json"])
     doc = json.loads(capsys.readouterr().out)
+    # the ramp is listed: made, or why not and the command that would make it possible
+    sched = [r for r in doc["recommendations"] if r["name"] == "batch_schedule"]
+    assert sched or "`midtrain recommend RUN" in doc["not_available"]["batch_schedule"]
     # ONE batch answer (the combined rule), naming the phase and sequence length it holds for
     batch = [r for r in doc["recommendations"] if r["name"] == "batch_size"]
     assert len(batch) + ("batch_size" in doc["not_available"]) == 1
