@@ -225,7 +225,8 @@ def cmd_recommend(args) -> int:
     import json
     import time
 
-    from diagnostics.recommend import RecommendationError, batch_size_recommendation, lr_decay_recommendation
+    from diagnostics.recommend import (RecommendationError, batch_schedule_recommendation, batch_size_recommendation,
+                                       lr_decay_recommendation)
     from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
     if args.write_config and not os.path.isdir(os.path.dirname(os.path.abspath(args.write_config))):
@@ -235,6 +236,7 @@ def cmd_recommend(args) -> int:
     makers = {
         "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
         "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
+        "batch_schedule": lambda: batch_schedule_recommendation(run),
     }
     if args.branches:
         from diagnostics.recommend import critical_batch_recommendation
@@ -247,6 +249,18 @@ def cmd_recommend(args) -> int:
             recs.append(make())
         except RecommendationError as e:
             unavailable[name] = str(e)
+    if args.branches:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
+        from diagnostics.recommend import combined_batch_recommendation
+
+        by = {r.name: r for r in recs}
+        try:
+            one = combined_batch_recommendation(run, *(by.get(n) or unavailable[n] for n in
+                                                       ("batch_size", "critical_batch_size")))
+            recs = [r for r in recs if r.name != "batch_size"]
+            recs.insert(0, one)
+            unavailable.pop("batch_size", None)
+        except RecommendationError as e:
+            unavailable["batch_size"] = str(e)
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
     else:
@@ -266,7 +280,7 @@ def cmd_recommend(args) -> int:
     if args.write_config:
         from midtrain.config import ConfigError, TrainConfig, dumps_toml
 
-        patched = [r for r in recs if r.patch]
+        patched = [r for r in recs if r.patch and r.name != "batch_schedule"]  # it replaces the phase list
         if not patched:
             raise ConfigError("this run has no built-in loop config to patch (not a `midtrain train` run).")
         cfg = TrainConfig.from_dict(run.config)
@@ -288,13 +302,15 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from midtrain.sweep import parse_batch_sizes, plan_sweep, run_sweep
+    from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
     plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
-                       steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals)
+                       steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals,
+                       lr_scaling=args.lr_scaling, lr_grid=parse_lr_grid(args.lr_grid))
     for p in plans:
-        print(f"branch bs{p.batch_size}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
-              f"eval every {p.config.eval_every} -> {p.out}")
+        lr = p.config.phase_at(args.step)[1].lr
+        print(f"branch {os.path.basename(p.out)}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
+              f"lr {lr:.3g}, eval every {p.config.eval_every} -> {p.out}")
     run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
     print(f"next: midtrain recommend {args.run_dir} --branches " + " ".join(p.out for p in plans))
     return 0
@@ -388,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--phase", help="without --tokens/--steps: train the tokens the parent spends up to the end of "
                    "this phase (default: the phase containing --step)")
     w.add_argument("--evals", type=int, default=20, help="validation evaluations per branch (default 20)")
+    w.add_argument("--lr-scaling", choices=["sqrt", "none"], default="sqrt", help="LR at batch k x B: sqrt "
+                   "multiplies each changed phase's lr and final_lr by sqrt(k) (default; the Adam rule, a fair "
+                   "sweep), none keeps the parent's LR")
+    w.add_argument("--lr-grid", metavar="M1,M2,...", help="LR multipliers on top of the scaling, one branch per "
+                   "batch and multiplier (OUT_PREFIX/bs<B>-lr<M>), e.g. 0.5,1,2; the fit keeps the best per batch")
     w.add_argument("--out-prefix", help="folder for the branches (default RUN-sweep<STEP>)")
     w.add_argument("--quiet", action="store_true", help="no progress line")
     w.set_defaults(func=cmd_sweep)

@@ -321,8 +321,12 @@ class TrainConfig:
 
     def with_patch(self, patch: dict[str, Any]) -> "TrainConfig":
         """A copy with a recommendation's patch applied (``diagnostics.recommend``):
-        ``{"phases": {phase name: {key: value}}}`` and top-level ``{key: value}``."""
+        ``{"phases": {phase name: {key: value}}}`` and top-level ``{key: value}``; ``{"phases": [tables]}``
+        replaces the whole phase list (a batch-size ramp splits phases)."""
         d = self.to_dict()
+        if isinstance(patch.get("phases"), list):
+            d["phases"] = [dict(p) for p in patch["phases"]]
+            patch = {k: v for k, v in patch.items() if k != "phases"}
         for k, v in patch.items():
             if k != "phases":
                 if k not in d:

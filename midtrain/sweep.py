@@ -22,9 +22,12 @@ import math
 import os
 from dataclasses import dataclass
 
+from diagnostics.recommend import LR_SCALINGS, rescale_phase
+from diagnostics.recommend import lr_factor as _lr_factor
 from midtrain.config import ConfigError, TrainConfig
 
-__all__ = ["BranchPlan", "plan_sweep", "run_sweep", "parse_batch_sizes"]
+__all__ = ["BranchPlan", "plan_sweep", "run_sweep", "parse_batch_sizes", "parse_lr_grid", "lr_factor",
+           "LR_SCALINGS"]
 
 
 @dataclass
@@ -35,6 +38,7 @@ class BranchPlan:
     until_step: int | None      # None: run the branch config to its end
     steps: int                  # optimizer steps after the branch point
     tokens: int                 # tokens those steps see
+    lr_multiplier: float = 1.0  # the grid multiplier on top of the LR scaling
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -47,25 +51,47 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+def parse_lr_grid(text: str | None) -> list[float]:
+    """``--lr-grid 0.5,1,2``: distinct positive LR multipliers (sorted); None or empty: [1.0]."""
+    if text is None:
+        return [1.0]
+    try:
+        grid = [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--lr-grid must be comma-separated positive numbers (LR multipliers), e.g. 0.5,1,2; "
+                          f"got {text!r}.") from None
+    if not grid or any(not (m > 0 and math.isfinite(m)) for m in grid) or len(set(grid)) != len(grid):
+        raise ConfigError(f"--lr-grid needs distinct positive finite LR multipliers, e.g. 0.5,1,2; got {text!r}.")
+    return sorted(grid)
+
+
+def lr_factor(batch: int, parent_batch: int, scaling: str = "sqrt") -> float:
+    """The LR multiplier for batch ``batch`` in a phase the parent ran at ``parent_batch``: sqrt(k),
+    k = batch / parent_batch (``"sqrt"``, Adam-type optimisers), or 1 (``"none"``)."""
+    try:
+        return _lr_factor(batch, parent_batch, scaling)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _accum_for(batch: int, accum: int) -> int:
     if batch % accum == 0:
         return accum
     return max(d for d in range(1, min(accum, batch) + 1) if batch % d == 0)
 
 
-def _branch_config(cfg: TrainConfig, step: int, batch: int) -> TrainConfig:
+def _branch_config(cfg: TrainConfig, step: int, batch: int, lr_scaling: str = "sqrt",
+                   lr_multiplier: float = 1.0) -> TrainConfig:
     starts = cfg.phase_starts()
     pi, phase, t = cfg.phase_at(step)
     d = cfg.to_dict()
+    lr_factor(batch, batch, lr_scaling)   # an unknown scaling is a ConfigError
     for i, p in enumerate(cfg.phases):
         if i < pi or p.seq_len != phase.seq_len:
             continue
-        n = p.num_steps()
-        left = (n - t if i == pi else n) * p.batch_size * p.seq_len   # tokens the parent spends there
-        q = d["phases"][i]
-        q["batch_size"], q["grad_accum"] = batch, _accum_for(batch, p.grad_accum)
-        q["tokens"] = None
-        q["steps"] = (t if i == pi else 0) + max(1, math.ceil(left / (batch * p.seq_len)))
+        d["phases"][i].update(rescale_phase(d["phases"][i], batch, _accum_for(batch, p.grad_accum),
+                                            done=t if i == pi else 0, lr_scaling=lr_scaling,
+                                            lr_multiplier=lr_multiplier))
     out = TrainConfig.from_dict(d)
     assert out.phase_starts()[: pi + 1] == starts[: pi + 1]
     return out
@@ -89,14 +115,16 @@ def _eval_every(step: int, n: int, evals: int) -> int:
 
 def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | None = None,
                steps: int | None = None, phase: str | None = None, out_prefix: str | None = None,
-               evals: int = 20) -> list[BranchPlan]:
+               evals: int = 20, lr_scaling: str = "sqrt", lr_grid: list[float] | None = None) -> list[BranchPlan]:
     """Check everything and plan the branches; writes nothing. Raises ConfigError / RunDirError.
 
     tokens: tokens each branch trains after ``step``; steps: the tokens the PARENT spends in that many
     steps from ``step``; neither: the tokens the parent spends from ``step`` to the end of ``phase``
     (default: the phase containing ``step``).
+    lr_scaling: ``"sqrt"`` (default) scales each changed phase's LR by sqrt(B / its batch); ``"none"``
+    keeps the parent's. lr_grid: LR multipliers on top (one branch per batch and multiplier).
     """
-    from diagnostics.runs import RUN_JSON, RunDirError, load_run
+    from diagnostics.runs import load_run
 
     if tokens is not None and steps is not None:
         raise ConfigError("give --tokens or --steps, not both.")
@@ -104,6 +132,10 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
         raise ConfigError("--tokens / --steps must be positive and evals at least 2.")
     if len(batch_sizes) < 2 or len(set(batch_sizes)) != len(batch_sizes) or min(batch_sizes) <= 0:
         raise ConfigError(f"a sweep needs at least 2 different positive batch sizes, got {batch_sizes}.")
+    grid = sorted(lr_grid) if lr_grid else [1.0]
+    if any(not (m > 0 and math.isfinite(m)) for m in grid) or len(set(grid)) != len(grid):
+        raise ConfigError(f"the LR grid needs distinct positive multipliers, got {lr_grid}.")
+    lr_factor(1, 1, lr_scaling)   # an unknown scaling is refused before anything is read
     run = load_run(parent)
     ckpts = [s for s, _ in run.checkpoints()]
     if step not in ckpts:
@@ -126,27 +158,37 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     prefix = out_prefix or (str(parent).rstrip("/") + f"-sweep{step}")
     plans = []
     for b in sorted(batch_sizes):
-        out = os.path.join(prefix, f"bs{b}")
-        if os.path.exists(os.path.join(out, RUN_JSON)) or (os.path.isdir(out) and os.listdir(out)):
-            raise RunDirError(f"{out} already exists; a sweep writes new run directories only. Choose another "
-                              "--out-prefix. Nothing was written.")
-        bcfg = _branch_config(cfg, step, b)
-        n = _steps_for_tokens(bcfg, step, tokens)
-        total = bcfg.total_steps()
-        if step + n > total:
-            raise ConfigError(
-                f"at batch {b} the branch needs {n} steps after step {step} for {tokens} tokens, but the "
-                f"schedule ends at step {total}; ask for fewer --tokens / --steps. Nothing was written.")
-        e = _eval_every(step, n, evals)
-        n = min(-(-n // e) * e if step % e == 0 else n, total - step)   # end on an eval step
-        bcfg.eval_every = e
-        bcfg.checkpoint_every = max(bcfg.checkpoint_every, n + 1)       # no checkpoints mid-branch
-        # the loop also evaluates the final state of a run stopped by until_step (at step step + n)
-        until = None if step + n >= total else step + n
-        bcfg.validate()
-        seen = sum(bcfg.phase_at(k)[1].batch_size * bcfg.phase_at(k)[1].seq_len for k in range(step, step + n))
-        plans.append(BranchPlan(batch_size=b, out=out, config=bcfg, until_step=until, steps=n, tokens=seen))
+        for m in grid:
+            name = f"bs{b}" if len(grid) == 1 else f"bs{b}-lr{m:g}"
+            plans.append(_plan_branch(cfg, step, b, tokens, evals, os.path.join(prefix, name), lr_scaling, m))
     return plans
+
+
+def _plan_branch(cfg: TrainConfig, step: int, b: int, tokens: int, evals: int, out: str, lr_scaling: str,
+                 m: float) -> BranchPlan:
+    """One branch at batch ``b`` and LR multiplier ``m``: checked and planned, nothing written."""
+    from diagnostics.runs import RUN_JSON, RunDirError
+
+    if os.path.exists(os.path.join(out, RUN_JSON)) or (os.path.isdir(out) and os.listdir(out)):
+        raise RunDirError(f"{out} already exists; a sweep writes new run directories only. Choose another "
+                          "--out-prefix. Nothing was written.")
+    bcfg = _branch_config(cfg, step, b, lr_scaling, m)
+    n = _steps_for_tokens(bcfg, step, tokens)
+    total = bcfg.total_steps()
+    if step + n > total:
+        raise ConfigError(
+            f"at batch {b} the branch needs {n} steps after step {step} for {tokens} tokens, but the "
+            f"schedule ends at step {total}; ask for fewer --tokens / --steps. Nothing was written.")
+    e = _eval_every(step, n, evals)
+    n = min(-(-n // e) * e if step % e == 0 else n, total - step)   # end on an eval step
+    bcfg.eval_every = e
+    bcfg.checkpoint_every = max(bcfg.checkpoint_every, n + 1)       # no checkpoints mid-branch
+    # the loop also evaluates the final state of a run stopped by until_step (at step step + n)
+    until = None if step + n >= total else step + n
+    bcfg.validate()
+    seen = sum(bcfg.phase_at(k)[1].batch_size * bcfg.phase_at(k)[1].seq_len for k in range(step, step + n))
+    return BranchPlan(batch_size=b, out=out, config=bcfg, until_step=until, steps=n, tokens=seen,
+                      lr_multiplier=m)
 
 
 def run_sweep(parent: str, step: int, plans: list[BranchPlan], *, progress: bool = False, corpus=None,

@@ -8,6 +8,10 @@
     _batch_size      ``batch_size_recommendation``: the batch size the gradient noise scale points to
     _lr_decay        ``lr_decay_recommendation``: when to start the LR decay, from the annealing law
     _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
+    _batch_choice    ``combined_batch_recommendation``: one batch answer from the noise scale and the
+                     branches, saying which it follows and why
+    _batch_schedule  ``batch_schedule_recommendation``: a batch-size ramp from the noise scale's growth
+                     against tokens, as a phase list split at the switch points
 
 One module per recommendation; each imports only ``_common`` and the families it builds on
 (``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
@@ -18,12 +22,17 @@ its own family, so there is no import cycle::
     print(batch_size_recommendation(load_run("runs/a")).to_text())
 """
 
+from diagnostics.recommend._batch_choice import combined_batch_recommendation
+from diagnostics.recommend._batch_schedule import batch_schedule_recommendation, ramp_points
 from diagnostics.recommend._batch_size import batch_size_recommendation
-from diagnostics.recommend._common import MAX_SKIPPED_FRACTION, Recommendation, RecommendationError, skipped_steps
+from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Recommendation, RecommendationError,
+                                           lr_factor, rescale_phase, skipped_steps)
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
-__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "batch_size_recommendation", "lr_decay_recommendation",
-           "candidate_decays", "critical_batch_recommendation", "steps_to_target", "branch_curve",
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS", "lr_factor",
+           "rescale_phase", "batch_size_recommendation", "lr_decay_recommendation",
+           "candidate_decays", "critical_batch_recommendation", "combined_batch_recommendation",
+           "batch_schedule_recommendation", "ramp_points", "steps_to_target", "branch_curve",
            "block_bootstrap_ratio", "moving_block_indices"]

@@ -113,6 +113,8 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
     world = int((run.info or {}).get("world_size") or 1) if hasattr(run, "metrics") else 1
     value, accum, micro = _runnable_batch(b_simple, pcfg, current, world, float(np.median(bs)))
     evidence = {
+        "phase": chosen[0] if chosen else None,          # which phase and sequence length the answer holds for
+        "seq_len": int(seq_len) if seq_len else None,
         "steps": f"{int(steps[0])}-{int(steps[-1])} ({len(rows)} measured)" + (f", phase {chosen[0]!r}" if chosen else ""),
         "B_simple (ratio of mean estimates)": b_simple,
         "mean |G|^2 estimate": g_mean,
@@ -151,7 +153,9 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
                  "--config rec.toml --out RUN-bs%d (S: a checkpoint at or before step %d, the state after the "
                  "window); compare its validation loss per token with the parent's, and with branches at "
                  "half and twice the batch" % (value, int(steps[-1]) + 1))
-    summary = (f"measured gradient noise scale B_simple = {_fmt(b_simple)} sequences"
+    where = " in phase %r" % chosen[0] if chosen else ""
+    where += f" at seq_len {int(seq_len)}" if seq_len else ""
+    summary = (f"measured gradient noise scale B_simple = {_fmt(b_simple)} sequences{where}"
                + (f" ({_fmt(b_simple * seq_len)} tokens)" if seq_len else "")
                + f"; the run used {_fmt(current)}. " + _tradeoff_sentence(current, b_simple))
     return Recommendation(name="batch_size", value=float(value), unit="sequences per optimizer step",

@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION"]
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS",
+           "lr_factor", "rescale_phase"]
+
+LR_SCALINGS = ("sqrt", "none")
 
 # a fit refuses a span of steps in which more than this fraction of the updates were skipped
 MAX_SKIPPED_FRACTION = 0.1
@@ -156,3 +159,28 @@ def _check_not_diverged(run, lo: int, hi: int, what: str) -> np.ndarray:
             f"gradients (from step {int(inside[0])}; more than {MAX_SKIPPED_FRACTION:.0%}): the run diverged "
             f"there, and {advice}")
     return skipped
+
+
+def lr_factor(batch: float, phase_batch: float, scaling: str = "sqrt") -> float:
+    """The LR multiplier for running at ``batch`` a phase set for ``phase_batch``: sqrt(k), k = batch /
+    phase_batch (``"sqrt"``: Adam-type optimisers, Malladi et al. 2022; Merrill et al. 2025 branch at
+    k x B with LR x sqrt(k)), or 1 (``"none"``)."""
+    if scaling not in LR_SCALINGS:
+        raise ValueError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}.")
+    return math.sqrt(batch / phase_batch) if scaling == "sqrt" else 1.0
+
+
+def rescale_phase(phase: dict, batch: int, accum: int, *, done: int = 0, lr_scaling: str = "sqrt",
+                  lr_multiplier: float = 1.0) -> dict:
+    """The changes that run a phase (a ``[[phases]]`` table as a dict) at ``batch`` (``grad_accum``
+    ``accum``) from its step ``done`` on, keeping the tokens it spends after ``done``: a step budget
+    ``done + ceil(tokens left / (batch x seq_len))`` (warmup stays in steps), ``lr`` and ``final_lr``
+    x ``lr_factor`` x ``lr_multiplier``. The batch sweep's branches and the batch recommendations'
+    patches are built with it, so a patch equals the branch that tested it."""
+    from diagnostics.schedule import phase_num_steps
+
+    n, old, seq = phase_num_steps(phase), int(phase["batch_size"]), int(phase["seq_len"])
+    f = lr_factor(batch, old, lr_scaling) * lr_multiplier
+    return {"batch_size": int(batch), "grad_accum": int(accum), "tokens": None,
+            "steps": done + max(1, math.ceil((n - done) * old * seq / (batch * seq))),
+            "lr": float(phase["lr"]) * f, "final_lr": float(phase.get("final_lr") or 0.0) * f}

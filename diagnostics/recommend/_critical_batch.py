@@ -10,6 +10,10 @@ scale under Adam far below the critical batch size measured this way.
 Steps to target: the first crossing of L* by the branch's validation-loss curve (mean over domains,
 or one domain), linearly interpolated between evaluation points; the point at S is the branch's own
 evaluation there, else the parent's.
+
+A sweep with an LR grid (``midtrain sweep --lr-grid``) has several branches per batch size; the fit
+keeps, per batch, the one with the lowest final validation loss (all branches of a sweep train the
+same tokens), and the evidence names each branch's LR relative to the parent's.
 """
 
 from __future__ import annotations
@@ -79,6 +83,37 @@ def branch_curve(run, parent=None, domain: str | None = None) -> tuple[int, int,
     return start, _branch_batch(run, start), steps, loss
 
 
+def _phase_of(run, step: int) -> tuple[str | None, int | None]:
+    """(phase name, seq_len) of the phase holding ``step`` in a run of the built-in loop, else Nones."""
+    for name, s0, e0, p in _phase_table(run):
+        if s0 <= step < e0:
+            return name, (int(p["seq_len"]) if p.get("seq_len") else None)
+    return None, None
+
+
+def _phase_lr(run, step: int) -> float | None:
+    for _, s0, e0, p in _phase_table(run):
+        if s0 <= step < e0 and p.get("lr"):
+            return float(p["lr"])
+    return None
+
+
+def _best_per_batch(curves, runs, parent_run):
+    """Per batch size the branch with the lowest final validation loss; (kept curves, notes per batch)."""
+    groups: dict[int, list] = {}
+    for c, r in zip(curves, runs):
+        lr, plr = _phase_lr(r, c[1]), _phase_lr(parent_run, c[1]) if parent_run is not None else None
+        mult = lr / plr if lr and plr else math.nan
+        groups.setdefault(c[0], []).append((float(c[3][-1]), mult, getattr(r, "path", "?"), c))
+    kept, notes = [], {}
+    for b in sorted(groups):
+        g = sorted(groups[b], key=lambda x: x[0])
+        kept.append(g[0][3])
+        lrs = ", ".join(("LR x n/a" if math.isnan(m) else f"LR x {m:.3g}") + f" -> {fl:.4g}" for fl, m, _, _ in g)
+        notes[b] = (g[0][1], f"final validation loss {lrs}" + (f"; kept {g[0][2]}" if len(g) > 1 else ""))
+    return kept, notes
+
+
 def _fit(curves, target):
     S, E, rows = [], [], []
     for b, start, steps, loss in curves:
@@ -107,7 +142,7 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
     branches' starting losses (so every branch starts above every target) and over
     leave-one-branch-out refits.
     """
-    curves = []
+    curves, branch_runs = [], list(branch_runs)
     for r in branch_runs:
         start, b, steps, loss = branch_curve(r, parent_run, domain)
         curves.append((b, start, steps, loss))
@@ -118,6 +153,7 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
         raise RecommendationError("the critical batch needs branches at >= 2 different batch sizes; got "
                                   f"batch sizes {[c[0] for c in curves]}.")
     start = curves[0][1]
+    curves, lr_notes = _best_per_batch(curves, branch_runs, parent_run)
     best = max(float(c[3].min()) for c in curves)
     top = min(float(c[3][0]) for c in curves)
     tgt = best if target is None else float(target)
@@ -145,7 +181,9 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
         pcfg = next((p for _, s0, e0, p in _phase_table(parent_run) if s0 <= start < e0), {})
     world = int((getattr(parent_run, "info", None) or {}).get("world_size") or 1) if pcfg else 1
     value, _, _ = _runnable_batch(fit.b_crit, pcfg, float(pcfg.get("batch_size") or 1), world, 1.0)
+    name, seq_len = _phase_of(branch_runs[0], start)
     evidence: dict[str, Any] = {
+        "phase": name, "seq_len": seq_len,               # which phase and sequence length the answer holds for
         "branch point": f"step {start} of {getattr(parent_run, 'path', 'the parent')}",
         "target validation loss": tgt if domain is None else f"{tgt:.4g} ({domain})",
         "S_min (steps)": fit.s_min, "E_min (sequences)": fit.e_min,
@@ -153,6 +191,10 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
     }
     for b, s, e in sorted(rows):
         evidence[f"batch {b}"] = f"{s:.4g} steps, {e:.4g} sequences to target"
+    for b, (_, note) in lr_notes.items():
+        evidence[f"batch {b} LR (vs the parent's)"] = note
+    mults = [m for m, _ in lr_notes.values() if not math.isnan(m)]
+    fair = None if len(mults) < len(lr_notes) else any(abs(m - 1) > 1e-9 for m in mults)
     gns = None
     if parent_run is not None and hasattr(parent_run, "metrics"):
         try:
@@ -161,7 +203,8 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
             evidence["B_crit / B_simple"] = fit.b_crit / gns if gns > 0 else math.nan
         except RecommendationError as e:
             evidence["parent's gradient noise scale"] = f"not available ({str(e)[:80]}...)"
-    summary = (f"branches at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
+    where = (f" from phase {name!r}" if name else "") + (f" at seq_len {seq_len}" if seq_len else "")
+    summary = (f"branches{where} at batch sizes {sorted({c[0] for c in curves})} reached loss {tgt:.4g} with steps and "
                f"examples that fit B_crit = E_min/S_min = {_fmt(fit.b_crit)} sequences"
                + (f" ({_fmt(fit.b_crit / gns)}x the parent's noise scale)" if gns and gns > 0 else "")
                + f"; {value} is the nearest batch the parent's micro-batch can run.")
@@ -171,10 +214,17 @@ def critical_batch_recommendation(parent_run, branch_runs, *, target: float | No
         assumptions=[
             "the steps/examples trade-off (S/S_min - 1)(E/E_min - 1) = 1 of McCandlish et al. 2018 (eq. 2.11)",
             "one shared target loss; B_crit grows as the loss falls, so it describes this loss level",
-            "schedule effects: every branch keeps the parent's LR schedule shape in tokens at the parent's "
-            "peak LR (no LR retuning per batch size), so the small batches may be favoured",
+            ("schedule effects: every branch keeps the parent's LR schedule shape in tokens, its LR scaled per "
+             "batch (midtrain sweep's sqrt(k) rule, or the best of an LR grid); the LR is not fully tuned per batch"
+             if fair else
+             "schedule effects: the branches' LR relative to the parent's is not known (no parent config)"
+             if fair is None else
+             "schedule effects: the branches kept the parent's LR at every batch size (a sweep with "
+             "--lr-scaling none, or of an older release), which handicaps the large batches under Adam and "
+             "favours the small ones; rerun `midtrain sweep` (sqrt(k) LR scaling by default)"),
             "the range is the spread over targets and leave-one-branch-out refits, not a coverage interval",
         ],
         would_change=["more branches or longer branches (lower targets)", "an LR tuned per batch size"],
-        check="compare with `midtrain recommend PARENT` (the GNS batch size); rerun the sweep later in training")
+        check="compare with `midtrain recommend PARENT` (the GNS batch size); rerun the sweep later in training",
+        branch_step=start)
 

@@ -86,3 +86,29 @@ def test_parent_eval_at_branch_point_is_used():
     rec = critical_batch_recommendation(parent, b, target=3.5)
     assert rec.estimate == pytest.approx(24.0, rel=1e-6)
     assert "not available" in str(rec.evidence["parent's gradient noise scale"])
+
+
+def test_lr_grid_keeps_the_best_branch_per_batch():
+    """Several branches per batch (an LR grid): the fit keeps the lowest final loss per batch, so a worse
+    LR at one batch (a slower loss) does not move B_crit; the evidence names each branch's LR vs the parent's."""
+    c, b_noise = 40.0, 24.0
+    branches = []
+    for b in (4, 8, 16, 32, 64):
+        for mult, slow in ((1.0, 1.0), (2.0, 1.5)):    # the x2 branch falls 1.5x slower: never kept
+            br = fake_branch(b, c * slow, b_noise, horizon=int(3.0 * c * (1 + b_noise / b)))
+            br.config["phases"][0]["lr"] = 1e-3 * (b / 16) ** 0.5 * mult
+            br.path = f"bs{b}-lr{mult:g}"
+            branches.append(br)
+    parent = SimpleNamespace(path="p", metrics=pd.DataFrame({"step": [0]}), parent=None,
+                             config={"phases": [{"name": "p", "batch_size": 16, "lr": 1e-3}]},
+                             info={"phase_starts": [0], "phase_names": ["p"], "total_steps": 10**6})
+    rec = critical_batch_recommendation(parent, branches)
+    assert rec.estimate == pytest.approx(b_noise, rel=1e-6)
+    note = rec.evidence["batch 64 LR (vs the parent's)"]
+    assert "LR x 2 " in note and "LR x 4 " in note and "kept bs64-lr1" in note
+    assert any("scaled per batch" in a for a in rec.assumptions)
+    unfair = [fake_branch(b, c, b_noise) for b in (8, 16, 32)]
+    for br in unfair:
+        br.config["phases"][0]["lr"] = 1e-3
+    rec = critical_batch_recommendation(parent, unfair)
+    assert any("kept the parent's LR" in a for a in rec.assumptions)

@@ -8,7 +8,7 @@ import pytest
 from diagnostics.runs import load_run
 from midtrain.cli import main
 from midtrain.config import ConfigError, dumps_toml
-from midtrain.sweep import _branch_config, _steps_for_tokens, parse_batch_sizes
+from midtrain.sweep import _branch_config, _steps_for_tokens, lr_factor, parse_batch_sizes, parse_lr_grid
 
 from .conftest import micro_config
 
@@ -28,6 +28,27 @@ def test_branch_config_keeps_tokens():
         parse_batch_sizes("8,8")
     with pytest.raises(ConfigError):
         parse_batch_sizes("8,x")
+
+
+def test_lr_scaling_is_exact():
+    cfg = micro_config(steps=(8, 6, 4))
+    for b, k in ((32, 4), (2, 0.25), (8, 1)):
+        bc = _branch_config(cfg, 4, b)
+        assert bc.phases[0].lr == pytest.approx(3e-3 * k ** 0.5, rel=1e-15)
+        assert bc.phases[1].lr == pytest.approx(3e-3 * k ** 0.5, rel=1e-15)
+        assert bc.phases[1].final_lr == pytest.approx(3e-4 * k ** 0.5, rel=1e-15)
+        assert bc.phases[2].lr == 3e-4 and bc.phases[2].batch_size == 4   # other seq_len: untouched
+        # the LR the loop runs at the branch step (constant stretch of pretrain) is the parent's x sqrt(k)
+        assert bc.lr_at(4) == pytest.approx(cfg.lr_at(4) * k ** 0.5, rel=1e-12)
+    none = _branch_config(cfg, 4, 32, lr_scaling="none", lr_multiplier=2.0)
+    assert none.phases[0].lr == pytest.approx(6e-3) and none.phases[1].final_lr == pytest.approx(6e-4)
+    assert lr_factor(64, 16) == 2.0 and lr_factor(64, 16, "none") == 1.0
+    with pytest.raises(ConfigError, match="lr-scaling"):
+        lr_factor(64, 16, "linear")
+    assert parse_lr_grid(None) == [1.0] and parse_lr_grid("2, 0.5,1") == [0.5, 1.0, 2.0]
+    for bad in ("0.5,x", "0,1", "1,1", "-1", ",", "nan,1", "inf"):
+        with pytest.raises(ConfigError, match="--lr-grid"):
+            parse_lr_grid(bad)
 
 
 def test_sweep_end_to_end(tmp_path, capsys):
@@ -54,11 +75,23 @@ def test_sweep_end_to_end(tmp_path, capsys):
         r = load_run(os.path.join(prefix, f"bs{b}"))
         assert r.parent["step"] == 4 and os.path.samefile(r.parent["run"], parent)
         assert r.config["phases"][0]["batch_size"] == b
+        # a fair sweep: pretrain (batch 8) and midtrain (batch 8) LRs scaled by sqrt(B / 8); long_context kept
+        for q, parent_lr in zip(r.config["phases"], (3e-3, 3e-3, 3e-4)):
+            f = (b / 8) ** 0.5 if q["seq_len"] == 32 else 1.0
+            assert q["lr"] == pytest.approx(parent_lr * f, rel=1e-12)
         v = r.metrics.dropna(subset=["val/prose/loss"])
         assert v["step"].min() == 4 and v["step"].max() == 4 + n
         # train/tokens at row k counts steps 0..k; the checkpoint at 4 holds the tokens of steps 0..3
         tok = r.metrics.dropna(subset=["train/tokens"])
         assert tok["train/tokens"].max() - load_run(parent).metrics.set_index("step").loc[3, "train/tokens"] >= 1024
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--lr-grid", "0.5,x",
+                 "--out-prefix", prefix + "g"]) == 2
+    assert not os.path.exists(prefix + "g")
+    # an LR grid: one branch per batch and multiplier (planned only)
+    grid = plan_sweep(parent, 4, [4, 16], lr_grid=[0.5, 2.0], out_prefix=prefix + "g")
+    assert [os.path.basename(p.out) for p in grid] == ["bs4-lr0.5", "bs4-lr2", "bs16-lr0.5", "bs16-lr2"]
+    assert [p.config.phases[0].lr for p in grid] == pytest.approx(
+        [3e-3 * (b / 8) ** 0.5 * m for b in (4, 16) for m in (0.5, 2.0)])
     os.makedirs(os.path.join(tmp_path, "sw2", "bs16"))
     open(os.path.join(tmp_path, "sw2", "bs16", "x"), "w").close()
     assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--out-prefix", str(tmp_path / "sw2")]) == 2
@@ -66,6 +99,19 @@ def test_sweep_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     rc = main(["recommend", parent, "--branches", f"{prefix}/bs4", f"{prefix}/bs16", "--json"])
     doc = json.loads(capsys.readouterr().out)
+    # the ramp is listed: made, or why not and the command that would make it possible
+    sched = [r for r in doc["recommendations"] if r["name"] == "batch_schedule"]
+    assert sched or "`midtrain recommend RUN" in doc["not_available"]["batch_schedule"]
+    # ONE batch answer (the combined rule), naming the phase and sequence length it holds for
+    batch = [r for r in doc["recommendations"] if r["name"] == "batch_size"]
+    assert len(batch) + ("batch_size" in doc["not_available"]) == 1
+    if batch:
+        ev = batch[0]["evidence"]
+        assert ev["phase"] == "pretrain" and ev["seq_len"] == 32 and ev["follows"] and ev["why"]
+        assert "phase 'pretrain' at seq_len 32" in batch[0]["summary"]
+        if ev["follows"].startswith("the branches") and batch[0]["patch"]:
+            p0 = batch[0]["patch"]["phases"]["pretrain"]     # the branch the sweep trains at that batch
+            assert p0["lr"] == pytest.approx(3e-3 * (p0["batch_size"] / 8) ** 0.5)
     names = [r["name"] for r in doc["recommendations"]] + list(doc["not_available"])
     assert "critical_batch_size" in names   # a fit, or a clear reason on these few noisy steps
     if "critical_batch_size" in doc["not_available"]:
