@@ -8,6 +8,11 @@
     _batch_size      ``batch_size_recommendation``: the batch size the gradient noise scale points to
     _lr_decay        ``lr_decay_recommendation``: when to start the LR decay, from the annealing law
     _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
+    _probes          what the anneal and switch recommendations share: a config's per-step schedule,
+                     ``branch_kind`` (batch, anneal, switch) and ``ProbeInputError`` (bad input)
+    _anneal          ``anneal_recommendation`` (the ``lr_decay`` entry of ``midtrain recommend``): the anneal
+                     start, length and shape for a token budget, a schedule law fitted jointly on the run
+                     and its anneal probes
 
 One module per recommendation; each imports only ``_common`` and the families it builds on
 (``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
@@ -18,12 +23,15 @@ its own family, so there is no import cycle::
     print(batch_size_recommendation(load_run("runs/a")).to_text())
 """
 
+from diagnostics.recommend._anneal import anneal_curves, anneal_recommendation
 from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import MAX_SKIPPED_FRACTION, Recommendation, RecommendationError, skipped_steps
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
+from diagnostics.recommend._probes import ProbeInputError, anneal_phase_index, branch_kind, schedule_of
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
 __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "batch_size_recommendation", "lr_decay_recommendation",
            "candidate_decays", "critical_batch_recommendation", "steps_to_target", "branch_curve",
-           "block_bootstrap_ratio", "moving_block_indices"]
+           "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves",
+           "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of"]
