@@ -13,6 +13,8 @@
     _anneal          ``anneal_recommendation`` (the ``lr_decay`` entry of ``midtrain recommend``): the anneal
                      start, length and shape for a token budget, a schedule law fitted jointly on the run
                      and its anneal probes
+    _data_switch     ``data_switch_recommendation``: the data-switch step (and mixture) from switch probes;
+                     without them the run's own signals place the candidates (``switch_candidates``)
 
 One module per recommendation; each imports only ``_common`` and the families it builds on
 (``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
@@ -26,12 +28,15 @@ its own family, so there is no import cycle::
 from diagnostics.recommend._anneal import anneal_curves, anneal_recommendation
 from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import MAX_SKIPPED_FRACTION, Recommendation, RecommendationError, skipped_steps
+from diagnostics.recommend._data_switch import data_switch_recommendation, switch_candidates
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
-from diagnostics.recommend._probes import ProbeInputError, anneal_phase_index, branch_kind, schedule_of
+from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, schedule_of,
+                                         switch_phase_index)
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
 __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "batch_size_recommendation", "lr_decay_recommendation",
            "candidate_decays", "critical_batch_recommendation", "steps_to_target", "branch_curve",
            "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves",
-           "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of"]
+           "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of", "switch_phase_index",
+           "data_switch_recommendation", "switch_candidates"]

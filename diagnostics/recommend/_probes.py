@@ -19,7 +19,8 @@ import numpy as np
 from diagnostics.recommend._common import RecommendationError
 from diagnostics.schedule import phase_lrs, phase_num_steps
 
-__all__ = ["Schedule", "schedule_of", "branch_kind", "anneal_phase_index", "mixture_key", "ProbeInputError"]
+__all__ = ["Schedule", "schedule_of", "branch_kind", "anneal_phase_index", "switch_phase_index", "mixture_key",
+           "ProbeInputError"]
 
 class ProbeInputError(RecommendationError):
     """Bad input rather than a run that lacks something: a branch of another run or of an incompatible
@@ -83,6 +84,17 @@ def anneal_phase_index(config: dict) -> int:
             return i
     raise RecommendationError(f"no phase of this run decays (phases {[p.get('name') for p in phases]}): there "
                               "is no anneal to place")
+
+
+def switch_phase_index(config: dict) -> int:
+    """The phase the data switches to: the first phase whose (normalised) mixture differs from the one
+    before it."""
+    phases = list(config.get("phases") or [])
+    for i in range(1, len(phases)):
+        if mixture_key(phases[i])[0] != mixture_key(phases[i - 1])[0]:
+            return i
+    raise RecommendationError(f"the mixture never changes in this run (phases {[p.get('name') for p in phases]}): "
+                              "there is no data switch to place")
 
 
 def _same_run(a, b) -> bool:
