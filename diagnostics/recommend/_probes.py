@@ -118,15 +118,15 @@ def branch_kind(parent, branch) -> str:
                                   "an incompatible config; its losses cannot be compared with the parent's")
     s = int(info.get("step"))
     ps, bs = schedule_of(parent.config), schedule_of(branch.config)
+    pb = {p.get("name"): p.get("batch_size") for p in ps.phases}
+    if any(p.get("name") in pb and p.get("batch_size") != pb[p.get("name")] for p in bs.phases):
+        return "batch"   # a batch-size sweep re-plans whole phases in tokens (midtrain.sweep); checked there
     if s > min(ps.n, bs.n) or not (np.allclose(ps.lrs[:s], bs.lrs[:s], rtol=1e-9, atol=0)
                                    and np.array_equal(ps.tokens[:s], bs.tokens[:s])
                                    and all(ps.key_at(k) == bs.key_at(k) for k in {*ps.starts[ps.starts < s], s - 1}
                                            if 0 <= k < s)):
         raise ProbeInputError(f"{branch.path}'s schedule before its branch step {s} differs from its parent's: "
-                                  "an incompatible config (it did not branch from this run's state)")
-    pb = {p.get("name"): p.get("batch_size") for p in ps.phases}
-    if any(p.get("name") in pb and p.get("batch_size") != pb[p.get("name")] for p in bs.phases):
-        return "batch"
+                              "an incompatible config (it did not branch from this run's state)")
     m = min(ps.n, bs.n)
     if not np.allclose(ps.lrs[s:m], bs.lrs[s:m], rtol=1e-9, atol=0):
         return "anneal"

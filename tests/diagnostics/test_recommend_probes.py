@@ -108,3 +108,58 @@ def test_anneal_bad_input(tmp_path):
     flat = TrainConfig(phases=[Phase(name="pretrain", steps=50, mixture={"prose": 1.0})]).validate()
     with pytest.raises(RecommendationError, match="decays"):
         anneal_recommendation(write(tmp_path / "f", flat), [])
+
+
+def switch_cfg(split=None, mix=None):
+    """pretrain (prose) 100 steps, then midtrain (code-heavy, decaying) to step 140; a probe splits
+    pretrain at ``split`` and switches to ``mix`` there."""
+    mid = mix or {"prose": 0.2, "code": 0.8}
+    head = [Phase(name="pretrain", steps=split or 100, lr=3e-3, warmup_steps=10, mixture={"prose": 1.0})]
+    if split:
+        head.append(Phase(name="pretrain@switch", steps=100 - split, lr=3e-3, mixture=mid))
+    return TrainConfig(phases=head + [Phase(name="midtrain", steps=40, lr=3e-3, decay="linear", final_lr=3e-4,
+                                            mixture=mid)]).validate()
+
+
+def code_final(s, mix_gain=0.0):
+    return 1.5 + 1e-4 * (s - 60) ** 2 - mix_gain       # the true target loss: best switch at step 60
+
+
+def write_switch(path, cfg, s_switch, parent=None, noise=0.0, seed=0, prose_rise=0.0, mix_gain=0.0):
+    w = RunWriter.create(path, cfg.to_dict(), parent=parent)
+    w.update_info(total_steps=cfg.total_steps(), phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases])
+    rng = np.random.default_rng(seed)
+    first = parent["step"] if parent else 0
+    for s in range(first, 141):
+        rec = {"step": s, "train/lr": cfg.lr_at(min(s, 139))}
+        if s % 5 == 0 or s == 140:
+            tail = (140 - s) / 140
+            rec["val/code/loss"] = code_final(s_switch, mix_gain) + 2 * tail + noise * rng.normal()
+            rec["val/prose/loss"] = 1.8 * (1 + prose_rise) + tail + noise * rng.normal()
+        w.log(rec)
+    w.close("finished")
+    return load_run(path)
+
+
+def test_data_switch_known_optimum(tmp_path):
+    from diagnostics.recommend import data_switch_recommendation
+
+    parent = write_switch(tmp_path / "p", switch_cfg(), 100)
+    bs = [write_switch(tmp_path / f"s{s}", switch_cfg(split=s), s, parent={"run": str(parent.path), "step": s},
+                       noise=0.002, seed=s) for s in (20, 40, 60, 80)]
+    assert [branch_kind(parent, b) for b in bs] == ["switch"] * 4
+    rec = data_switch_recommendation(parent, bs)
+    assert rec.name == "data_switch" and rec.value == 60
+    assert rec.low <= 60 <= rec.high and rec.high - rec.low <= 40
+    assert "code" in rec.evidence["objective"] and "prose" in rec.evidence["objective"]
+    # the earlier domain rising more than the tolerance rules a candidate out; a mixture that helps wins
+    bad = write_switch(tmp_path / "b60", switch_cfg(split=60), 60, parent={"run": str(parent.path), "step": 60},
+                       prose_rise=0.05, mix_gain=0.5)
+    good = write_switch(tmp_path / "m40", switch_cfg(split=40, mix={"prose": 0.1, "code": 0.9}), 40,
+                        parent={"run": str(parent.path), "step": 40}, mix_gain=0.1)
+    rec = data_switch_recommendation(parent, [*bs, bad, good])
+    assert rec.value == 40 and rec.summary.count("0.9") == 1
+    assert "rejected" in rec.evidence["candidates"]
+    assert data_switch_recommendation(parent, [*bs, bad], tolerance=0.1).value == 60   # allowed now: its gain wins
+    with pytest.raises(RecommendationError, match="--switch-at"):
+        data_switch_recommendation(parent, [])
