@@ -233,23 +233,36 @@ def cmd_recommend(args) -> int:
         return _fail(f"--write-config {args.write_config}: its directory does not exist; nothing was written.")
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+    from diagnostics.recommend import ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation
+
+    kinds = {"batch": [], "anneal": [], "switch": [], "same": []}  # branches sorted by what they change
+    for b in args.branches or []:
+        b = load_run(b)
+        kinds[branch_kind(run, b)].append(b)
+    targets = [d.strip() for d in args.target_domains.split(",")] if args.target_domains else None
     makers = {
         "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
-        "lr_decay": lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level),
+        "lr_decay": (lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level))
+        if args.decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"], budget_tokens=args.budget_tokens,
+                                                                 shapes=shapes, level=args.level)),
         "batch_schedule": lambda: batch_schedule_recommendation(run),
+        "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=targets,
+                                                          tolerance=args.tolerance, level=args.level),
     }
-    if args.branches:
+    if kinds["batch"]:
         from diagnostics.recommend import critical_batch_recommendation
 
         makers["critical_batch_size"] = lambda: critical_batch_recommendation(
-            run, [load_run(b) for b in args.branches], target=args.target, domain=args.domain)
+            run, kinds["batch"], target=args.target, domain=args.domain)
     recs, unavailable = [], {}
     for name, make in makers.items():  # one that cannot be made is reported; the others still print
         try:
             recs.append(make())
+        except ProbeInputError:  # bad input (a budget that does not fit, a foreign branch): exit 2
+            raise
         except RecommendationError as e:
             unavailable[name] = str(e)
-    if args.branches:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
+    if kinds["batch"]:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
         from diagnostics.recommend import combined_batch_recommendation
 
         by = {r.name: r for r in recs}
@@ -304,6 +317,14 @@ def cmd_recommend(args) -> int:
 def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
+    if args.anneal_at or args.switch_at or args.mixtures:
+        from midtrain.probes import cmd_probes
+
+        return cmd_probes(args)
+    if args.step is None or not args.batch_sizes:
+        from midtrain.config import ConfigError
+
+        raise ConfigError("midtrain sweep needs --step and --batch-sizes, or --anneal-at / --switch-at / --mixtures.")
     plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
                        steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals,
                        lr_scaling=args.lr_scaling, lr_grid=parse_lr_grid(args.lr_grid))
@@ -384,11 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
     r.add_argument("--write-config", metavar="TOML", help="write the run's config with the recommendation applied, "
                    "for `midtrain train --from RUN --step S --config TOML`")
-    r.add_argument("--branches", nargs="+", metavar="RUN_DIR", help="branch runs of `midtrain sweep`: add the "
-                   "critical batch size fitted to the steps/examples each needed to reach one validation loss")
+    r.add_argument("--branches", nargs="+", metavar="RUN_DIR", help="branch runs of `midtrain sweep`, told apart "
+                   "by their configs: batch-size branches add the critical batch size; anneal probes feed lr_decay, "
+                   "switch probes data_switch")
     r.add_argument("--target", type=float, help="--branches: the target validation loss (default: the worst of "
                    "the branches' best losses)")
     r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
+    r.add_argument("--budget-tokens", type=int, help="lr_decay: the total token budget of the anneal plan (default: "
+                   "the run's, to the end of its decaying phase)")
+    r.add_argument("--target-domains", help="data_switch: the domains whose loss the switch should lower (default: "
+                   "those the next phase upweights)")
+    r.add_argument("--tolerance", type=float, default=0.01, help="data_switch: how far (relative) the other "
+                   "domains may end above the run's own recipe (default 0.01)")
     r.set_defaults(func=cmd_recommend)
 
     w = sub.add_parser("sweep", help="branch a run at several batch sizes (empirical critical batch size)",
@@ -396,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "number of tokens, into OUT_PREFIX/bs<B>; then `midtrain recommend RUN "
                                    "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md).")
     w.add_argument("run_dir")
-    w.add_argument("--step", type=int, required=True, help="the parent's checkpoint step to branch from")
-    w.add_argument("--batch-sizes", required=True, help="comma-separated batch sizes (sequences), e.g. 8,16,32")
+    w.add_argument("--step", type=int, help="the parent's checkpoint step to branch from")
+    w.add_argument("--batch-sizes", help="comma-separated batch sizes (sequences), e.g. 8,16,32")
     w.add_argument("--tokens", type=int, help="tokens each branch trains after --step")
     w.add_argument("--steps", type=int, help="instead of --tokens: the tokens the parent spends in this many steps "
                    "(default: the tokens left in the phase containing --step)")
@@ -411,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch and multiplier (OUT_PREFIX/bs<B>-lr<M>), e.g. 0.5,1,2; the fit keeps the best per batch")
     w.add_argument("--out-prefix", help="folder for the branches (default RUN-sweep<STEP>)")
     w.add_argument("--quiet", action="store_true", help="no progress line")
+    w.add_argument("--anneal-at", metavar="S1,S2", help="anneal probes: run the next decaying phase from these "
+                   "checkpoint steps (midtrain/probes.py)")
+    w.add_argument("--anneal-steps", metavar="N1,N2", help="anneal probes' lengths (default: the decaying phase's)")
+    w.add_argument("--switch-at", metavar="S1,S2", help="switch probes: the next phase's mixture from these steps, "
+                   "LR schedule unchanged")
+    w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
+                   "(weights in the order of the next phase's domains, or domain:w pairs)")
     w.set_defaults(func=cmd_sweep)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "

@@ -146,6 +146,7 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 100  # also at step 0, at each phase end and at the end
     checkpoint_every: int = 200  # also at each phase end
+    checkpoint_steps: list[int] = field(default_factory=list)  # also after these steps (anneal/switch probes)
     log_every: int = 10  # progress-bar / stdout cadence; metrics are written every step
     # divergence guard (midtrain/_guard.py): the run stops as "diverged" when more than
     # max_skipped_steps of its last skip_window steps were skipped for non-finite gradients
@@ -184,6 +185,11 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         _, p, t = self.phase_at(step)
         return p.lr_at(t)
+
+    def checkpoint_due(self, done: int) -> bool:
+        """Whether the state after ``done`` updates is checkpointed by cadence or by ``checkpoint_steps``
+        (the loop adds each phase end and the last step)."""
+        return done % self.checkpoint_every == 0 or done in self.checkpoint_steps
 
     def scaled_to(self, total_steps: int) -> "TrainConfig":
         """A copy whose phases' budgets are scaled in proportion to ``total_steps``.
@@ -281,6 +287,13 @@ class TrainConfig:
         for k in ("eval_every", "checkpoint_every", "log_every", "skip_window"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")
+        cs = self.checkpoint_steps
+        if not isinstance(cs, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0
+                                                   for x in cs) or len(set(cs)) != len(cs):
+            raise ConfigError(f"checkpoint_steps must be a list of different positive step numbers, got {cs!r}.")
+        if cs and max(cs) > self.total_steps():
+            raise ConfigError(f"checkpoint_steps {sorted(x for x in cs if x > self.total_steps())} are past the "
+                              f"run's last step {self.total_steps()}.")
         if self.max_skipped_steps < 0:
             raise ConfigError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}.")
         self._validate_sections()

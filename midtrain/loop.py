@@ -579,7 +579,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
                 break
 
             done = step + 1
-            owed = owed or ((done % cfg.checkpoint_every == 0 or done in phase_ends) and done < end_step)
+            owed = owed or ((cfg.checkpoint_due(done) or done in phase_ends) and done < end_step)
             if _checkpoint_now(writer, owed) and finite:  # never a checkpoint of a skipped update's state
                 save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped, guard.state())
                 owed = False

@@ -101,13 +101,16 @@ def test_cli_end_to_end(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(path), "--out", str(run_dir), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["recommend", str(run_dir), "--phase", "pretrain", "--write-config", str(tmp_path / "rec.toml")]) == 0
+    # --decay-phase: the decay fraction inside one phase (without it lr_decay is the anneal start, test_probes.py)
+    assert main(["recommend", str(run_dir), "--phase", "pretrain", "--decay-phase", "long_context",
+                 "--write-config", str(tmp_path / "rec.toml")]) == 0
     out = capsys.readouterr().out
     assert "batch_size:" in out and "lr_decay:" in out and "rec.toml" in out
     saved = json.loads((run_dir / "recommendations.json").read_text())
     rec, dec = [r for r in saved["recommendations"] if r["name"] != "batch_schedule"]
     assert rec["name"] == "batch_size" and rec["value"] >= 1 and rec["patch"]["phases"]["pretrain"]
-    assert dec["name"] == "lr_decay" and 0 < dec["value"] <= 1 and set(saved["not_available"]) <= {"batch_schedule"}  # the ramp: made or why not
+    assert dec["name"] == "lr_decay" and 0 < dec["value"] <= 1
+    assert "data_switch" in saved["not_available"] and set(saved["not_available"]) <= {"data_switch", "batch_schedule"}
     new = load_toml(tmp_path / "rec.toml")  # every patch applied
     pre = next(p for p in new.phases if p.name == "pretrain")
     assert pre.batch_size == rec["value"] and pre.grad_accum == rec["patch"]["phases"]["pretrain"]["grad_accum"]

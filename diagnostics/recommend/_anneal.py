@@ -1,0 +1,199 @@
+"""When to start the anneal, for how long and in which shape, for a total token budget: a schedule law
+(``diagnostics.schedule.fit_schedule_law``) fitted JOINTLY to the run and its anneal probes (branches
+of ``midtrain sweep RUN --anneal-at S1,S2,...``), minimised over anneal starts (docs/recommendations.md,
+"Anneal start").
+
+The plan: the stable (constant-LR) stretch runs to step s, then the run's decaying phase (its LR decay
+from its peak to its ``final_lr`` and its mixture) runs over the n steps the budget leaves,
+``tokens(s) + n x tokens per anneal step = budget``. Each curve is ``(lrs, steps, train losses)``: the
+parent's LR of every update up to the end of its decaying phase, a branch's the parent's up to the
+branch step then its own; a new mixture or sequence length gets a segment offset shared by every curve
+that sees it. Without branches the one-curve fit (the annealing law) places candidate starts to probe.
+
+    >>> from diagnostics import load_run                                    # doctest: +SKIP
+    >>> from diagnostics.recommend import anneal_recommendation
+    >>> rec = anneal_recommendation(load_run("runs/a"), [load_run("runs/a-probes/anneal150-60")])
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from diagnostics.recommend._common import Recommendation, RecommendationError, _check_not_diverged, _fmt, skipped_steps
+from diagnostics.recommend._probes import ProbeInputError, anneal_phase_index, mixture_key, schedule_of
+from diagnostics.schedule import DECAY_SHAPES, ScheduleLawFit, fit_schedule_law, phase_lrs
+
+__all__ = ["anneal_recommendation", "anneal_curves"]
+
+
+def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0):
+    """(lrs, steps, losses), segment labels: the run's train losses at steps first..end-1."""
+    df = run.metrics
+    if "train/loss" not in df.columns:
+        raise RecommendationError(f"{run.path} has no train/loss column")
+    rows = df[["step", "train/loss"]].dropna()
+    s = rows["step"].to_numpy(dtype=np.int64)
+    y = rows["train/loss"].to_numpy(dtype=np.float64)
+    ok = (s >= max(1, first)) & (s < end) & np.isfinite(y) & ~np.isin(s, skipped_steps(df)[skipped_steps(df) >= skip_from])
+    s, y = s[ok], y[ok]
+    seg = np.array([labels.setdefault(sched.key_at(int(k)), len(labels)) for k in s], dtype=np.int64)
+    return (sched.lrs[:end], s, y), seg
+
+
+def anneal_curves(run, branches=()):
+    """The curves of the joint fit: [(lrs, steps, losses)], their segment labels, the label of each
+    phase key and, per branch, (branch step, anneal steps, Run)."""
+    sched = schedule_of(run.config)
+    a = anneal_phase_index(run.config)
+    end = int(sched.starts[a]) + int(np.sum(sched.phase_of == a))
+    warm0 = int(sched.phases[0].get("warmup_steps") or 0)
+    _check_not_diverged(run, warm0, end - 1, "the schedule law")
+    labels: dict = {}
+    c, seg = _curve(run, sched, warm0, end, labels)
+    curves, segs, probes = [c], [seg], []
+    for b in branches:
+        bs = schedule_of(b.config)
+        ba = anneal_phase_index(b.config)
+        bend = int(bs.starts[ba]) + int(np.sum(bs.phase_of == ba))
+        step = int(b.parent["step"])
+        if int(bs.starts[ba]) != step:
+            raise ProbeInputError(f"{b.path} is not an anneal probe of {run.path}: its decaying phase starts at step "
+                                  f"{int(bs.starts[ba])}, not at its branch step {step}")
+        c, seg = _curve(b, bs, step, bend, labels, skip_from=step)
+        if len(c[1]):
+            curves.append(c)
+            segs.append(seg)
+            probes.append((step, bend - step, b))
+    return curves, segs, labels, probes
+
+
+def _anneal_lrs(stable: np.ndarray, peak: float, s: int, ann: dict, n: int, shape: str) -> np.ndarray:
+    pre = stable[:s] if s <= len(stable) else np.concatenate([stable, np.full(s - len(stable), peak)])
+    ph = {**ann, "steps": n, "tokens": None, "warmup_steps": 0, "decay": shape, "decay_fraction": 1.0}
+    return np.concatenate([pre, phase_lrs(ph, n)])
+
+
+def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None, shapes=None, law: str = "auto",
+                          level: float = 0.9, n_boot: int = 50, max_candidates: int = 60, seed: int = 0) -> Recommendation:
+    """The anneal start (step), length and shape minimising the law's predicted final loss for
+    ``budget_tokens`` (default: the run's tokens up to the end of its decaying phase), fitted jointly
+    on ``run`` and its anneal-probe ``branches`` (Runs). ProbeInputError (bad input: exit 2 in the CLI)
+    for a budget that does not fit or a branch that is not an anneal probe; RecommendationError when
+    the law cannot be fitted."""
+    cfg = run.config or {}
+    sched = schedule_of(cfg)
+    a = anneal_phase_index(cfg)
+    ann, st = dict(sched.phases[a]), dict(sched.phases[a - 1])
+    if any(p.get("decay", "constant") != "constant" for p in sched.phases[:a]):
+        raise RecommendationError("a phase before the decaying one decays too: no single stable stretch")
+    shapes = [ann.get("decay")] if shapes is None else list(shapes)
+    if not shapes or any(s not in DECAY_SHAPES or s == "constant" for s in shapes):
+        raise ProbeInputError(f"shapes {shapes} must be decaying shapes of {DECAY_SHAPES[1:]}")
+    start_a = int(sched.starts[a])
+    n_a = int(np.sum(sched.phase_of == a))
+    b_ann = int(ann["batch_size"]) * int(ann["seq_len"])
+    b_st = int(st["batch_size"]) * int(st["seq_len"])
+    s_lo = max(int(sched.starts[a - 1]) + int(st.get("warmup_steps") or 0),
+               int(sched.phases[0].get("warmup_steps") or 0), 1)
+    tok_lo = sched.tokens_before(s_lo)
+    run_budget = sched.tokens_before(start_a + n_a)
+    budget = int(budget_tokens) if budget_tokens is not None else run_budget
+    if budget < tok_lo + 2 * b_ann:
+        raise ProbeInputError(f"a budget of {budget} tokens does not fit this run: the stable stretch reaches its "
+                              f"first candidate start (step {s_lo}) after {tok_lo} tokens and an anneal needs at least "
+                              f"2 steps of {b_ann} tokens; give --budget-tokens above {tok_lo + 2 * b_ann}")
+    tok = lambda s: sched.tokens_before(min(s, start_a)) + max(0, s - start_a) * b_st  # noqa: E731
+    s_hi = s_lo
+    while tok(s_hi + 1) + 2 * b_ann <= budget:
+        s_hi += 1
+    curves, segs, labels, probes = anneal_curves(run, branches)
+    try:
+        fit = fit_schedule_law(curves, law=law if len(curves) > 1 else "annealing", segments=segs)
+    except ValueError as e:
+        raise RecommendationError(f"the schedule law did not fit: {e}") from None
+    if not all(math.isfinite(v) for v in fit.params.values()) or not math.isfinite(fit.rmse):
+        raise RecommendationError(f"the {fit.law} law fit did not converge (parameters {fit.params})")
+    lab = labels.get(mixture_key(ann))
+    stable, peak = sched.lrs[:start_a], float(st.get("lr"))
+    starts = np.unique(np.r_[np.round(np.linspace(s_lo, s_hi, max_candidates)).astype(int),
+                             [p[0] for p in probes if s_lo <= p[0] <= s_hi]])
+    plans = [(int(s), sh, max(2, int((budget - tok(int(s))) // b_ann))) for sh in shapes for s in starts]
+    lrs_of = [_anneal_lrs(stable, peak, s, ann, n, sh) for s, sh, n in plans]
+
+    def finals(f):
+        return np.array([f.final_loss(x, segment=lab) for x in lrs_of])
+
+    pred = finals(fit)
+    best = int(np.argmin(pred))
+    s_best, shape, n_best = plans[best]
+    lo_l, hi_l = fit.predict_interval(lrs_of[best], level=level, segment=lab, steps=[len(lrs_of[best])],
+                                      n_boot=n_boot, seed=seed)
+    reps = [ScheduleLawFit(law=fit.law, params=p, offsets=o, momentum=fit.momentum)
+            for p, o in fit.bootstrap_params(n_boot, seed)]
+    rep_starts = [plans[int(np.argmin(finals(r)))][0] for r in reps]
+    q = (1 - level) / 2
+    low, high = ((float(np.quantile(rep_starts, q)), float(np.quantile(rep_starts, 1 - q))) if rep_starts
+                 else (math.nan, math.nan))
+    own = [i for i, (s, sh, n) in enumerate(plans) if s == min(start_a, s_hi) and sh == shapes[0]]
+    ckpts = [s for s, _ in run.checkpoints()] if hasattr(run, "checkpoints") else []
+    evidence = {
+        "budget": f"{budget} tokens" + (" (the run's, to the end of its decaying phase)" if budget_tokens is None
+                                        else f" (the run's: {run_budget})"),
+        "plan": f"stable LR {_fmt(peak)} to step {s_best} ({tok(s_best)} tokens), then phase {ann.get('name')!r}'s "
+                f"{shape} decay to {_fmt(float(ann.get('final_lr', 0.0)))} over {n_best} steps ({n_best * b_ann} tokens) "
+                f"on its mixture {ann.get('mixture')}",
+        "predicted final loss": f"{_fmt(float(pred[best]))} ({level:.0%} band {_fmt(float(lo_l[0]))} - "
+                                f"{_fmt(float(hi_l[0]))}; train loss on the anneal mixture)",
+        "law": f"{fit.law} {', '.join(f'{k} {_fmt(v)}' for k, v in fit.params.items())}; "
+               f"{fit.selection.get('reason', 'law fixed')}",
+        "fit quality": f"rmse {_fmt(fit.rmse)} vs per-step noise {_fmt(fit.noise)}, R^2 {fit.r2:.3f}, {fit.n_points} "
+                       f"losses from {len(curves)} curve(s)",
+        "candidates": f"starts {int(starts[0])}-{int(starts[-1])} ({len(starts)}), shapes {shapes}",
+        "start range": f"{len(rep_starts)} moving-block residual bootstrap refits, argmin of each",
+    }
+    if own:
+        evidence["the run's own anneal start"] = f"step {plans[own[0]][0]}: predicted {_fmt(float(pred[own[0]]))}"
+    for s, n, b in probes:
+        c = curves[1 + probes.index((s, n, b))]
+        meas = float(np.mean(c[2][-3:]))
+        fitd = float(np.mean(fit.predict(c[0], steps=c[1][-3:]) + fit.offsets.get(lab, 0.0)))
+        evidence[f"probe {s}+{n}"] = f"last train losses {_fmt(meas)} vs law {_fmt(fitd)} ({b.path})"
+    would_change = ["more probes (other starts or lengths) pin the law's annealing term down",
+                    "another budget: the optimal start moves with it"]
+    if len(probes) == 0:
+        cands = sorted({int(v) for v in (low, s_best, high) if math.isfinite(v)} | {min(start_a, s_hi)})
+        missing = [c for c in cands if c not in ckpts]
+        cmd = f"midtrain sweep {run.path} --anneal-at {','.join(map(str, cands))} --anneal-steps {n_a}"
+        evidence["probes"] = (f"none: a one-run fit (the annealing law); probe starts {cands}: {cmd}"
+                              + (f" (steps {missing} have no checkpoint: add checkpoint_steps = {missing} to the "
+                                 f"config and train again; checkpoints now at {ckpts})" if missing else ""))
+        would_change.insert(0, "anneal probes: the one-run fit extrapolates from the one anneal the run has seen")
+    else:
+        cmd = f"midtrain sweep {run.path} --anneal-at {s_best} --anneal-steps {n_best}"
+    if s_best in (int(starts[0]), int(starts[-1])):
+        would_change.insert(0, f"the optimum is at the edge of the candidate starts ({s_best})")
+    st_steps = s_best - int(sched.starts[a - 1])
+    patch = {"phases": {st.get("name"): {"steps": st_steps, "tokens": None},
+                        ann.get("name"): {"steps": n_best, "tokens": None, "warmup_steps": 0, "decay": shape,
+                                          "decay_fraction": 1.0}}}
+    if st_steps <= int(st.get("warmup_steps") or 0):
+        patch = {}
+    assumptions = [
+        f"the {fit.law} law (one parameter set for the run and its probes) describes the train loss under every "
+        "candidate schedule; starts and lengths far from the probed ones are extrapolations",
+        "a mixture or sequence-length change only shifts the loss level (one offset per mixture, shared by all "
+        "curves); the final loss is the train loss on the anneal mixture",
+        "the stable LR continues unchanged to the start (beyond the run's stable stretch too); later phases "
+        "(after the decaying one) are kept as they are and not predicted",
+    ]
+    summary = (f"start phase {ann.get('name')!r}'s {shape} anneal at step {s_best} ({tok(s_best)} tokens) for "
+               f"{n_best} steps; predicted final loss {_fmt(float(pred[best]))} for a budget of {budget} tokens"
+               + (f", fitted jointly on the run and {len(probes)} anneal probe(s)" if probes else
+                  " (one-run fit: probe it)"))
+    return Recommendation(name="lr_decay", value=float(s_best), unit="step (anneal start)", low=low, high=high,
+                          level=level, estimate=float(s_best), summary=summary, evidence=evidence,
+                          assumptions=assumptions, would_change=would_change, patch=patch,
+                          check=f"{cmd}; then midtrain recommend {run.path} --branches <probe dirs>",
+                          branch_step=int(min(s_best, start_a)))

@@ -1,0 +1,165 @@
+"""Anneal start (``anneal_recommendation``, the ``lr_decay`` entry) and data switch
+(``data_switch_recommendation``) on synthetic runs and branches whose right answer is known."""
+
+import numpy as np
+import pytest
+
+from diagnostics.recommend import ProbeInputError, RecommendationError, anneal_recommendation, branch_kind
+from diagnostics.runs import RunWriter, load_run
+from diagnostics.schedule import annealing_law, lr_areas
+from midtrain.config import Phase, TrainConfig
+
+TRUE = {"L0": 2.0, "A": 0.6, "alpha": 0.5, "C": 0.8}   # an interior optimum (step 106 of 260)
+OFFSET = 0.1          # the anneal mixture's loss level above the stable one
+
+
+def law(lrs):
+    s1, s2 = lr_areas(np.asarray(lrs, dtype=np.float64), momentum=0.999)
+    return annealing_law(s1, s2, TRUE["L0"], TRUE["A"], TRUE["alpha"], TRUE["C"])
+
+
+def anneal_cfg(stable=200, cool=60):
+    return TrainConfig(phases=[
+        Phase(name="pretrain", steps=stable, lr=3e-3, warmup_steps=10, mixture={"prose": 1.0}),
+        Phase(name="cool", steps=cool, lr=3e-3, decay="linear", final_lr=3e-4, mixture={"prose": 0.5, "code": 0.5})]
+    ).validate()
+
+
+def write(path, cfg, parent=None, noise=0.0, seed=0):
+    w = RunWriter.create(path, cfg.to_dict(), parent=parent)
+    w.update_info(total_steps=cfg.total_steps(), phase_starts=cfg.phase_starts(),
+                  phase_names=[p.name for p in cfg.phases])
+    lrs = np.array([cfg.lr_at(s) for s in range(cfg.total_steps())])
+    pred = law(lrs)                                # pred[k-1]: the loss after k updates
+    rng = np.random.default_rng(seed)
+    first = parent["step"] if parent else 0
+    for s in range(first, cfg.total_steps()):
+        rec = {"step": s, "train/lr": float(lrs[s])}
+        if s >= 1:
+            rec["train/loss"] = float(pred[s - 1] + (OFFSET if cfg.phase_at(s)[0] == 1 else 0.0) + noise * rng.normal())
+        w.log(rec)
+    w.close("finished")
+    return load_run(path)
+
+
+def probe(tmp_path, parent_run, start, n, **kw):
+    cfg = anneal_cfg(stable=start, cool=n)
+    return write(tmp_path / f"a{start}-{n}", cfg, parent={"run": str(parent_run.path), "step": start}, **kw)
+
+
+def true_best(budget_steps, s_lo):
+    """Brute force: the true final loss of every anneal start with the budget's remaining steps."""
+    finals = {}
+    for s in range(s_lo, budget_steps - 1):
+        lrs = np.concatenate([[anneal_cfg().lr_at(k) for k in range(min(s, 200))], np.full(max(0, s - 200), 3e-3),
+                              [anneal_cfg(stable=s, cool=budget_steps - s).lr_at(k) for k in range(s, budget_steps)]])
+        finals[s] = float(law(lrs)[-1])
+    return finals
+
+
+def test_anneal_start_is_the_true_optimum_from_probes(tmp_path):
+    parent = write(tmp_path / "p", anneal_cfg())
+    branches = [probe(tmp_path, parent, 100, 60), probe(tmp_path, parent, 150, 40), probe(tmp_path, parent, 180, 30)]
+    assert [branch_kind(parent, b) for b in branches] == ["anneal"] * 3
+    rec = anneal_recommendation(parent, branches, law="annealing", n_boot=10, max_candidates=200)
+    finals = true_best(260, 10)
+    s_star = min(finals, key=finals.get)
+    assert 20 < s_star < 240                          # an interior optimum, not an edge
+    assert abs(rec.value - s_star) <= 2
+    assert finals[int(rec.value)] - finals[s_star] < 1e-4
+    assert rec.low <= rec.value <= rec.high
+    assert rec.name == "lr_decay" and rec.patch["phases"]["pretrain"]["steps"] == int(rec.value)
+    assert rec.patch["phases"]["cool"]["steps"] == 260 - int(rec.value)
+    # another budget moves the optimum with it: the brute force again
+    rec2 = anneal_recommendation(parent, branches, law="annealing", budget_tokens=300 * 16 * 128, n_boot=5,
+                                 max_candidates=300)
+    f2 = {}
+    for s in range(10, 298):
+        lrs = np.concatenate([np.array([anneal_cfg().lr_at(k) for k in range(min(s, 200))]), np.full(max(0, s - 200), 3e-3),
+                              [anneal_cfg(stable=s, cool=300 - s).lr_at(k) for k in range(s, 300)]])
+        f2[s] = float(law(lrs)[-1])
+    assert f2[int(rec2.value)] - min(f2.values()) < 1e-4
+
+
+def test_anneal_noisy_range_and_single_run(tmp_path):
+    parent = write(tmp_path / "p", anneal_cfg(), noise=0.003, seed=1)
+    branches = [probe(tmp_path, parent, s, n, noise=0.003, seed=s) for s, n in ((100, 60), (150, 40), (180, 30))]
+    rec = anneal_recommendation(parent, branches, law="annealing", n_boot=30)
+    finals = true_best(260, 10)
+    assert finals[int(rec.value)] - min(finals.values()) < 0.003    # within the noise sd of one loss
+    assert rec.low <= rec.value <= rec.high
+    one = anneal_recommendation(parent, [], n_boot=10)              # one-run fit: proposes probes and the command
+    assert "--anneal-at" in one.check and "one-run fit" in one.summary
+
+
+def test_anneal_bad_input(tmp_path):
+    parent = write(tmp_path / "p", anneal_cfg())
+    other = write(tmp_path / "o", anneal_cfg())
+    stray = probe(tmp_path, other, 100, 60)
+    with pytest.raises(ProbeInputError, match="not a branch"):
+        branch_kind(parent, stray)
+    with pytest.raises(ProbeInputError, match="does not fit"):
+        anneal_recommendation(parent, [], budget_tokens=1000)
+    cfg = anneal_cfg()
+    cfg.seed = 7
+    wrong = write(tmp_path / "w", cfg, parent={"run": str(parent.path), "step": 100})
+    with pytest.raises(ProbeInputError, match="incompatible"):
+        branch_kind(parent, wrong)
+    flat = TrainConfig(phases=[Phase(name="pretrain", steps=50, mixture={"prose": 1.0})]).validate()
+    with pytest.raises(RecommendationError, match="decays"):
+        anneal_recommendation(write(tmp_path / "f", flat), [])
+
+
+def switch_cfg(split=None, mix=None):
+    """pretrain (prose) 100 steps, then midtrain (code-heavy, decaying) to step 140; a probe splits
+    pretrain at ``split`` and switches to ``mix`` there."""
+    mid = mix or {"prose": 0.2, "code": 0.8}
+    head = [Phase(name="pretrain", steps=split or 100, lr=3e-3, warmup_steps=10, mixture={"prose": 1.0})]
+    if split:
+        head.append(Phase(name="pretrain@switch", steps=100 - split, lr=3e-3, mixture=mid))
+    return TrainConfig(phases=head + [Phase(name="midtrain", steps=40, lr=3e-3, decay="linear", final_lr=3e-4,
+                                            mixture=mid)]).validate()
+
+
+def code_final(s, mix_gain=0.0):
+    return 1.5 + 1e-4 * (s - 60) ** 2 - mix_gain       # the true target loss: best switch at step 60
+
+
+def write_switch(path, cfg, s_switch, parent=None, noise=0.0, seed=0, prose_rise=0.0, mix_gain=0.0):
+    w = RunWriter.create(path, cfg.to_dict(), parent=parent)
+    w.update_info(total_steps=cfg.total_steps(), phase_starts=cfg.phase_starts(), phase_names=[p.name for p in cfg.phases])
+    rng = np.random.default_rng(seed)
+    first = parent["step"] if parent else 0
+    for s in range(first, 141):
+        rec = {"step": s, "train/lr": cfg.lr_at(min(s, 139))}
+        if s % 5 == 0 or s == 140:
+            tail = (140 - s) / 140
+            rec["val/code/loss"] = code_final(s_switch, mix_gain) + 2 * tail + noise * rng.normal()
+            rec["val/prose/loss"] = 1.8 * (1 + prose_rise) + tail + noise * rng.normal()
+        w.log(rec)
+    w.close("finished")
+    return load_run(path)
+
+
+def test_data_switch_known_optimum(tmp_path):
+    from diagnostics.recommend import data_switch_recommendation
+
+    parent = write_switch(tmp_path / "p", switch_cfg(), 100)
+    bs = [write_switch(tmp_path / f"s{s}", switch_cfg(split=s), s, parent={"run": str(parent.path), "step": s},
+                       noise=0.002, seed=s) for s in (20, 40, 60, 80)]
+    assert [branch_kind(parent, b) for b in bs] == ["switch"] * 4
+    rec = data_switch_recommendation(parent, bs)
+    assert rec.name == "data_switch" and rec.value == 60
+    assert rec.low <= 60 <= rec.high and rec.high - rec.low <= 40
+    assert "code" in rec.evidence["objective"] and "prose" in rec.evidence["objective"]
+    # the earlier domain rising more than the tolerance rules a candidate out; a mixture that helps wins
+    bad = write_switch(tmp_path / "b60", switch_cfg(split=60), 60, parent={"run": str(parent.path), "step": 60},
+                       prose_rise=0.05, mix_gain=0.5)
+    good = write_switch(tmp_path / "m40", switch_cfg(split=40, mix={"prose": 0.1, "code": 0.9}), 40,
+                        parent={"run": str(parent.path), "step": 40}, mix_gain=0.1)
+    rec = data_switch_recommendation(parent, [*bs, bad, good])
+    assert rec.value == 40 and rec.summary.count("0.9") == 1
+    assert "rejected" in rec.evidence["candidates"]
+    assert data_switch_recommendation(parent, [*bs, bad], tolerance=0.1).value == 60   # allowed now: its gain wins
+    with pytest.raises(RecommendationError, match="--switch-at"):
+        data_switch_recommendation(parent, [])
