@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.probes import _check_steps, _finish, _load, parse_steps
 
-__all__ = ["ValidationPlan", "PLAN_NAMES", "plan_validation", "run_validation", "summarize", "cmd_validate"]
+__all__ = ["ValidationPlan", "PLAN_NAMES", "plan_validation", "run_validation", "summarize", "probe_branches",
+           "cmd_validate"]
 
 PLAN_NAMES = ("recommended", "own", "cosine", "wsd", "switch0", "switch50", "switch80")
 SWITCH_FRACTIONS = {"switch0": 0.0, "switch50": 0.5, "switch80": 0.8}
@@ -190,13 +191,14 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
     if isinstance(bs, dict) and bs.get("value") and int(bs["value"]) != cfg.phase_at(step)[1].batch_size:
         b = int(bs["value"])
         from diagnostics.recommend import rescale_phase
+        from midtrain.sweep import _accum_for
 
         dd = c.to_dict()
         for pd in dd["phases"][len(cfg.phases[:cfg.phase_at(step)[0]]) + 1:]:
             if pd["name"].count("@") and pd["seq_len"] == cfg.phase_at(step)[1].seq_len:
                 k = pd["batch_size"]
                 span, off = pd.get("lr_span"), pd.get("lr_offset", 0)
-                pd.update(rescale_phase(pd, b, 1 if b % pd["grad_accum"] else pd["grad_accum"]))
+                pd.update(rescale_phase(pd, b, _accum_for(b, pd["grad_accum"])))
                 if span:   # keep the LR shape: the segment scales like its pieces
                     pd["lr_offset"] = math.ceil(off * k / b)
                     pd["lr_span"] = max(math.ceil(span * k / b), pd["lr_offset"] + pd["steps"])
@@ -229,19 +231,33 @@ def _branch_tokens(path: str) -> int:
     return int(tok.max() - _tokens(c, 0, start)) if len(tok) else _tokens(c, start, c.total_steps())
 
 
-def _probe_dirs(parent: str) -> list[str]:
-    """RUN's probe and sweep branches, as `midtrain sweep` names them (RUN-probes/*, RUN-sweep<S>/*)."""
+def probe_branches(parent: str, given: list[str] | None = None) -> list[str]:
+    """RUN's probe branches whose compute counts: ``given`` (each must be a branch of RUN, checked as
+    `midtrain recommend --branches` does: ``branch_kind``; a foreign one is bad input), or those
+    `midtrain sweep` wrote by default (RUN-probes/*, RUN-sweep<S>/*) that are branches of RUN."""
     import glob
 
-    from diagnostics.runs import RUN_JSON
+    from diagnostics.recommend import ProbeInputError, branch_kind
+    from diagnostics.runs import RUN_JSON, load_run
 
-    base = str(parent).rstrip("/")
-    return sorted(os.path.dirname(p) for pat in (base + "-probes/*/", base + "-sweep*/*/")
-                  for p in glob.glob(pat + RUN_JSON))
+    run = load_run(parent)
+    if given is not None:
+        for b in given:
+            branch_kind(run, load_run(b))
+        return list(given)
+    base, out = str(parent).rstrip("/"), []
+    for d in sorted(os.path.dirname(p) for pat in (base + "-probes/*/", base + "-sweep*/*/")
+                    for p in glob.glob(pat + RUN_JSON)):
+        try:
+            branch_kind(run, load_run(d))
+            out.append(d)
+        except ProbeInputError:
+            pass
+    return out
 
 
 def summarize(parent: str, step: int, plans: list[ValidationPlan], dirs: dict, info: dict,
-              branches: list[str] | None) -> dict:
+              probes: list[str]) -> dict:
     """validation.json's content: per plan the final per-domain validation loss over seeds, the ranks,
     and the probes' compute against the grid's."""
     import numpy as np
@@ -263,7 +279,6 @@ def summarize(parent: str, step: int, plans: list[ValidationPlan], dirs: dict, i
     order = sorted(rows, key=lambda n: rows[n]["objective"]["mean"])
     for i, n in enumerate(order):
         rows[n]["rank"] = i + 1
-    probes = branches if branches is not None else _probe_dirs(parent)
     probe_tok = sum(_branch_tokens(b) for b in probes)
     grid_tok = sum(_branch_tokens(d) for ds in dirs.values() for d in ds)
     return {"schema": 1, "run": os.path.abspath(parent), "step": step, **info,
@@ -330,6 +345,7 @@ def cmd_validate(args) -> int:
                           "--out. Nothing was written.")
     names = [n.strip() for n in args.plans.split(",") if n.strip()] if args.plans else None
     plans, info = plan_validation(args.run_dir, args.step, names)
+    probes = probe_branches(args.run_dir, args.branches)   # a foreign --branches is refused before training
     for n, why in info.get("dropped", {}).items():
         print(f"plan {n}: dropped, {why}")
     if "recommendations" in info:
@@ -337,7 +353,7 @@ def cmd_validate(args) -> int:
     for p in plans:
         print(f"plan {p.name}: {p.description}" + "".join(f"\n  {x}" for x in p.notes))
     dirs = run_validation(args.run_dir, args.step, plans, seeds, out_dir, progress=not args.quiet)
-    doc = summarize(args.run_dir, args.step, plans, dirs, {**info, "seeds": seeds}, args.branches)
+    doc = summarize(args.run_dir, args.step, plans, dirs, {**info, "seeds": seeds}, probes)
     atomic_write(os.path.join(out_dir, "validation.json"), json.dumps(doc, indent=2))
     _figure(doc, os.path.join(out_dir, "validation.png"))
     for n in doc["ranking"]:

@@ -9,6 +9,7 @@ import pytest
 
 from midtrain.cli import main
 from midtrain.loop import train
+from midtrain.probes import plan_anneal_probes, run_probes
 from midtrain.validate import plan_validation
 
 from .conftest import micro_config
@@ -25,6 +26,7 @@ def parent(tmp_path_factory):
     checkpoints at 5 and 8 (phase end) and later."""
     out = str(tmp_path_factory.mktemp("v") / "run")
     train(_quiet(micro_config()), out)
+    run_probes(out, plan_anneal_probes(out, [5], [3]))   # one anneal probe: RUN-probes/anneal5-3, 3 steps
     return out
 
 
@@ -83,12 +85,46 @@ def test_bad_input(parent, tmp_path, capsys):
     assert main(["validate", parent, "--step", "5", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert main(["validate", parent, "--step", "8", "--plans", "own,switch0", "--out", str(tmp_path / "y")]) == 2
     assert "no plan differs" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["validate", parent, "--step", "5", "--branches", parent, "--out", str(tmp_path / "z")]) == 2
+    assert "not a branch of" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
+
+def test_recommended_from_recommendations_json(parent, tmp_path):
+    """lr_decay (start 6, cosine), data_switch (step 7) and batch_size (16) from recommendations.json."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(parent, run)
+    recs = [{"name": "lr_decay", "value": 6, "unit": "step (anneal start)",
+             "patch": {"phases": {"pretrain": {"steps": 6}, "midtrain": {"steps": 8, "decay": "cosine"}}}},
+            {"name": "data_switch", "value": 7, "unit": "step (data switch)", "patch": {}},
+            {"name": "batch_size", "value": 16, "unit": "sequences per optimizer step", "patch": {}}]
+    with open(os.path.join(run, "recommendations.json"), "w") as f:
+        json.dump({"schema": 1, "recommendations": recs, "not_available": {}}, f)
+    plans, info = plan_validation(run, 5, ["own", "recommended"])
+    assert "recommendations.json" in info["recommendations"]
+    own, rec = plans[0].config, plans[1]
+    c = rec.config
+    assert (rec.decay_start, rec.switch_step) == (6, 7)
+    # batch 16 from step 5 on in the re-planned stretch (9 steps at 8 -> 5 at 16), LR x sqrt(2)
+    assert c.phase_at(5)[1].batch_size == 16 and c.phase_at(5)[1].lr == pytest.approx(3e-3 * math.sqrt(2))
+    tok = lambda cfg, lo, hi: sum(cfg.phase_at(k)[1].batch_size * cfg.phase_at(k)[1].seq_len  # noqa: E731
+                                  for k in range(lo, hi))
+    E = c.total_steps() - 4
+    assert abs(tok(c, 5, E) - tok(own, 5, 14)) <= 16 * 32 * 2     # same tokens up to the rounding of pieces
+    assert tok(c, E, c.total_steps()) == tok(own, 14, 18)
+    new = own.phases[1].mixture
+    lrs = [c.lr_at(k) for k in range(5, E)]
+    assert lrs[0] == pytest.approx(3e-3 * math.sqrt(2)) and lrs[-1] == pytest.approx(3e-4 * math.sqrt(2))
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))        # the anneal decays monotonically to E
+    assert c.phase_at(5)[1].mixture != new and c.phase_at(E - 1)[1].mixture == new
+    assert any("batch size 16" in x for x in rec.notes)
 
 
 def test_end_to_end(parent, tmp_path, capsys):
     out = str(tmp_path / "val")
     assert main(["validate", parent, "--step", "5", "--plans", "own,cosine,recommended", "--out", out,
-                 "--branches", "--quiet"]) == 0
+                 "--quiet"]) == 0
     doc = json.load(open(os.path.join(out, "validation.json")))
     assert os.path.exists(os.path.join(out, "validation.png"))
     assert sorted(doc["plans"]) == sorted(doc["ranking"]) and doc["seeds"] == [0, 1]
@@ -102,7 +138,8 @@ def test_end_to_end(parent, tmp_path, capsys):
     assert means == sorted(means)
     c = doc["compute"]
     grid = sum(_tokens(micro_config(), 5) for r in doc["plans"].values() for _ in r["runs"])
-    assert c["grid_tokens"] == grid and c["probe_tokens"] == 0 and c["probe_over_grid"] == 0
+    assert c["grid_tokens"] == grid and c["probe_branches"] == [parent + "-probes/anneal5-3"]
+    assert c["probe_tokens"] == 3 * 8 * 32 and c["probe_over_grid"] == pytest.approx(3 * 8 * 32 / grid)
     seeds = [json.load(open(os.path.join(d, "run.json")))["config"]["seed"] for d in doc["plans"]["own"]["runs"]]
     assert seeds == [0, 1]
     assert "recommended rank" in capsys.readouterr().out
