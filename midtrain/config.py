@@ -226,7 +226,11 @@ class TrainConfig:
 
     # -- (de)serialisation -----------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for p in d["phases"]:  # lr_span / lr_offset only where set: run.json of ordinary runs stays as before
+            if p.get("lr_span") is None and not p.get("lr_offset"):
+                p.pop("lr_span", None), p.pop("lr_offset", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
