@@ -337,6 +337,12 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from midtrain.validate import cmd_validate as run
+
+    return run(args)
+
+
 def cmd_config(args) -> int:
     from midtrain.config import default_config, dumps_toml, load_toml
 
@@ -447,6 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
     w.set_defaults(func=cmd_sweep)
+
+    v = sub.add_parser("validate", help="train the recommended plan and its alternatives from a checkpoint, "
+                       "with seeds, and rank them (docs/recommendations.md)", description="From RUN's checkpoint at "
+                       "--step, train the recommended plan, the run's own recipe, cosine, WSD and switch plans to the "
+                       "same budget with each seed; save RUN-validate<S>/validation.json and validation.png.")
+    v.add_argument("run_dir")
+    v.add_argument("--step", type=int, required=True, help="the checkpoint step every plan starts from")
+    v.add_argument("--seeds", default="0,1", help="seeds added to the run's seed (at least two; default 0,1)")
+    v.add_argument("--plans", help="a subset of recommended,own,cosine,wsd,switch0,switch50,switch80 (default all)")
+    v.add_argument("--branches", nargs="*", metavar="RUN_DIR", help="the probe branches whose compute to count "
+                   "(default: RUN-probes/* and RUN-sweep*/*)")
+    v.add_argument("--out", help="output folder (default RUN-validate<STEP>); refused if it exists")
+    v.add_argument("--quiet", action="store_true", help="no progress line")
+    v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")

@@ -67,6 +67,10 @@ class Phase:
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     seq_len: int = 128
     rope_base: float | None = None  # None: keep the model's current base
+    # a phase that is a piece of a longer LR segment (a data switch inside a decay, `midtrain validate`):
+    # the schedule above runs over lr_span steps and this phase is its steps lr_offset .. lr_offset + n - 1
+    lr_span: int | None = None
+    lr_offset: int = 0
 
     def num_steps(self) -> int:
         return phase_num_steps(vars(self))
@@ -75,7 +79,7 @@ class Phase:
         """LR at step ``t`` (0-based) within this phase (``diagnostics.schedule.lr_schedule``,
         which the LR-decay recommendation evaluates too)."""
         try:
-            return float(lr_schedule(t, self.num_steps(), lr=self.lr, final_lr=self.final_lr,
+            return float(lr_schedule(t + self.lr_offset, self.lr_span or self.num_steps(), lr=self.lr, final_lr=self.final_lr,
                                      warmup_steps=self.warmup_steps, decay=self.decay,
                                      decay_fraction=self.decay_fraction))
         except ValueError as e:  # an unknown shape (validate() reports it first)
@@ -222,7 +226,11 @@ class TrainConfig:
 
     # -- (de)serialisation -----------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for p in d["phases"]:  # lr_span / lr_offset only where set: run.json of ordinary runs stays as before
+            if p.get("lr_span") is None and not p.get("lr_offset"):
+                p.pop("lr_span", None), p.pop("lr_offset", None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -384,6 +392,10 @@ def _validate_phase(p: Phase, domains: list[str] | None, max_seq_len: int | None
         raise ConfigError(f"{where}: decay_fraction must be in (0, 1], got {p.decay_fraction}.")
     if p.warmup_steps < 0 or p.warmup_steps >= p.num_steps() + (1 if p.decay == "constant" else 0):
         raise ConfigError(f"{where}: warmup_steps={p.warmup_steps} must be >= 0 and leave room in the phase's {p.num_steps()} steps.")
+    if p.lr_span is not None and not (p.lr_offset >= 0 and p.lr_offset + p.num_steps() <= p.lr_span):
+        raise ConfigError(f"{where}: lr_offset {p.lr_offset} + its {p.num_steps()} steps must fit in lr_span {p.lr_span}.")
+    if p.lr_span is None and p.lr_offset:
+        raise ConfigError(f"{where}: lr_offset needs lr_span (the length of the LR segment it is a piece of).")
     if max_seq_len is not None and p.seq_len > max_seq_len:
         raise ConfigError(
             f"{where}: seq_len {p.seq_len} is beyond what the model supports (block_size {max_seq_len}). "

@@ -71,5 +71,9 @@ def phase_lrs(phase: dict, n: int | None = None, *, decay: str | None = None,
     if shape == "exponential" and lo <= 0:
         raise ValueError("an exponential decay needs final_lr > 0")
     frac = decay_fraction if decay_fraction is not None else phase.get("decay_fraction", 1.0)
+    if phase.get("lr_span"):  # a piece of a longer LR segment (midtrain.config.Phase.lr_span / lr_offset)
+        off = int(phase.get("lr_offset") or 0)
+        return lr_schedule(np.arange(n) + off, int(phase["lr_span"]), lr=float(phase.get("lr", 3e-3)), final_lr=lo,
+                           warmup_steps=int(phase.get("warmup_steps") or 0), decay=shape, decay_fraction=float(frac))
     return lr_schedule(np.arange(n), n, lr=float(phase.get("lr", 3e-3)), final_lr=lo,
                        warmup_steps=int(phase.get("warmup_steps") or 0), decay=shape, decay_fraction=float(frac))
