@@ -146,6 +146,7 @@ class GradientNoiseScale(Hook):
         self.last_mode: str | None = None
         self.notices: list[str] = []
         self._state_to_load: dict | None = None
+        self._resumed_want_pe: bool | None = None   # auto mode's per-example switch, from a checkpoint
         self._handles: list = []
         self._params: list[nn.Parameter] = []
         self._armed = False
@@ -207,7 +208,8 @@ class GradientNoiseScale(Hook):
                         f"no trainable parameter of this model (no supported {what}; unsupported: "
                         f"{why}). Use mode='microbatch' (grad_accum >= 2), 'ddp' or 'auto'.")
             else:
-                self._want_pe = True    # auto: from the start; dropped once a step accumulates
+                # auto: from the start, dropped once a step accumulates; a resumed run continues as it was
+                self._want_pe = True if self._resumed_want_pe is None else self._resumed_want_pe
         if self.mode == "ddp":
             if self._world() <= 1:
                 raise ValueError("mode 'ddp' needs several processes (torch.distributed initialised "
@@ -528,7 +530,8 @@ class GradientNoiseScale(Hook):
     def state_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "trackers": {g: t.state_dict() for g, t in self.trackers.items()},
                 "n_measured": self.n_measured, "n_skipped": self.n_skipped,
-                "n_unmeasured": self.n_unmeasured, "notices": list(self.notices)}
+                "n_unmeasured": self.n_unmeasured, "notices": list(self.notices),
+                "want_pe": self._want_pe}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.trackers:       # not attached yet: apply at attach
@@ -542,3 +545,9 @@ class GradientNoiseScale(Hook):
         self.n_skipped = int(state.get("n_skipped", 0))
         self.n_unmeasured = int(state.get("n_unmeasured", 0))
         self.notices = list(state.get("notices", []))
+        if self.mode == "auto" and "want_pe" in state:  # older checkpoints: auto starts per-example again
+            self._resumed_want_pe = self._want_pe = bool(state["want_pe"])
+            if self._pe is not None and self._pe.attached and not self._want_pe:
+                self._pe.detach()
+            elif self._pe is not None and self._armed and self._want_pe and not self._pe.attached:
+                self._pe.attach()

@@ -130,3 +130,22 @@ def _toml(tmp_path, cfg):
     p = tmp_path / "c.toml"
     p.write_text(dumps_toml(cfg))
     return str(p)
+
+
+def test_resume_at_the_switch_to_one_batch_size_keeps_the_noise_scale(tmp_path):
+    """GradientNoiseScale in mode auto measures accumulating steps by micro-batches and switches to
+    per-example norms one step after the first step with one batch size. Its switch was not in the
+    checkpoint, so a run resumed exactly there measured that step when the uninterrupted run did not,
+    and every later gns/b_simple differed (found by tests/reliability/test_kill.py)."""
+    import numpy as np
+
+    from diagnostics.runs import load_run
+    from midtrain.loop import train
+    from tests.midtrain.conftest import micro_config
+
+    cfg = micro_config(steps=(6, 4, 2), checkpoint_every=100)   # grad_accum 2, then 1 from step 6
+    train(cfg, str(tmp_path / "full"), progress=False)
+    train(cfg, str(tmp_path / "split"), until_step=6, progress=False)
+    train(cfg, str(tmp_path / "split"), resume=True, progress=False)
+    a, b = (load_run(tmp_path / n).metrics.set_index("step")["gns/b_simple"] for n in ("full", "split"))
+    np.testing.assert_allclose(b.to_numpy(float), a.to_numpy(float), rtol=0, atol=1e-9, equal_nan=True)
