@@ -49,11 +49,11 @@ class ValidationPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _segment_phases(cfg, a: int, S: int, segs: list, Q: int, old_mix: dict, new_mix: dict) -> list[dict]:
+def _segment_phases(segs: list, Q: int, old_mix: dict, new_mix: dict) -> list[dict]:
     """Phases for the stretch [S, E): ``segs`` = [(start, end, LR template dict)] cut at the switch Q."""
     out = []
     for lo, hi, tmpl in segs:
-        for a_, b_, mix, tag in ((lo, min(hi, Q), old_mix, "a"), (max(lo, Q), hi, new_mix, "b")):
+        for a_, b_, mix in ((lo, min(hi, Q), old_mix), (max(lo, Q), hi, new_mix)):
             if b_ <= a_:
                 continue
             p = {**tmpl, "name": f"{tmpl['name']}@{a_}", "steps": b_ - a_, "tokens": None, "mixture": dict(mix),
@@ -120,7 +120,7 @@ def plan_validation(parent: str, step: int, names: list[str] | None = None) -> t
     R = E - step
 
     def build(segs, Q, every_n=None):
-        phases = d["phases"][:a - 1] + head + _segment_phases(cfg, a, step, segs, Q, st.mixture, ann.mixture) \
+        phases = d["phases"][:a - 1] + head + _segment_phases(segs, Q, st.mixture, ann.mixture) \
             + d["phases"][a + 1:]
         return _finish(cfg, d, phases, max(1, (every_n or R) // 10))
 
