@@ -34,12 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _targets(cfg) -> list[str]:
-    from diagnostics.recommend._data_switch import _weights
-    from diagnostics.recommend._probes import switch_phase_index
+    """The domains the switched-to phase upweights (normalised weights), as `recommend`'s data_switch default."""
+    from diagnostics.recommend import switch_phase_index
 
     d = cfg.to_dict()
     m = switch_phase_index(d)
-    wp, wn = _weights(d["phases"][m - 1]), _weights(d["phases"][m])
+    wp, wn = ({k: v / sum(p["mixture"].values()) for k, v in p["mixture"].items()} for p in d["phases"][m - 1:m + 1])
     return sorted(k for k in wn if wn[k] > wp.get(k, 0.0))
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     cfg = default_config().scaled_to(steps)
     cfg.model.preset, cfg.device = "tiny", "cpu"
-    from diagnostics.recommend._probes import anneal_phase_index
+    from diagnostics.recommend import anneal_phase_index
 
     a = anneal_phase_index(cfg.to_dict())
     starts = cfg.phase_starts()
