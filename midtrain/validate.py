@@ -188,7 +188,12 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
     notes.append("anneal length: to the end of the budget (step %d): the budget is the run's" % E)
     dec = {**ad, "decay": shape, "decay_fraction": 1.0, "warmup_steps": 0}
     c = build([(step, A, const), (A, E, dec)], Q)
-    if isinstance(bs, dict) and bs.get("value") and int(bs["value"]) != cfg.phase_at(step)[1].batch_size:
+    seq = (bs.get("evidence") or {}).get("seq_len") if isinstance(bs, dict) else None
+    if seq is not None and int(seq) != cfg.phase_at(step)[1].seq_len:   # measured for another phase's sequences
+        notes.append(f"batch_size: the run's own (the recommended {bs.get('value')} is for sequences of {seq} "
+                     f"tokens, phase {(bs.get('evidence') or {}).get('phase')!r}; this stretch has "
+                     f"{cfg.phase_at(step)[1].seq_len})")
+    elif isinstance(bs, dict) and bs.get("value") and int(bs["value"]) != cfg.phase_at(step)[1].batch_size:
         b = int(bs["value"])
         from diagnostics.recommend import rescale_phase
         from midtrain.sweep import _accum_for

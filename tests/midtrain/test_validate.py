@@ -121,6 +121,24 @@ def test_recommended_from_recommendations_json(parent, tmp_path):
     assert any("batch size 16" in x for x in rec.notes)
 
 
+def test_recommended_batch_for_other_sequences_is_not_applied(parent, tmp_path):
+    """A batch size measured at another sequence length (the last phase's 256 tokens) is not applied to the
+    re-planned stretch's shorter sequences: the recommended plan keeps the run's batch and says why."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(parent, run)
+    recs = [{"name": "data_switch", "value": 7, "unit": "step (data switch)", "patch": {}},
+            {"name": "batch_size", "value": 16, "unit": "sequences per optimizer step", "patch": {},
+             "evidence": {"phase": "long_context", "seq_len": 999}}]
+    with open(os.path.join(run, "recommendations.json"), "w") as f:
+        json.dump({"schema": 1, "recommendations": recs, "not_available": {}}, f)
+    plans, _ = plan_validation(run, 5, ["own", "recommended"])
+    own, rec = plans[0].config, plans[1]
+    assert all(rec.config.phase_at(k)[1].batch_size == own.phase_at(k)[1].batch_size for k in range(5, 14))
+    assert any("sequences of 999 tokens" in x for x in rec.notes)
+
+
 def test_end_to_end(parent, tmp_path, capsys):
     out = str(tmp_path / "val")
     assert main(["validate", parent, "--step", "5", "--plans", "own,cosine,recommended", "--out", out,
