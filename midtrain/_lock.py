@@ -11,6 +11,7 @@ directory that start-up then leaves empty removes the directory again on release
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -84,17 +85,13 @@ class RunLock:
         warnings.warn(f"{self.path}: taking over the stale lock of {who}: that process no longer exists.",
                       UserWarning, stacklevel=3)
         if _read_holder(self.path) == holder:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     def release(self) -> None:
         if self.held and (_read_holder(self.path) or {}).get("pid") == os.getpid():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         self.held = False
         self._cleanup_dir()
 

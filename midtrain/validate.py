@@ -216,7 +216,10 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
 
 
 def _tokens(cfg: TrainConfig, lo: int, hi: int) -> int:
-    return sum(cfg.phase_at(k)[1].batch_size * cfg.phase_at(k)[1].seq_len for k in range(lo, hi))
+    """Tokens of updates lo..hi-1: the per-step schedule the recommendations read (``schedule_of``)."""
+    from diagnostics.recommend import schedule_of
+
+    return int(schedule_of(cfg.to_dict()).tokens[lo:hi].sum())
 
 
 def _final_val(run) -> dict[str, float]:
