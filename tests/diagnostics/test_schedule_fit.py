@@ -71,13 +71,12 @@ def test_fast_loss_drop_equals_the_double_sum(ignore_warmup):
     assert np.all(np.isfinite(loss_drop(np.r_[lrs, 0.0, 0.0], np.arange(1, len(lrs) + 3), 2.0, 0.6, 0.6)))
 
 
-def test_loss_drop_is_fast_on_a_long_smooth_decay():
-    import time
-
+def test_loss_drop_grows_along_a_long_smooth_decay():
+    """The 72,000-step cosine of the real curves: the drop keeps growing while the LR falls. Its speed
+    against the direct double sum is measured in benchmarks/schedule_laws.py (--speed-only)."""
     lrs = sched("cosine", n=72000)
-    t = time.perf_counter()
     ld = loss_drop(lrs, np.arange(128, 72001, 128), 2.0, 0.6, 0.6)
-    assert time.perf_counter() - t < 10 and np.all(np.diff(ld[-100:]) > 0)
+    assert np.all(np.diff(ld[-100:]) > 0)
 
 
 def test_one_curve_annealing_fit_is_fit_annealing_law():
