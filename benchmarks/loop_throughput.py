@@ -30,7 +30,8 @@ from diagnostics.runs import load_run  # noqa: E402
 from midtrain.checkpoint import model_config  # noqa: E402
 from midtrain.config import Phase, TrainConfig  # noqa: E402
 from midtrain.data import MixtureSampler, default_corpus  # noqa: E402
-from midtrain.loop import resolve_device, train  # noqa: E402
+from midtrain.distributed import resolve_device  # noqa: E402
+from midtrain.loop import train  # noqa: E402
 from midtrain.model import GPT  # noqa: E402
 
 

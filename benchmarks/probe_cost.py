@@ -61,7 +61,8 @@ from hooks.representation import RepresentationProbe  # noqa: E402
 from midtrain.config import default_config  # noqa: E402
 from midtrain.data import default_corpus  # noqa: E402
 from midtrain.hookset import build_hooks  # noqa: E402
-from midtrain.loop import resolve_device, train  # noqa: E402
+from midtrain.distributed import resolve_device  # noqa: E402
+from midtrain.loop import train  # noqa: E402
 
 GOAL = 0.03  # the issue: amortised cost at the default interval at most 3 % of training time
 

@@ -18,20 +18,17 @@ pure function of the global step: the phase, the LR (``TrainConfig.lr_at``)
 and the batch (``MixtureSampler.global_batch``), so resuming and branching
 only need the model/optimizer state and the step number.
 
-Under ``torchrun`` it runs DDP (gloo on CPU, NCCL on GPU): each optimizer
-step's global batch is split into contiguous per-rank shards, gradients are
-synchronised only on the last micro-batch (``no_sync`` before), and only rank 0
-writes the run directory.
+Under ``torchrun`` it runs DDP (``midtrain.distributed``); only rank 0 writes the run
+directory. Evaluation lives in ``midtrain.evaluate``, the progress line and throughput in
+``midtrain._progress``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diagnostics.runs import RUN_JSON, RunDirError, RunWriter, load_run
 from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
@@ -48,7 +44,10 @@ from midtrain._guard import DivergenceGuard
 from midtrain._lock import RunLock
 from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
                                  restore_checkpoint, save_checkpoint)
+from midtrain._progress import Progress, Throughput, peak_flops
 from midtrain.config import ConfigError, TrainConfig
+from midtrain.distributed import forward_model, mean_over_ranks, set_up_processes
+from midtrain.evaluate import evaluate, val_batches
 from midtrain.hookset import build_hooks, named_hooks
 from midtrain.model import GPT, GPTConfig
 
@@ -71,110 +70,6 @@ class TrainResult:
 
 
 # -- set-up helpers ---------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available on this machine; use device = \"cpu\" or \"auto\".")
-    return dev
-
-
-def _set_up_processes(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process: under torchrun, each rank on its own GPU."""
-    rank, world, local_rank = dist_info()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-def peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak FLOP/s of the accelerator, for MFU (NaN when unknown).
-    ``MIDTRAIN_PEAK_FLOPS`` overrides."""
-    if os.environ.get("MIDTRAIN_PEAK_FLOPS"):
-        return float(os.environ["MIDTRAIN_PEAK_FLOPS"])
-    if device.type != "cuda":
-        return float("nan")
-    name = torch.cuda.get_device_name(device).upper()
-    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-             "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-    for k, v in table.items():
-        if k in name:
-            return v
-    return float("nan")
-
-
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MIDTRAIN_DIST_BACKEND", "") != "gloo" else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-class Progress:
-    """A dependency-free progress line: redraws in place on a terminal, else prints
-    one line every ``every`` steps."""
-
-    def __init__(self, total: int, start: int, every: int, enabled: bool, stream=None):
-        self.total, self.start, self.every, self.enabled = total, start, every, enabled
-        self.stream = stream or sys.stderr
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, phase: str, loss: float, lr: float, tok_s: float) -> None:
-        if not self.enabled:
-            return
-        done = step + 1
-        if not self.tty and done % self.every and done != self.total:
-            return
-        el = time.perf_counter() - self.t0
-        eta = el / max(1, done - self.start) * (self.total - done)
-        msg = (f"[{phase}] step {done}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
-               f"{tok_s / 1e3:.1f}k tok/s  eta {eta:.0f}s")
-        if self.tty:
-            self.stream.write("\r" + msg.ljust(100))
-            if done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(msg + "\n")
-        self.stream.flush()
-
-
-def _val_batches(cfg: TrainConfig, corpus) -> dict[str, list]:
-    """The fixed evaluation set: ``eval_batches`` validation batches per domain at the first phase's seq_len."""
-    eval_seq = cfg.phases[0].seq_len
-    return {d: data_mod.val_batches(corpus, d, eval_seq, cfg.data.eval_batch_size, cfg.data.eval_batches)
-            for d in corpus.names()}
-
-
-@torch.no_grad()
-def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
-    """Token-weighted mean val loss per domain: ``{"val/<domain>/loss": float}``."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for name, batches in val.items():
-        tot, n = 0.0, 0
-        for b in batches:
-            b = b.to(device)
-            with autocast:
-                logits, _ = model(b.x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), b.y.reshape(-1), ignore_index=-1, reduction="sum")
-            tot += loss.item()
-            n += int((b.y != -1).sum())
-        out[f"val/{name}/loss"] = tot / max(1, n)
-    model.train(was_training)
-    return out
-
 
 def _data_and_model_config(cfg: TrainConfig, corpus, world: int):
     """(corpus, model config): the data (the config's unless ``corpus`` is given) and the model's
@@ -314,30 +209,11 @@ def _precision(cfg: TrainConfig, device: torch.device):
     return dtype, autocast
 
 
-def _forward_model(model, cfg: TrainConfig, device: torch.device, world: int):
-    """What the loop runs forward and backward: the model, compiled if asked (CUDA only), in DDP under torchrun."""
-    fwd_model = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
-    return fwd_model
-
-
 def _clip_grads(params: list, grad_clip: float) -> torch.Tensor:
     """The gradients' global norm, before clipping them to ``grad_clip`` (0: no clipping)."""
     if grad_clip > 0:
         return torch.nn.utils.clip_grad_norm_(params, grad_clip)
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-
-
-def _mean_over_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return x
-    import torch.distributed as dist
-
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)  # AVG is NCCL-only: SUM then divide
-    return x / world
 
 
 # -- the run store ----------------------------------------------------------------------------
@@ -428,34 +304,6 @@ def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter |
     return val_end
 
 
-class _Throughput:
-    """The loop's speed: per step (tokens/s, its EMA for the progress line, step time, MFU) and over
-    the whole loop, from the first step to the last."""
-
-    def __init__(self, peak: float):
-        self.peak, self.t_loop, self.tokens = peak, time.perf_counter(), 0
-        self.tok_s_ema, self.mfu = float("nan"), float("nan")
-
-    def step_begin(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def step_end(self, step_tokens: int, flops_per_token: float) -> dict[str, float]:
-        """The step's ``perf/`` scalars (``perf/mfu`` only when the accelerator's peak is known)."""
-        dt = time.perf_counter() - self.t0
-        self.tokens += step_tokens
-        tok_s = step_tokens / dt
-        self.tok_s_ema = tok_s if math.isnan(self.tok_s_ema) else 0.9 * self.tok_s_ema + 0.1 * tok_s
-        self.mfu = flops_per_token * tok_s / self.peak if self.peak == self.peak else float("nan")
-        perf = {"perf/tokens_per_s": tok_s, "perf/step_time_s": dt}
-        if self.mfu == self.mfu:
-            perf["perf/mfu"] = self.mfu
-        return perf
-
-    def loop_tokens_per_s(self) -> float:
-        loop_s = time.perf_counter() - self.t_loop
-        return self.tokens / loop_s if loop_s > 0 else float("nan")
-
-
 # -- the loop -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, out_dir: str, *, resume: bool = False, parent: str | None = None,
@@ -491,10 +339,10 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     """``train`` once the run directory is locked."""
     t_start = time.perf_counter()
     cfg.validate()
-    rank, world, device = _set_up_processes(cfg)
+    rank, world, device = set_up_processes(cfg)
     master = rank == 0
     corpus, mcfg = _data_and_model_config(cfg, corpus, world)
-    val = _val_batches(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
+    val = val_batches(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
     total = cfg.total_steps()
     start = _plan_start(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step,
                         until_step=until_step, world=world)
@@ -502,7 +350,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
 
     model, optimizer = _build_model(cfg, mcfg, device, start, branch=parent is not None)
     dtype, autocast = _precision(cfg, device)
-    fwd_model = _forward_model(model, cfg, device, world)
+    fwd_model = forward_model(model, cfg, device, world)
     # before the run store: a bad [monitor.<hook>] option or two hooks of one name touch no disk
     hooks = build_hooks(cfg, model, corpus) if hooks is None else named_hooks(hooks)
     # wandb first: a bad [wandb] (not installed, no API key online) stops here, before run.json
@@ -522,7 +370,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     last_loss, cur_phase, message = float("nan"), -1, ""  # message: why the run diverged (midtrain._guard)
     skipped = int(start.ckpt.get("skipped_steps", 0)) if start.ckpt is not None else 0  # older checkpoints: 0
     guard = DivergenceGuard(cfg.max_skipped_steps, cfg.skip_window, (start.ckpt or {}).get("recent_skipped", ()))
-    speed = _Throughput(peak_flops(device))
+    speed = Throughput(peak_flops(device))
     model.train()
     done, owed, finite = start.step, False, True  # steps done; a checkpoint owed (_checkpoint_now)
     try:
@@ -564,7 +412,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
 
-            last_loss = _mean_over_ranks(loss_sum / phase.grad_accum, world).item()
+            last_loss = mean_over_ranks(loss_sum / phase.grad_accum, world).item()
             step_tokens = phase.batch_size * phase.seq_len
             tokens += step_tokens
             scalars.update(
