@@ -6,6 +6,7 @@ rope_scaling is validated, applied at the phase switch and kept by checkpoints (
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -246,3 +247,71 @@ def test_phase_scaling_applied_and_kept_by_resume_and_branch(tmp_path):
     cfg.phases[2].rope_scaling = {"type": "none"}
     off = train(cfg, str(tmp_path / "off"), parent=str(tmp_path / "whole"), parent_step=8, until_step=9)
     assert off.model.config.rope_scaling is None and off.model.rotary.scaling is None
+
+
+# -- midtrain sweep --rope ----------------------------------------------------------------------------
+
+def test_parse_rope_grammar():
+    from midtrain.sweep import parse_rope
+
+    got = {c.name: (c.base, c.scaling) for c in parse_rope(
+        ["b300=base:300", "plain=none", "pi2=pi:2", "lin=linear:3", "ntk4=ntk:4", "y2=yarn:2", "y2L=yarn:2:128",
+         "mix=base:1e3+ntk:2"])}
+    assert got == {"b300": (300.0, {"type": "none"}), "plain": (None, {"type": "none"}),
+                   "pi2": (None, {"type": "pi", "factor": 2.0}), "lin": (None, {"type": "linear", "factor": 3.0}),
+                   "ntk4": (None, {"type": "ntk", "factor": 4.0}), "y2": (None, {"type": "yarn", "factor": 2.0}),
+                   "y2L": (None, {"type": "yarn", "factor": 2.0, "original_max_position": 128}),
+                   "mix": (1000.0, {"type": "ntk", "factor": 2.0})}
+    for bad, words in (("x=rope:2", "unknown method 'rope'"), ("x=pi:0.5", "factor >= 1"), ("x=pi", "factor"),
+                       ("x=base:1", "base > 1"), ("x=base:300+base:400", "one base"), ("x=pi:2+ntk:2", "one base"),
+                       ("x=yarn:2:0", "yarn"), ("x=yarn:nan", "yarn"), ("x=none:2", "nothing"),
+                       ("pi:2", "NAME=SPEC"), ("a b=pi:2", "NAME=SPEC")):
+        with pytest.raises(ConfigError, match=words):
+            parse_rope([bad])
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_rope(["a=pi:2", "a=ntk:2"])
+
+
+def test_sweep_rope_end_to_end(tmp_path, capsys):
+    from diagnostics.recommend import branch_kind
+    from diagnostics.runs import load_run
+
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text(dumps_toml(_quiet(micro_config(steps=(8, 6, 4), checkpoint_every=4, eval_every=2))))
+    parent = str(tmp_path / "p")
+    assert main(["train", "--config", str(cfgf), "--out", parent, "--quiet", "--until", "14"]) == 0
+    prefix = str(tmp_path / "sw")
+    sweep = ["sweep", parent, "--out-prefix", prefix, "--quiet"]
+    # refusals (exit 2), nothing written
+    for bad in (["--step", "14", "--rope", "x=rope:2"], ["--step", "5", "--rope", "x=pi:2"],
+                ["--rope", "x=pi:2"], ["--step", "14", "--rope", "x=pi:2", "--batch-sizes", "4,8"],
+                ["--step", "14", "--rope", "a=base:1000", "b=base:1e3"], ["--step", "14", "--rope", "x=pi:0.5"],
+                ["--step", "14", "--rope", "x=pi:2", "--tokens", "100000000"]):
+        assert main(sweep + bad) == 2, bad
+    assert not os.path.exists(prefix)
+    capsys.readouterr()
+    specs = ["base300=base:300", "pi2=pi:2", "yarn2=yarn:2", "mix=base:1e3+ntk:2"]
+    assert main(sweep + ["--step", "14", "--steps", "2", "--evals", "2", "--rope", *specs]) == 0
+    out = capsys.readouterr().out
+    assert "branch rope-yarn2 (yarn:2): rope_base 10000, scaling yarn x2 (L=32); 2 steps after step 14" in out
+    assert "rope-mix: mean validation loss" in out
+    want = {"base300": (300.0, {"type": "none"}, None),   # the parent's base at step 14 is midtrain's, 1e4
+            "pi2": (10000.0, {"type": "pi", "factor": 2.0}, {"type": "pi", "factor": 2.0}),
+            "yarn2": (10000.0, {"type": "yarn", "factor": 2.0, "original_max_position": 32},
+                      {"type": "yarn", "factor": 2.0, "original_max_position": 32, "alpha": 1.0, "beta": 32.0}),
+            "mix": (1000.0, {"type": "ntk", "factor": 2.0}, {"type": "ntk", "factor": 2.0})}
+    prun = load_run(parent)
+    for name, (base, table, model_scaling) in want.items():
+        r = load_run(os.path.join(prefix, f"rope-{name}"))
+        assert r.parent["step"] == 14 and os.path.samefile(r.parent["run"], parent)
+        assert r.config["phases"][:2] == prun.config["phases"][:2]          # before the branch step: the parent's
+        assert r.config["phases"][2]["rope_base"] == base and r.config["phases"][2]["rope_scaling"] == table
+        assert {k: v for k, v in r.config["phases"][2].items() if not k.startswith("rope")} == \
+            {k: v for k, v in prun.config["phases"][2].items() if not k.startswith("rope")}
+        assert branch_kind(prun, r) == "rope"
+        ck = load_checkpoint(checkpoint_path(r.path, 16))                   # the branch trained under its choice
+        assert ck["rope_base"] == base and ck["rope_scaling"] == model_scaling
+    # the same branches again: refused, nothing overwritten
+    before = sorted(os.listdir(prefix))
+    assert main(sweep + ["--step", "14", "--steps", "2", "--rope", "pi2=pi:2"]) == 2
+    assert sorted(os.listdir(prefix)) == before
