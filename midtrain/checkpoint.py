@@ -4,8 +4,9 @@ reference model of ``[monitor.difficulty]``, ``load_reference_model``).
 
 A checkpoint is ``<run>/checkpoints/step_<N>.pt`` (``diagnostics.runs.checkpoint_name``), taken
 after ``N`` optimizer steps: a ``torch.save`` dict with the model and optimizer state, the RoPE
-base and scaling (``midtrain.rope``; a checkpoint without ``rope_scaling`` is plain RoPE), the run's config, the Monitor's state and every RNG stream, so a resumed run continues
-bit-identically. It is written atomically (``diagnostics.runs.atomic_write``).
+base and scaling (``midtrain.rope``; a checkpoint without ``rope_scaling`` is plain RoPE), the run's
+config, the Monitor's state and every RNG stream, so a resumed run continues bit-identically. It is
+written atomically (``diagnostics.runs.atomic_write``).
 """
 
 from __future__ import annotations
