@@ -235,7 +235,7 @@ def cmd_recommend(args) -> int:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
     from diagnostics.recommend import ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation
 
-    kinds = {"batch": [], "anneal": [], "switch": [], "same": []}  # branches sorted by what they change
+    kinds = {"batch": [], "anneal": [], "switch": [], "rope": [], "same": []}  # branches sorted by what they change
     for b in args.branches or []:
         b = load_run(b)
         kinds[branch_kind(run, b)].append(b)
@@ -317,6 +317,8 @@ def cmd_recommend(args) -> int:
 def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
+    if args.rope:
+        return _sweep_rope(args)
     if args.anneal_at or args.switch_at or args.mixtures:
         from midtrain.probes import cmd_probes
 
@@ -334,6 +336,31 @@ def cmd_sweep(args) -> int:
               f"lr {lr:.3g}, eval every {p.config.eval_every} -> {p.out}")
     run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
     print(f"next: midtrain recommend {args.run_dir} --branches " + " ".join(p.out for p in plans))
+    return 0
+
+
+def _sweep_rope(args) -> int:
+    """`midtrain sweep RUN --step S --rope NAME=SPEC ...`: one branch per RoPE choice (midtrain/sweep.py)."""
+    from midtrain.config import ConfigError
+    from midtrain.rope import describe_scaling
+    from midtrain.sweep import parse_rope, plan_rope_sweep, run_sweep
+
+    other = [f for f, v in (("--batch-sizes", args.batch_sizes), ("--lr-grid", args.lr_grid), ("--anneal-at",
+             args.anneal_at), ("--switch-at", args.switch_at), ("--mixtures", args.mixtures)) if v]
+    if other or args.step is None:
+        raise ConfigError("--rope branches from one checkpoint: give --step S, and no " + (", ".join(other) or
+                          "other sweep kind") + " (each sweep kind is a separate command). Nothing was written.")
+    plans = plan_rope_sweep(args.run_dir, args.step, parse_rope(args.rope), tokens=args.tokens, steps=args.steps,
+                            phase=args.phase, out_prefix=args.out_prefix, evals=args.evals)
+    for p in plans:
+        print(f"branch rope-{p.name} ({p.spec}): rope_base {p.base:g}, scaling {describe_scaling(p.scaling)}; "
+              f"{p.steps} steps after step {args.step} ({p.tokens} tokens), eval every {p.config.eval_every} "
+              f"-> {p.out}")
+    results = run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
+    for p, r in zip(plans, results):
+        losses = [v for k, v in (r.val_end or {}).items() if k.startswith("val/") and k.endswith("/loss") and k.count("/") == 2]
+        mean = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
+        print(f"rope-{p.name}: mean validation loss {mean} at step {r.steps_done}")
     return 0
 
 
@@ -428,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="branch a run at several batch sizes (empirical critical batch size)",
                        description="From RUN's checkpoint at --step, train one branch per batch size for the same "
                                    "number of tokens, into OUT_PREFIX/bs<B>; then `midtrain recommend RUN "
-                                   "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md).")
+                                   "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md). "
+                                   "With --rope, one branch per RoPE choice instead (OUT_PREFIX/rope-NAME).")
     w.add_argument("run_dir")
     w.add_argument("--step", type=int, help="the parent's checkpoint step to branch from")
     w.add_argument("--batch-sizes", help="comma-separated batch sizes (sequences), e.g. 8,16,32")
@@ -452,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "LR schedule unchanged")
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
+    w.add_argument("--rope", nargs="+", metavar="NAME=SPEC", help="RoPE branches from --step, one per NAME "
+                   "(OUT_PREFIX/rope-NAME), the phases from --step on set to SPEC: base:B, none, pi:S, ntk:S, yarn:S, "
+                   "yarn:S:L or base:B+METHOD, e.g. base1e3=base:1000 yarn2=yarn:2 (docs/recommendations.md)")
     w.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="train the recommended plan and its alternatives from a checkpoint, "

@@ -13,7 +13,7 @@
     _batch_schedule  ``batch_schedule_recommendation``: a batch-size ramp from the noise scale's growth
                      against tokens, as a phase list split at the switch points
     _probes          what the anneal and switch recommendations share: a config's per-step schedule,
-                     ``branch_kind`` (batch, anneal, switch) and ``ProbeInputError`` (bad input)
+                     ``branch_kind`` (batch, anneal, switch, rope) and ``ProbeInputError`` (bad input)
     _anneal          ``anneal_recommendation`` (the ``lr_decay`` entry of ``midtrain recommend``): the anneal
                      start, length and shape for a token budget, a schedule law fitted jointly on the run
                      and its anneal probes
