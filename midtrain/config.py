@@ -142,6 +142,7 @@ class MonitorSection:
     gns: dict[str, Any] = _hook("build_gradient_noise_scale")
     representation: dict[str, Any] = _hook("build_representation_probe")
     difficulty: dict[str, Any] = _hook("build_difficulty_tracker")
+    retrieval: dict[str, Any] = _hook("build_retrieval_probe")
 
 
 @dataclass
