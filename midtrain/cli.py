@@ -9,6 +9,7 @@
     midtrain recommend runs/x --write-config rec.toml   # batch size (GNS), LR-decay start (annealing law)
     midtrain sweep runs/x --step 400 --batch-sizes 8,16,32 --tokens 2000000   # branches per batch size
     midtrain recommend runs/x --branches runs/x-sweep400/bs*   # + critical batch size from the branches
+    midtrain report runs/x --compare runs/x-cool    # one HTML page of the run (runs/x/report.html)
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -333,6 +334,20 @@ def cmd_validate(args) -> int:
     return run(args)
 
 
+def cmd_report(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file is drawn, never a window
+    from diagnostics.report import ReportError, write_report
+
+    try:  # bad input (not a run, a corrupt run.json: RunDirError in main) is refused before anything is written
+        out = write_report(args.run_dir, args.compare or [], args.out)
+    except ReportError as e:
+        return _fail(str(e))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from midtrain.config import default_config, dumps_toml, load_toml
 
@@ -461,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="output folder (default RUN-validate<STEP>); refused if it exists")
     v.add_argument("--quiet", action="store_true", help="no progress line")
     v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (docs/report.md)",
+                       description="Write one HTML file (figures embedded, no network, no server) with the run's "
+                                   "summary and config, phases, validation loss, noise scale, representations, "
+                                   "difficulty, LR schedule and schedule law, recommendations, validation tables and "
+                                   "long-context figures; a figure whose metric the run lacks is one line naming the "
+                                   "hook that writes it.")
+    p.add_argument("run_dir")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="overlay these runs on the loss, validation, "
+                   "GNS and LR figures (a parent and its branches, or two recipes); branches of RUN also feed its "
+                   "recommendations, as midtrain recommend --branches")
+    p.add_argument("--out", metavar="FILE", help="the HTML file to write (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")
