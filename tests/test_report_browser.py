@@ -69,17 +69,22 @@ def report(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("report") / "run"
-        train(micro_config(steps=(16, 10, 6)), str(out), progress=False, strict_hooks=True)  # default hooks
+        cfg = micro_config(steps=(16, 10, 6))
+        train(cfg, str(out), progress=False, strict_hooks=True)  # every default hook
+        branch = out.parent / "branch"   # the same recipe again from step 20: overlaid, and a branch of the run
+        train(cfg, str(branch), parent=str(out), parent_step=20, progress=False, strict_hooks=True)
     finally:
         torch.set_num_threads(old)
-    return write_report(out)
+    return write_report(out, compare=[branch])
 
 
 def test_every_image_of_the_report_loads_in_chromium(report, tmp_path):
     text = report.read_text()
     n = text.count("<img ")
-    assert n >= 9   # phases, validation loss, GNS and per layer, representations and information plane,
-    # difficulty and data map, LR schedule (GNS per domain too once the hook writes gns/domain/<d>/b_simple)
+    assert n >= 12  # phases, validation loss, GNS and per layer, representations and information plane,
+    # difficulty and data map, LR schedule, the overlays of loss, GNS and LR with the branch (and GNS per
+    # domain once the hook writes gns/domain/<d>/b_simple)
+    assert "same branch" in text and text.count("runs compared") >= 4
     assert 'class="failed"' not in text
     imgs = images_loaded(report, tmp_path)
     assert len(imgs) == n

@@ -59,7 +59,8 @@ class Text:
     cls: str = ""
 
     def html(self) -> str:
-        return f'<p{f" class={chr(34)}{self.cls}{chr(34)}" if self.cls else ""}>{_e(self.text)}</p>'
+        cls = f' class="{_e(self.cls)}"' if self.cls else ""
+        return f"<p{cls}>{_e(self.text)}</p>"
 
 
 @dataclass
