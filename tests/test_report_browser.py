@@ -1,6 +1,7 @@
 """`midtrain report` of a real run of the built-in loop (micro recipe, every default hook), opened
 in a real headless browser (Debian's chromium, installed by .ci/run): every image of the page loads,
-and a screenshot of it is not blank. Skipped, saying why, only where chromium is not installed.
+and a screenshot of it is not blank. Skipped, saying why, only where chromium is not installed. Without a browser: the report shows
+exactly what `midtrain recommend` makes for the run.
 
 ``screenshot`` is also how docs/img/report.png was made (docs/report.md)."""
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: .ci/run installs Debian's "
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: .ci/run installs Debian's "
                                 "(apt-get install -y --no-install-recommends chromium); the report's browser check "
                                 "needs it")
 
@@ -78,6 +79,7 @@ def report(tmp_path_factory):
     return write_report(out, compare=[branch])
 
 
+@needs_chromium
 def test_every_image_of_the_report_loads_in_chromium(report, tmp_path):
     text = report.read_text()
     n = text.count("<img ")
@@ -93,6 +95,7 @@ def test_every_image_of_the_report_loads_in_chromium(report, tmp_path):
     assert min(i["width"] for i in imgs) > 100
 
 
+@needs_chromium
 def test_a_screenshot_of_the_report_is_not_blank(report, tmp_path):
     import matplotlib.image
 
@@ -103,3 +106,16 @@ def test_a_screenshot_of_the_report_is_not_blank(report, tmp_path):
     assert gray.std() > 0.05                                          # not one flat colour
     assert np.mean(np.abs(gray - np.median(gray)) > 0.1) > 0.05       # at least 5% of the pixels are drawn
     assert len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 100   # figures, not just text
+
+
+def test_the_report_shows_what_midtrain_recommend_makes(report, capsys):
+    from midtrain.cli import main
+
+    run_dir = report.parent
+    assert main(["recommend", str(run_dir), "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    text = report.read_text()
+    shown = dict(re.findall(r'<div class="rec" id="rec-(\w+)"><h3>\w+: ([^ <]+) ', text))
+    assert made["recommendations"] and shown == {r["name"]: f"{r['value']:.4g}" for r in made["recommendations"]}
+    for name in made["not_available"]:
+        assert f"{name}: not available" in text
