@@ -287,5 +287,5 @@ SECTIONS: tuple[Section, ...] = (
                 Item("loss by position", _call_plots("plot_loss_by_position"), ("val_pos/*/far_loss",),
                      _LONG + " at lengths beyond the first phase's", ("plot_loss_by_position",)),
                 Item("retrieval", _call_plots("plot_retrieval"), ("retrieval/*/gain",),
-                     "the retrieval probe hook ([monitor.retrieval], hooks/retrieval.py)", ("plot_retrieval",)))),
+                     "the RetrievalProbe hook ([monitor.retrieval], docs/retrieval.md)", ("plot_retrieval",)))),
 )

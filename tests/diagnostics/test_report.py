@@ -123,7 +123,7 @@ def test_long_context_items_wait_for_their_plots_functions(tmp_path, monkeypatch
     assert calls == [run, run]
     # present functions, absent metrics: the line names the metric and who writes it
     (b,) = render_item(item["retrieval"], prepare(make_run(tmp_path / "none")))
-    assert "retrieval/*/gain" in b.why and "retrieval probe hook" in b.why
+    assert "retrieval/*/gain" in b.why and "RetrievalProbe" in b.why
 
 
 def test_compare_overlays_every_run_and_lists_them(tmp_path, bare):
