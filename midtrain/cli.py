@@ -9,6 +9,7 @@
     midtrain recommend runs/x --write-config rec.toml   # batch size (GNS), LR-decay start (annealing law)
     midtrain sweep runs/x --step 400 --batch-sizes 8,16,32 --tokens 2000000   # branches per batch size
     midtrain recommend runs/x --branches runs/x-sweep400/bs*   # + critical batch size from the branches
+    midtrain report runs/x --compare runs/x-cool    # one HTML page of the run (runs/x/report.html)
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -225,55 +226,18 @@ def cmd_recommend(args) -> int:
     import json
     import time
 
-    from diagnostics.recommend import (RecommendationError, batch_schedule_recommendation, batch_size_recommendation,
-                                       lr_decay_recommendation)
+    from diagnostics.recommend import RecommendationError, recommend_run
     from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
     if args.write_config and not os.path.isdir(os.path.dirname(os.path.abspath(args.write_config))):
         return _fail(f"--write-config {args.write_config}: its directory does not exist; nothing was written.")
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
-    from diagnostics.recommend import ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation
-
-    kinds = {"batch": [], "anneal": [], "switch": [], "rope": [], "same": []}  # branches sorted by what they change
-    for b in args.branches or []:
-        b = load_run(b)
-        kinds[branch_kind(run, b)].append(b)
     targets = [d.strip() for d in args.target_domains.split(",")] if args.target_domains else None
-    makers = {
-        "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
-        "lr_decay": (lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level))
-        if args.decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"], budget_tokens=args.budget_tokens,
-                                                                 shapes=shapes, level=args.level)),
-        "batch_schedule": lambda: batch_schedule_recommendation(run),
-        "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=targets,
-                                                          tolerance=args.tolerance, level=args.level),
-    }
-    if kinds["batch"]:
-        from diagnostics.recommend import critical_batch_recommendation
-
-        makers["critical_batch_size"] = lambda: critical_batch_recommendation(
-            run, kinds["batch"], target=args.target, domain=args.domain)
-    recs, unavailable = [], {}
-    for name, make in makers.items():  # one that cannot be made is reported; the others still print
-        try:
-            recs.append(make())
-        except ProbeInputError:  # bad input (a budget that does not fit, a foreign branch): exit 2
-            raise
-        except RecommendationError as e:
-            unavailable[name] = str(e)
-    if kinds["batch"]:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
-        from diagnostics.recommend import combined_batch_recommendation
-
-        by = {r.name: r for r in recs}
-        try:
-            one = combined_batch_recommendation(run, *(by.get(n) or unavailable[n] for n in
-                                                       ("batch_size", "critical_batch_size")))
-            recs = [r for r in recs if r.name != "batch_size"]
-            recs.insert(0, one)
-            unavailable.pop("batch_size", None)
-        except RecommendationError as e:
-            unavailable["batch_size"] = str(e)
+    recs, unavailable = recommend_run(  # diagnostics/recommend/_run.py: which recommenders run, and how
+        run, [load_run(b) for b in args.branches or []], phase=args.phase, window=args.window, level=args.level,
+        decay_phase=args.decay_phase, shapes=shapes, budget_tokens=args.budget_tokens, target=args.target,
+        domain=args.domain, target_domains=targets, tolerance=args.tolerance)
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
     else:
@@ -368,6 +332,20 @@ def cmd_validate(args) -> int:
     from midtrain.validate import cmd_validate as run
 
     return run(args)
+
+
+def cmd_report(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file is drawn, never a window
+    from diagnostics.report import ReportError, write_report
+
+    try:  # bad input (not a run, a corrupt run.json: RunDirError in main) is refused before anything is written
+        out = write_report(args.run_dir, args.compare or [], args.out)
+    except ReportError as e:
+        return _fail(str(e))
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -498,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="output folder (default RUN-validate<STEP>); refused if it exists")
     v.add_argument("--quiet", action="store_true", help="no progress line")
     v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (docs/report.md)",
+                       description="Write one HTML file (figures embedded, no network, no server) with the run's "
+                                   "summary and config, phases, validation loss, noise scale, representations, "
+                                   "difficulty, LR schedule and schedule law, recommendations, validation tables and "
+                                   "long-context figures; a figure whose metric the run lacks is one line naming the "
+                                   "hook that writes it.")
+    p.add_argument("run_dir")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="overlay these runs on the loss, validation, "
+                   "GNS and LR figures (a parent and its branches, or two recipes); branches of RUN also feed its "
+                   "recommendations, as midtrain recommend --branches")
+    p.add_argument("--out", metavar="FILE", help="the HTML file to write (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")
