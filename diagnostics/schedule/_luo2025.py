@@ -20,7 +20,9 @@ running this objective to convergence) fits the training curves better and predi
 worse (benchmarks/schedule_laws.py, docs/validation.md). The few Adam steps keep C, beta, gamma near
 their start: an implicit prior. Its step sizes are in absolute units, so they are applied to the
 parameters in units where the largest LR of the curves is the paper's peak, 3e-4 (identical to the
-authors' on their curves; the same procedure at any LR scale).
+authors' on their curves; the same procedure at any LR scale). Its grid and step sizes are made for
+the paper's regime (thousands of steps after the warmup): on a 60-step run of the built-in loop it
+predicts a negative loss (docs/validation.md); there the default protocol is the one to use.
 """
 
 from __future__ import annotations
