@@ -17,12 +17,14 @@ import numpy as np
 
 from diagnostics.schedule._fit import Curve, Solution, check_curves, joint_fit
 from diagnostics.schedule._laws import _AnnealingLaw
+from diagnostics.schedule._luo2025 import luo2025_fit
 from diagnostics.schedule._multi_power import _MultiPowerLaw
 from diagnostics.stats import moving_block_indices
 
-__all__ = ["LAWS", "ScheduleLawFit", "fit_schedule_law", "relative_error"]
+__all__ = ["LAWS", "PROTOCOLS", "ScheduleLawFit", "fit_schedule_law", "relative_error"]
 
 LAWS = ("annealing", "multi_power")
+PROTOCOLS = ("least_squares", "luo2025")
 
 
 def _law(name: str, momentum: float):
@@ -46,6 +48,7 @@ class ScheduleLawFit:
     _curves: list = field(default_factory=list, repr=False)
     _solution: Solution | None = field(default=None, repr=False)
     _robust: bool = field(default=True, repr=False)
+    protocol: str = "least_squares"           # how the multi-power law was fitted (``fit_schedule_law``)
     _boot: dict = field(default_factory=dict, repr=False)
 
     def _steps(self, lrs, steps):
@@ -89,8 +92,11 @@ class ScheduleLawFit:
                 boot = [Curve(c.lrs, c.steps, f + r[i[b]], c.seg)
                         for c, f, r, i in zip(curves, fitted, self.residuals, idx)]
                 try:
-                    s = joint_fit(law, boot, robust=self._robust, x0=self.params, max_nfev=max_nfev,
-                                  scale=sol.scale, noise=sol.noise, feats=feats)
+                    if self.law == "multi_power" and self.protocol == "luo2025":   # its stage 2 from the fit
+                        s = luo2025_fit(law, boot, x0=self.params, scale=sol.scale, noise=sol.noise, feats=feats)
+                    else:
+                        s = joint_fit(law, boot, robust=self._robust, x0=self.params, max_nfev=max_nfev,
+                                      scale=sol.scale, noise=sol.noise, feats=feats)
                 except ValueError:
                     continue
                 reps.append((law.natural(s.p, s.scale), s.offsets))
@@ -119,13 +125,15 @@ class ScheduleLawFit:
         return lo, hi
 
 
-def _fit_one(name: str, curves: list[Curve], momentum: float, robust: bool, max_nfev: int) -> ScheduleLawFit:
+def _fit_one(name: str, curves: list[Curve], momentum: float, robust: bool, max_nfev: int,
+             protocol: str = "least_squares") -> ScheduleLawFit:
     law = _law(name, momentum)
-    sol = joint_fit(law, curves, robust=robust, max_nfev=max_nfev)
+    luo = name == "multi_power" and protocol == "luo2025"
+    sol = luo2025_fit(law, curves) if luo else joint_fit(law, curves, robust=robust, max_nfev=max_nfev)
     return ScheduleLawFit(law=name, params=law.natural(sol.p, sol.scale), offsets=sol.offsets, momentum=momentum,
                           rmse=sol.rmse, noise=sol.noise, r2=sol.r2, n_points=sol.n_points,
                           residuals=np.split(sol.residuals, np.cumsum(sol.sizes)[:-1]), _curves=curves,
-                          _solution=sol, _robust=robust)
+                          _solution=sol, _robust=robust, protocol="luo2025" if luo else "least_squares")
 
 
 def relative_error(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -133,7 +141,7 @@ def relative_error(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.abs(pred - y) / np.abs(y)
 
 
-def _leave_one_out(curves: list[Curve], momentum: float, robust: bool, max_nfev: int) -> dict:
+def _leave_one_out(curves: list[Curve], momentum: float, robust: bool, max_nfev: int, protocol: str) -> dict:
     """Each law fitted to all curves but one and its mean relative error on the one left out (its
     segment offsets where the fit has them, else none), for every curve."""
     errs = {name: [] for name in LAWS}
@@ -141,7 +149,7 @@ def _leave_one_out(curves: list[Curve], momentum: float, robust: bool, max_nfev:
         rest = curves[:i] + curves[i + 1:]
         for name in LAWS:
             try:
-                f = _fit_one(name, rest, momentum, robust, max_nfev)
+                f = _fit_one(name, rest, momentum, robust, max_nfev, protocol)
                 pred = f.predict(c.lrs, steps=c.steps) + np.array([f.offsets.get(int(s), 0.0) for s in c.seg])
                 errs[name].append(float(np.mean(relative_error(pred, c.y))))
             except (ValueError, np.linalg.LinAlgError):
@@ -150,7 +158,7 @@ def _leave_one_out(curves: list[Curve], momentum: float, robust: bool, max_nfev:
 
 
 def fit_schedule_law(curves, law: str = "auto", *, segments=None, momentum: float = 0.999, robust: bool = True,
-                     max_nfev: int = 200) -> ScheduleLawFit:
+                     max_nfev: int = 200, protocol: str = "least_squares") -> ScheduleLawFit:
     """Fit one set of law parameters jointly to several loss curves.
 
     curves: a list of ``(lrs, steps, losses)``: the LR of every update 0..N-1 of a curve, the steps at
@@ -166,6 +174,11 @@ def fit_schedule_law(curves, law: str = "auto", *, segments=None, momentum: floa
         first curve's first one gets an additive offset shared by all curves (mixture or sequence-
         length switches: a run and its branches use the same labels for the same data).
     robust: Huber loss at 1.345 x the pooled robust noise scale (``_fit.joint_fit``); else least squares.
+    protocol: how the multi-power law is fitted. "least_squares" (default): the trust-region fit above,
+        run to convergence; "luo2025": the authors' own procedure (``_luo2025``: Huber on the log loss,
+        a grid start, 200 AdamW steps at most, early-stopped; their published PredE/WorstE come from it).
+        The annealing law is always fitted by least squares; with law="auto" the protocol applies to the
+        multi-power law in the held-out comparison too.
 
     Raises ValueError for no curves, a curve that is not a triple, empty or non-finite LRs, steps and
     losses of different lengths, non-finite losses, a loss at a step beyond its LR sequence, too few
@@ -175,15 +188,17 @@ def fit_schedule_law(curves, law: str = "auto", *, segments=None, momentum: floa
         raise ValueError(f"law must be one of {LAWS + ('auto',)}, got {law!r}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     cs = check_curves(curves, segments)
     if law != "auto":
-        return _fit_one(law, cs, momentum, robust, max_nfev)
+        return _fit_one(law, cs, momentum, robust, max_nfev, protocol)
     if len(cs) == 1:
         fit = _fit_one("annealing", cs, momentum, robust, max_nfev)
         fit.selection = {"chosen": "annealing", "reason": "one curve: nothing to hold out; the annealing law "
                          "(4 parameters) is identified by one schedule, the multi-power law (7) is not"}
         return fit
-    errs = _leave_one_out(cs, momentum, robust, max_nfev)
+    errs = _leave_one_out(cs, momentum, robust, max_nfev, protocol)
     both = [i for i in range(len(cs)) if all(np.isfinite(errs[n][i]) for n in LAWS)]
     if not both:
         chosen, score = "annealing", {n: math.nan for n in LAWS}
@@ -193,6 +208,6 @@ def fit_schedule_law(curves, law: str = "auto", *, segments=None, momentum: floa
         chosen = min(LAWS, key=lambda n: score[n])
         reason = (f"smaller mean relative error on held-out curves ({len(both)} of {len(cs)} folds): "
                   + ", ".join(f"{n} {100 * score[n]:.3g}%" for n in LAWS))
-    fit = _fit_one(chosen, cs, momentum, robust, max_nfev)
+    fit = _fit_one(chosen, cs, momentum, robust, max_nfev, protocol)
     fit.selection = {"chosen": chosen, "reason": reason, "loo_error": score, "loo_error_per_curve": errs}
     return fit
