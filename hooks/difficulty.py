@@ -196,6 +196,7 @@ class DifficultyTracker(Hook):
         self._ref_cache: dict[str, np.ndarray] = {}
         self._last_probe: dict[str, dict[str, np.ndarray]] = {}
         self._early_probe: tuple[int, dict[str, Any]] | None = None  # (step, measurement) from on_step_begin
+        self.role: str | None = None  # hooks.monitor.probe_role, set in attach (None: asked when needed)
         self._last_metrics: dict[str, float] = {}
         self._dirty = False
 
@@ -221,7 +222,7 @@ class DifficultyTracker(Hook):
 
     # -- events -------------------------------------------------------------------------
     def scheduled(self, step: int) -> bool:
-        return getattr(self, "role", probe_role()) != "skip"  # DDP: rank 0 keeps the table and scores the probes
+        return (self.role or probe_role()) != "skip"  # DDP: rank 0 keeps the table and scores the probes
 
     def _probe_step(self, step: int) -> bool:
         return bool(self.probe) and self.model is not None and step % self.probe_every == 0
@@ -233,7 +234,7 @@ class DifficultyTracker(Hook):
         one model. The metrics are reported in this step's ``on_step_end``. (The Monitor also calls
         this at the first ``on_backward_end`` of a step the loop did not announce -- still before the
         update.)"""
-        if getattr(self, "role", "measure") == "forward":  # another rank of a sharded model: forwards only
+        if self.role == "forward":  # another rank of a sharded model: forwards only
             for tokens in (self.probe or {}).values() if self._probe_step(step) else ():
                 self._eval(self.model, tokens)
             return
@@ -241,7 +242,7 @@ class DifficultyTracker(Hook):
 
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         """Queue this micro-batch (no device sync: the queue moves to the host every ``stats_every`` steps)."""
-        if getattr(self, "role", "measure") == "forward":
+        if self.role == "forward":
             return  # rank 0 keeps the table (of its own examples, as under DDP)
         if losses is None:
             self._warn_once("losses", "no per-example losses were given to on_backward_end; only the probe "
@@ -292,7 +293,7 @@ class DifficultyTracker(Hook):
         return losses, ids, doms
 
     def on_step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
-        if getattr(self, "role", "measure") == "forward":
+        if self.role == "forward":
             return {}
         tokens = scalars.get("train/tokens")
         self._steps.append((len(self._pending), None if tokens is None else float(tokens)))

@@ -223,6 +223,7 @@ class RepresentationProbe(Hook):
         self.sites: list[str] = []
         self.history: dict[str, dict[str, list[float]]] = {}
         self._early: tuple[int, dict] | None = None  # (step, metrics) probed in on_step_begin
+        self.role: str | None = None  # hooks.monitor.probe_role, set in attach (None: asked when needed)
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
@@ -256,7 +257,7 @@ class RepresentationProbe(Hook):
         self.writer = writer
 
     def scheduled(self, step: int) -> bool:
-        if getattr(self, "role", probe_role()) == "skip":
+        if (self.role or probe_role()) == "skip":
             return False  # DDP: rank 0 measures, the others train on
         if step == 0 or step % self.every == 0:
             return True
@@ -286,7 +287,7 @@ class RepresentationProbe(Hook):
         t0 = time.perf_counter()
         model = self.model
         device = next(model.parameters(), torch.zeros(())).device
-        if getattr(self, "role", "measure") == "forward":  # another rank of a sharded model
+        if self.role == "forward":  # another rank of a sharded model
             return self._forward_only(model, device)
         modes = [(m, m.training) for m in model.modules()]
         call = _ProbeCall(self.jobs, self._fixed_state())
