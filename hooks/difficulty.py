@@ -196,7 +196,7 @@ class DifficultyTracker(Hook):
         self._ref_cache: dict[str, np.ndarray] = {}
         self._last_probe: dict[str, dict[str, np.ndarray]] = {}
         self._early_probe: tuple[int, dict[str, Any]] | None = None  # (step, measurement) from on_step_begin
-        self.role: str | None = None  # hooks.monitor.probe_role, set in attach (None: asked when needed)
+        self._monitor = None  # the Monitor attached to: its ``sharded`` decides the probe's role
         self._last_metrics: dict[str, float] = {}
         self._dirty = False
 
@@ -214,15 +214,20 @@ class DifficultyTracker(Hook):
     def _warn_once(self, key: str, msg: str, category=UserWarning) -> None:
         warn_once(self._warned, key, f"DifficultyTracker: {msg}", category, stacklevel=4)
 
+    @property
+    def role(self) -> str:
+        """``hooks.monitor.probe_role`` of this process: "measure", "forward" (a sharded model's other rank) or "skip"."""
+        return probe_role(self._monitor)
+
     def attach(self, model, monitor) -> None:
-        self.role = probe_role(monitor)  # sharded (FSDP2): every rank scores the probe set, rank 0 records
+        self._monitor = monitor  # sharded (FSDP2): every rank scores the probe set, rank 0 records (role)
         self.model = model
         if self.writer is None and self.save_fn is None:  # default: the Monitor's run store
             self.writer = run_writer(monitor)
 
     # -- events -------------------------------------------------------------------------
     def scheduled(self, step: int) -> bool:
-        return (self.role or probe_role()) != "skip"  # DDP: rank 0 keeps the table and scores the probes
+        return self.role != "skip"  # DDP: rank 0 keeps the table and scores the probes
 
     def _probe_step(self, step: int) -> bool:
         return bool(self.probe) and self.model is not None and step % self.probe_every == 0

@@ -90,7 +90,7 @@ def probe_role(monitor=None) -> str:
       report nothing;
     - ``"skip"``: another rank of a replicated model (DDP): nothing (not scheduled).
 
-    A probe asks once, in ``attach`` (``self.role = probe_role(monitor)``)."""
+    A probe keeps the Monitor it is attached to and asks with it (``probe_role(self._monitor)``)."""
     if not non_zero_rank():
         return "measure"
     return "forward" if getattr(monitor, "sharded", False) else "skip"

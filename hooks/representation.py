@@ -223,7 +223,7 @@ class RepresentationProbe(Hook):
         self.sites: list[str] = []
         self.history: dict[str, dict[str, list[float]]] = {}
         self._early: tuple[int, dict] | None = None  # (step, metrics) probed in on_step_begin
-        self.role: str | None = None  # hooks.monitor.probe_role, set in attach (None: asked when needed)
+        self._monitor = None  # the Monitor attached to: its ``sharded`` decides the probe's role
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
@@ -245,8 +245,13 @@ class RepresentationProbe(Hook):
                 raise ValueError("mi_input='embedding' needs a model with tok_emb or get_input_embeddings()")
             self._embedding = emb
 
+    @property
+    def role(self) -> str:
+        """``hooks.monitor.probe_role`` of this process: "measure", "forward" (a sharded model's other rank) or "skip"."""
+        return probe_role(self._monitor)
+
     def attach(self, model, monitor) -> None:
-        self.role = probe_role(monitor)  # sharded (FSDP2): every rank runs the probe's forward passes
+        self._monitor = monitor  # sharded (FSDP2): every rank runs the probe's forward passes (role)
         if model is not None:
             self._set_model(model)
         if self.writer is None:  # the run store the Monitor writes to, if any
@@ -257,7 +262,7 @@ class RepresentationProbe(Hook):
         self.writer = writer
 
     def scheduled(self, step: int) -> bool:
-        if (self.role or probe_role()) == "skip":
+        if self.role == "skip":
             return False  # DDP: rank 0 measures, the others train on
         if step == 0 or step % self.every == 0:
             return True
