@@ -70,6 +70,7 @@ def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipp
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=sharded_dir(path))
         if dist.get_rank() != 0:
+            dist.barrier()  # returns once rank 0 wrote the .pt: every rank then sees the same checkpoints
             return path
         sharding = {"dir": os.path.basename(sharded_dir(path)), "world_size": int(sharded_world)}
     state = {
@@ -91,7 +92,13 @@ def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipp
             "python": random.getstate(),
         },
     }
-    atomic_write(path, writer=lambda f: torch.save(state, f))  # a killed save never leaves half a checkpoint
+    try:
+        atomic_write(path, writer=lambda f: torch.save(state, f))  # a killed save never leaves half a checkpoint
+    finally:
+        if sharding:
+            import torch.distributed as dist
+
+            dist.barrier()
     return path
 
 
