@@ -195,6 +195,9 @@ class GradientNoiseScale(Hook):
             self.load_state_dict(self._state_to_load)
         # FSDP2 (sharded): the backward sees the unsharded parameters; .grad holds this rank's shard
         self._sharded = is_sharded(model) or bool(getattr(monitor, "sharded", False))
+        if self._sharded and self.bookkeeping:
+            raise ValueError("bookkeeping=True writes the batch weight gradients itself; under FSDP2 (a sharded "
+                             "model) FSDP owns them: use bookkeeping=False")
         if self.mode in ("microbatch", "auto") and self._sharded:
             self._unsharded = UnshardedGradHooks(model, {n: i for i, (n, _) in enumerate(named)},
                                                  self._make_grad_hook)

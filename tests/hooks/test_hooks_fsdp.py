@@ -1,6 +1,7 @@
 """The hooks on a plain loop under FSDP2 (``fully_shard``), two gloo processes on CPU (one spawn, with a
-time limit): GradientNoiseScale (micro-batch mode, and auto with one backward per step) gives the DDP run's
-numbers on the same data within 1e-4 relative, step by step; the Monitor detects the sharded model;
+time limit): GradientNoiseScale (micro-batch mode, auto with one backward per step, and per-example mode, where
+a parameter without a per-example rule is left out of both norms on every rank's shard) gives the DDP
+run's numbers on the same data within 1e-4 relative, step by step; the Monitor detects the sharded model;
 a RepresentationProbe runs its forward on every rank (rank 0 alone would wait for ever) and measures
 what it measures on the DDP model."""
 
@@ -23,9 +24,21 @@ from tests.midtrain.test_fsdp import spawn_with_time_limit
 WORLD, STEPS, PER_RANK, TIME_LIMIT_S = 2, 3, 4, 90
 
 
+class Gain(nn.Module):
+    """A parameter no per-example rule covers (per-example mode leaves it out of both norms)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return x * self.g
+
+
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Sequential(nn.Linear(16, 16), nn.Tanh()), nn.Linear(16, 1))
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Sequential(nn.Linear(16, 16), Gain(16), nn.Tanh()),
+                         nn.Linear(16, 1))
 
 
 def _data():
@@ -72,7 +85,7 @@ def _worker(rank, world, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         res = {(kind, accum, mode): _run(rank, kind, accum, mode)
-               for kind in ("fsdp", "ddp") for accum, mode in ((2, "microbatch"), (1, "auto"))}
+               for kind in ("fsdp", "ddp") for accum, mode in ((2, "microbatch"), (1, "auto"), (2, "per_example"))}
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,13 +98,15 @@ def results(tmp_path_factory):
     return [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("accum,mode", [(2, "microbatch"), (1, "auto")])
+@pytest.mark.parametrize("accum,mode", [(2, "microbatch"), (1, "auto"), (2, "per_example")])
 def test_gns_and_probe_under_fsdp_equal_ddp(results, accum, mode):
     fsdp, ddp = results[0][("fsdp", accum, mode)], results[0][("ddp", accum, mode)]
     assert fsdp["sharded"] and not ddp["sharded"]
     assert len(fsdp["records"]) == len(ddp["records"]) == STEPS
     keys = [k for k in ddp["records"][-1] if k.startswith(("gns/", "repr/")) and not k.endswith("_time_s")]
     assert {"gns/small_sq", "gns/big_sq", "gns/b_simple"} <= set(keys) and any(k.startswith("repr/") for k in keys)
+    if mode == "per_example":
+        assert all(r["gns/b_small"] == 1.0 for r in fsdp["records"])
     for a, b in zip(fsdp["records"], ddp["records"]):
         for k in keys:
             if k in b:
