@@ -130,3 +130,22 @@ def test_a_sharded_checkpoint_is_refused_by_an_unsharded_run(runs):
     assert not (runs / "branch" / "run.json").exists()
     with pytest.raises(ConfigError, match="sharded .FSDP. run of 2 processes"):
         train(_cfg("fsdp"), str(runs / "branch1"), parent=str(runs / "fsdp"), parent_step=3, progress=False)
+
+
+def test_check_sharding_says_what_loads_where():
+    from midtrain.checkpoint import check_sharding
+
+    sharded, plain = {"sharded": {"dir": "step_0000003.dcp", "world_size": 2}}, {"sharded": None}
+    check_sharding(sharded, "c.pt", 2)
+    check_sharding(plain, "c.pt", 0)
+    check_sharding({}, "c.pt", 0)    # a checkpoint from before the key
+    with pytest.raises(ConfigError, match="--nproc_per_node 2"):
+        check_sharding(sharded, "c.pt", 4)
+    with pytest.raises(ConfigError, match="unsharded .single-process or DDP. run"):
+        check_sharding(plain, "c.pt", 2)
+
+
+def test_parallelism_is_validated():
+    with pytest.raises(ConfigError, match="parallelism 'zero3' is not one of ddp, fsdp"):
+        _cfg("zero3").validate()
+    assert _cfg("fsdp").to_dict()["parallelism"] == "fsdp"
