@@ -12,7 +12,9 @@ file, in the folder ``step_<N>.dcp/`` written by every rank with torch's distrib
 (``torch.distributed.checkpoint``: each rank its own shards); the ``.pt`` file, written by rank 0 once
 that folder is complete, holds everything else, ``"model"`` and ``"optimizer"`` set to None and
 ``"sharded": {"dir": "step_<N>.dcp", "world_size": W}``. It resumes on the same number of processes
-with ``parallelism = "fsdp"``; anything else is a clear ConfigError (``check_sharding``).
+with ``parallelism = "fsdp"``, and loads into an unsharded run (one process, e.g. a ``midtrain sweep``
+branch, or DDP: the shards are read into whole tensors); a sharded run on another number of processes,
+and an unsharded checkpoint in a sharded run, are a clear ConfigError (``check_sharding``).
 Single-process and DDP checkpoints are unchanged.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -127,19 +130,18 @@ def newest_readable_checkpoint(run) -> tuple[dict | None, list[str]]:
 
 def check_sharding(ckpt: dict, path: str, sharded_world: int) -> None:
     """ConfigError unless the checkpoint ``ckpt`` (read from ``path``) can be loaded by a run that is sharded
-    over ``sharded_world`` processes (0: not sharded): a sharded checkpoint only by a sharded run of the
-    same world size, an unsharded one only by an unsharded run."""
+    over ``sharded_world`` processes (0: not sharded): a sharded checkpoint by a sharded run of the same
+    world size, or by an unsharded run (one process, DDP: the distributed checkpoint reads the shards into
+    whole tensors), an unsharded one only by an unsharded run."""
     had = ckpt.get("sharded") or {}
     was = int(had.get("world_size", 0))
-    if was == sharded_world:
+    if was == sharded_world or not sharded_world:
         return
-    if was and sharded_world:
-        raise ConfigError(f"checkpoint {path} was written by a sharded (FSDP) run of {was} processes; it can only "
-                          f"be resumed or branched on {was} processes, not {sharded_world}. Start torchrun with "
-                          f"--nproc_per_node {was}. Nothing was changed.")
     if was:
-        raise ConfigError(f"checkpoint {path} was written by a sharded (FSDP) run of {was} processes; load it with "
-                          f"parallelism = \"fsdp\" under torchrun --nproc_per_node {was}. Nothing was changed.")
+        raise ConfigError(f"checkpoint {path} was written by a sharded (FSDP) run of {was} processes; a sharded run "
+                          f"can only resume or branch from it on {was} processes, not {sharded_world}. Start torchrun "
+                          f"with --nproc_per_node {was}, or load it unsharded (one process, or parallelism = \"ddp\"). "
+                          f"Nothing was changed.")
     raise ConfigError(f"checkpoint {path} was written by an unsharded (single-process or DDP) run; a sharded "
                       f"(parallelism = \"fsdp\") run cannot load it. Use parallelism = \"ddp\". Nothing was changed.")
 
@@ -154,7 +156,9 @@ def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool, path: str | N
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["sharded"]["dir"]))
+        with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process" (it is)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=os.path.join(os.path.dirname(path), ckpt["sharded"]["dir"]))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
         model.load_state_dict(ckpt["model"])

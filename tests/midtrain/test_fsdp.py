@@ -38,12 +38,9 @@ def _worker(rank, world, init_file, root):
         train(_cfg("ddp"), os.path.join(root, "ddp"), progress=False, strict_hooks=True)
         train(_cfg("fsdp"), os.path.join(root, "split"), until_step=4, progress=False, strict_hooks=True)
         train(_cfg("fsdp"), os.path.join(root, "split"), resume=True, progress=False, strict_hooks=True)
-        try:   # a sharded checkpoint does not load unsharded: every rank refuses before anything runs
-            train(_cfg("ddp"), os.path.join(root, "branch"), parent=os.path.join(root, "fsdp"), parent_step=3,
-                  progress=False)
-        except ConfigError as e:
-            with open(os.path.join(root, f"error{rank}.txt"), "w") as f:
-                f.write(str(e))
+        # a sharded checkpoint loads into DDP (the shards read into whole tensors)
+        train(_cfg("ddp"), os.path.join(root, "branch_ddp"), parent=os.path.join(root, "fsdp"), parent_step=3,
+              progress=False, hooks=[])
     finally:
         dist.destroy_process_group()
 
@@ -123,13 +120,18 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(runs):
         torch.testing.assert_close(torch.tensor(a[name].values), torch.tensor(b[name].values), rtol=1e-6, atol=0)
 
 
-def test_a_sharded_checkpoint_is_refused_by_an_unsharded_run(runs):
-    for r in range(WORLD):
-        msg = (runs / f"error{r}.txt").read_text()
-        assert "sharded (FSDP) run of 2 processes" in msg and "parallelism" in msg
-    assert not (runs / "branch" / "run.json").exists()
-    with pytest.raises(ConfigError, match="sharded .FSDP. run of 2 processes"):
-        train(_cfg("fsdp"), str(runs / "branch1"), parent=str(runs / "fsdp"), parent_step=3, progress=False)
+def test_a_sharded_checkpoint_branches_unsharded(runs):
+    """From the FSDP run's step-3 checkpoint, on one process and under DDP: the same steps 3-5 as the FSDP
+    run itself (the same config: a branch that changes nothing continues the run)."""
+    train(_cfg("fsdp"), str(runs / "branch_one"), parent=str(runs / "fsdp"), parent_step=3, progress=False,
+          hooks=[])
+    whole = _col(load_run(runs / "fsdp"), "train/loss")
+    whole = whole[whole["step"] >= 3]
+    for name in ("branch_one", "branch_ddp"):
+        b = _col(load_run(runs / name), "train/loss")
+        assert list(b["step"]) == list(whole["step"]) == [3, 4, 5], name
+        torch.testing.assert_close(torch.tensor(b["train/loss"].values), torch.tensor(whole["train/loss"].values),
+                                   rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_check_sharding_says_what_loads_where():
@@ -139,6 +141,7 @@ def test_check_sharding_says_what_loads_where():
     check_sharding(sharded, "c.pt", 2)
     check_sharding(plain, "c.pt", 0)
     check_sharding({}, "c.pt", 0)    # a checkpoint from before the key
+    check_sharding(sharded, "c.pt", 0)   # read into whole tensors
     with pytest.raises(ConfigError, match="--nproc_per_node 2"):
         check_sharding(sharded, "c.pt", 4)
     with pytest.raises(ConfigError, match="unsharded .single-process or DDP. run"):
