@@ -495,17 +495,17 @@ class GradientNoiseScale(Hook):
         if not have:
             return torch.zeros(len(self._params), device=self._device)
         grads = [self._params[i].grad for i in have]
-        try:
-            if self._sharded:   # this rank's shards: summed over ranks in on_grads_ready
-                raise TypeError("sharded")
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch, DTensor shards
-            norms = ([n.sqrt() for n in local_sq_norms(grads)] if self._sharded else
-                     [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
-                                               dtype=torch.float32) for g in grads])
-        if self._multi_device:
-            norms = [n.to(self._device) for n in norms]
-        sq = torch.stack(norms).square()
+        if self._sharded:   # this rank's DTensor shards: summed over the ranks in on_grads_ready
+            sq = torch.stack([n.to(self._device) for n in local_sq_norms(grads)])
+        else:
+            try:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch
+                norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
+                                                  dtype=torch.float32) for g in grads]
+            if self._multi_device:
+                norms = [n.to(self._device) for n in norms]
+            sq = torch.stack(norms).square()
         if len(have) == len(self._params):
             return sq
         return torch.zeros(len(self._params), device=self._device).index_copy_(
