@@ -8,6 +8,7 @@ private to it):
                                 per-example norm math (``diagnostics.gns.pegrad``)
     diagnostics.representation  spectra, TwoNN, information plane, readout, compression-onset detection
     diagnostics.difficulty      the streaming example table, data maps, learnability, forgetting
+    diagnostics.retrieval       passkey-style keys planted in held-out text, the retrieval gain
     diagnostics.schedule        the LR schedule and the schedule laws that predict loss from it
     diagnostics.recommend       ``Recommendation`` and one module per recommendation
     diagnostics.stats           statistics the families share (EMA, OLS slope test, block bootstrap)

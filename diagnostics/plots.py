@@ -219,8 +219,9 @@ def shade_phases(ax, data, *, columns=None, label=True) -> list:
         artists.append(art)
         if label:  # inside the top of the axes (above it for a heatmap, whose cells fill it)
             y, va = (1.0, "bottom") if columns is not None else (0.995, "top")
+            # clipped to the axes (so a zoomed view, set_xlim, shows no stray labels), except a heatmap's above it
             ax.text(x_text, y, f" {name}", transform=trans, ha="left", va=va, fontsize="x-small",
-                    color="0.35", clip_on=False)
+                    color="0.35", clip_on=columns is None)
     return artists
 
 

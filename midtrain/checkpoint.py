@@ -4,8 +4,9 @@ reference model of ``[monitor.difficulty]``, ``load_reference_model``).
 
 A checkpoint is ``<run>/checkpoints/step_<N>.pt`` (``diagnostics.runs.checkpoint_name``), taken
 after ``N`` optimizer steps: a ``torch.save`` dict with the model and optimizer state, the RoPE
-base, the run's config, the Monitor's state and every RNG stream, so a resumed run continues
-bit-identically. It is written atomically (``diagnostics.runs.atomic_write``).
+base and scaling (``midtrain.rope``; a checkpoint without ``rope_scaling`` is plain RoPE), the run's
+config, the Monitor's state and every RNG stream, so a resumed run continues bit-identically. It is
+written atomically (``diagnostics.runs.atomic_write``).
 
 A sharded run (``parallelism = "fsdp"`` under ``torchrun``) keeps its model and optimizer state beside that
 file, in the folder ``step_<N>.dcp/`` written by every rank with torch's distributed checkpoint
@@ -86,6 +87,7 @@ def save_checkpoint(run_dir, step, tokens, model, optimizer, monitor, cfg, skipp
         "optimizer": None if sharding else optimizer.state_dict(),
         "sharded": sharding,
         "rope_base": model.config.rope_base,
+        "rope_scaling": model.config.rope_scaling,  # the checked table (midtrain.rope) or None
         "config": cfg.to_dict(),
         "monitor": monitor.state_dict(),
         "rng": {
@@ -147,8 +149,8 @@ def check_sharding(ckpt: dict, path: str, sharded_world: int) -> None:
 
 
 def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool, path: str | None = None) -> None:
-    """Load a checkpoint's model, optimizer and RoPE base; with ``rng`` (a resume) also its RNG
-    streams (dropout), which a branch does not take: it reseeds. A sharded checkpoint (every rank
+    """Load a checkpoint's model, optimizer and RoPE base and scaling; with ``rng`` (a resume) also its
+    RNG streams (dropout), which a branch does not take: it reseeds. A sharded checkpoint (every rank
     calls this) is read from its distributed-checkpoint folder beside ``path``."""
     if ckpt.get("sharded"):
         import torch.distributed.checkpoint as dcp
@@ -164,6 +166,7 @@ def restore_checkpoint(ckpt: dict, model, optimizer, *, rng: bool, path: str | N
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     model.set_rope_base(ckpt["rope_base"])
+    model.set_rope_scaling(ckpt.get("rope_scaling"))  # older checkpoints have none: plain RoPE
     if rng:
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
@@ -190,7 +193,7 @@ def reference_checkpoint_path(path: str) -> str:
 
 def load_reference_model(path: str, vocab_size: int):
     """A frozen GPT (CPU, eval mode) from a midtrain checkpoint file or run directory, with the
-    checkpoint's own architecture and RoPE base; any architecture works if its vocabulary is ours."""
+    checkpoint's own architecture, RoPE base and scaling; any architecture works if its vocabulary is ours."""
     file = reference_checkpoint_path(path)
     ck = load_checkpoint(file)
     if ck.get("sharded"):
@@ -200,6 +203,7 @@ def load_reference_model(path: str, vocab_size: int):
         ref = GPT(model_config(TrainConfig.from_dict(ck["config"]), vocab_size))
         ref.load_state_dict(ck["model"])
         ref.set_rope_base(ck["rope_base"])
+        ref.set_rope_scaling(ck.get("rope_scaling"))
     except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as e:
         raise ConfigError(f"[monitor.difficulty] reference_checkpoint {file} does not hold a midtrain model for "
                           f"this corpus (vocabulary {vocab_size}): {type(e).__name__}: {e}") from None

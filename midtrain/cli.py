@@ -9,6 +9,7 @@
     midtrain recommend runs/x --write-config rec.toml   # batch size (GNS), LR-decay start (annealing law)
     midtrain sweep runs/x --step 400 --batch-sizes 8,16,32 --tokens 2000000   # branches per batch size
     midtrain recommend runs/x --branches runs/x-sweep400/bs*   # + critical batch size from the branches
+    midtrain report runs/x --compare runs/x-cool    # one HTML page of the run (runs/x/report.html)
     midtrain config --dump default.toml             # the default recipe, for editing
 
 Bad input (a missing file, an unknown key, a run directory that already holds
@@ -225,55 +226,18 @@ def cmd_recommend(args) -> int:
     import json
     import time
 
-    from diagnostics.recommend import (RecommendationError, batch_schedule_recommendation, batch_size_recommendation,
-                                       lr_decay_recommendation)
+    from diagnostics.recommend import RecommendationError, recommend_run
     from diagnostics.runs import RECOMMENDATIONS_FILE, atomic_write, load_run
 
     if args.write_config and not os.path.isdir(os.path.dirname(os.path.abspath(args.write_config))):
         return _fail(f"--write-config {args.write_config}: its directory does not exist; nothing was written.")
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
-    from diagnostics.recommend import ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation
-
-    kinds = {"batch": [], "anneal": [], "switch": [], "same": []}  # branches sorted by what they change
-    for b in args.branches or []:
-        b = load_run(b)
-        kinds[branch_kind(run, b)].append(b)
     targets = [d.strip() for d in args.target_domains.split(",")] if args.target_domains else None
-    makers = {
-        "batch_size": lambda: batch_size_recommendation(run, phase=args.phase, window=args.window, level=args.level),
-        "lr_decay": (lambda: lr_decay_recommendation(run, phase=args.decay_phase, shapes=shapes, level=args.level))
-        if args.decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"], budget_tokens=args.budget_tokens,
-                                                                 shapes=shapes, level=args.level)),
-        "batch_schedule": lambda: batch_schedule_recommendation(run),
-        "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=targets,
-                                                          tolerance=args.tolerance, level=args.level),
-    }
-    if kinds["batch"]:
-        from diagnostics.recommend import critical_batch_recommendation
-
-        makers["critical_batch_size"] = lambda: critical_batch_recommendation(
-            run, kinds["batch"], target=args.target, domain=args.domain)
-    recs, unavailable = [], {}
-    for name, make in makers.items():  # one that cannot be made is reported; the others still print
-        try:
-            recs.append(make())
-        except ProbeInputError:  # bad input (a budget that does not fit, a foreign branch): exit 2
-            raise
-        except RecommendationError as e:
-            unavailable[name] = str(e)
-    if kinds["batch"]:  # one batch answer from the noise scale and the branches (docs/recommendations.md)
-        from diagnostics.recommend import combined_batch_recommendation
-
-        by = {r.name: r for r in recs}
-        try:
-            one = combined_batch_recommendation(run, *(by.get(n) or unavailable[n] for n in
-                                                       ("batch_size", "critical_batch_size")))
-            recs = [r for r in recs if r.name != "batch_size"]
-            recs.insert(0, one)
-            unavailable.pop("batch_size", None)
-        except RecommendationError as e:
-            unavailable["batch_size"] = str(e)
+    recs, unavailable = recommend_run(  # diagnostics/recommend/_run.py: which recommenders run, and how
+        run, [load_run(b) for b in args.branches or []], phase=args.phase, window=args.window, level=args.level,
+        decay_phase=args.decay_phase, shapes=shapes, budget_tokens=args.budget_tokens, target=args.target,
+        domain=args.domain, target_domains=targets, tolerance=args.tolerance)
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
     else:
@@ -317,6 +281,8 @@ def cmd_recommend(args) -> int:
 def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
+    if args.rope:
+        return _sweep_rope(args)
     if args.anneal_at or args.switch_at or args.mixtures:
         from midtrain.probes import cmd_probes
 
@@ -337,10 +303,49 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _sweep_rope(args) -> int:
+    """`midtrain sweep RUN --step S --rope NAME=SPEC ...`: one branch per RoPE choice (midtrain/sweep.py)."""
+    from midtrain.config import ConfigError
+    from midtrain.rope import describe_scaling
+    from midtrain.sweep import parse_rope, plan_rope_sweep, run_sweep
+
+    other = [f for f, v in (("--batch-sizes", args.batch_sizes), ("--lr-grid", args.lr_grid), ("--anneal-at",
+             args.anneal_at), ("--switch-at", args.switch_at), ("--mixtures", args.mixtures)) if v]
+    if other or args.step is None:
+        raise ConfigError("--rope branches from one checkpoint: give --step S, and no " + (", ".join(other) or
+                          "other sweep kind") + " (each sweep kind is a separate command). Nothing was written.")
+    plans = plan_rope_sweep(args.run_dir, args.step, parse_rope(args.rope), tokens=args.tokens, steps=args.steps,
+                            phase=args.phase, out_prefix=args.out_prefix, evals=args.evals)
+    for p in plans:
+        print(f"branch rope-{p.name} ({p.spec}): rope_base {p.base:g}, scaling {describe_scaling(p.scaling)}; "
+              f"{p.steps} steps after step {args.step} ({p.tokens} tokens), eval every {p.config.eval_every} "
+              f"-> {p.out}")
+    results = run_sweep(args.run_dir, args.step, plans, progress=not args.quiet)
+    for p, r in zip(plans, results):
+        losses = [v for k, v in (r.val_end or {}).items() if k.startswith("val/") and k.endswith("/loss") and k.count("/") == 2]
+        mean = f"{sum(losses) / len(losses):.4f}" if losses else "n/a"
+        print(f"rope-{p.name}: mean validation loss {mean} at step {r.steps_done}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from midtrain.validate import cmd_validate as run
 
     return run(args)
+
+
+def cmd_report(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file is drawn, never a window
+    from diagnostics.report import ReportError, write_report
+
+    try:  # bad input (not a run, a corrupt run.json: RunDirError in main) is refused before anything is written
+        out = write_report(args.run_dir, args.compare or [], args.out)
+    except ReportError as e:
+        return _fail(str(e))
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -428,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="branch a run at several batch sizes (empirical critical batch size)",
                        description="From RUN's checkpoint at --step, train one branch per batch size for the same "
                                    "number of tokens, into OUT_PREFIX/bs<B>; then `midtrain recommend RUN "
-                                   "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md).")
+                                   "--branches OUT_PREFIX/bs*` fits the critical batch size (docs/recommendations.md). "
+                                   "With --rope, one branch per RoPE choice instead (OUT_PREFIX/rope-NAME).")
     w.add_argument("run_dir")
     w.add_argument("--step", type=int, help="the parent's checkpoint step to branch from")
     w.add_argument("--batch-sizes", help="comma-separated batch sizes (sequences), e.g. 8,16,32")
@@ -452,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "LR schedule unchanged")
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
+    w.add_argument("--rope", nargs="+", metavar="NAME=SPEC", help="RoPE branches from --step, one per NAME "
+                   "(OUT_PREFIX/rope-NAME), the phases from --step on set to SPEC: base:B, none, pi:S, ntk:S, yarn:S, "
+                   "yarn:S:L or base:B+METHOD, e.g. base1e3=base:1000 yarn2=yarn:2 (docs/recommendations.md)")
     w.set_defaults(func=cmd_sweep)
 
     v = sub.add_parser("validate", help="train the recommended plan and its alternatives from a checkpoint, "
@@ -467,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="output folder (default RUN-validate<STEP>); refused if it exists")
     v.add_argument("--quiet", action="store_true", help="no progress line")
     v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (docs/report.md)",
+                       description="Write one HTML file (figures embedded, no network, no server) with the run's "
+                                   "summary and config, phases, validation loss, noise scale, representations, "
+                                   "difficulty, LR schedule and schedule law, recommendations, validation tables and "
+                                   "long-context figures; a figure whose metric the run lacks is one line naming the "
+                                   "hook that writes it.")
+    p.add_argument("run_dir")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="overlay these runs on the loss, validation, "
+                   "GNS and LR figures (a parent and its branches, or two recipes); branches of RUN also feed its "
+                   "recommendations, as midtrain recommend --branches")
+    p.add_argument("--out", metavar="FILE", help="the HTML file to write (default RUN/report.html)")
+    p.set_defaults(func=cmd_report)
 
     c = sub.add_parser("config", help="print or write a config", description="Print the default recipe (or a "
                        "config file, normalised) as TOML, or write it with --dump FILE.")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diagnostics.schedule import DECAY_SHAPES, lr_schedule, phase_num_steps  # one schedule, shared
+from midtrain.rope import rope_scaling_spec
 
 try:  # Python >= 3.11
     import tomllib
@@ -67,6 +68,9 @@ class Phase:
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     seq_len: int = 128
     rope_base: float | None = None  # None: keep the model's current base
+    # a RoPE scaling method (midtrain.rope; docs/training.md "RoPE scaling"), e.g.
+    # { type = "yarn", factor = 2.0, original_max_position = 128 }; None: keep the model's current one
+    rope_scaling: dict[str, Any] | None = None
     # a phase that is a piece of a longer LR segment (a data switch inside a decay, `midtrain validate`):
     # the schedule above runs over lr_span steps and this phase is its steps lr_offset .. lr_offset + n - 1
     lr_span: int | None = None
@@ -138,6 +142,7 @@ class MonitorSection:
     gns: dict[str, Any] = _hook("build_gradient_noise_scale")
     representation: dict[str, Any] = _hook("build_representation_probe")
     difficulty: dict[str, Any] = _hook("build_difficulty_tracker")
+    retrieval: dict[str, Any] = _hook("build_retrieval_probe")
 
 
 @dataclass
@@ -228,9 +233,11 @@ class TrainConfig:
     # -- (de)serialisation -----------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for p in d["phases"]:  # lr_span / lr_offset only where set: run.json of ordinary runs stays as before
+        for p in d["phases"]:  # lr_span / lr_offset, rope_scaling only where set: run.json of ordinary runs stays as before
             if p.get("lr_span") is None and not p.get("lr_offset"):
                 p.pop("lr_span", None), p.pop("lr_offset", None)
+            if p.get("rope_scaling") is None:
+                p.pop("rope_scaling", None)
         return d
 
     @classmethod
@@ -406,6 +413,10 @@ def _validate_phase(p: Phase, domains: list[str] | None, max_seq_len: int | None
         )
     if p.rope_base is not None and p.rope_base <= 1:
         raise ConfigError(f"{where}: rope_base must be > 1 (as the model's), got {p.rope_base}.")
+    try:
+        rope_scaling_spec(p.rope_scaling)
+    except ValueError as e:
+        raise ConfigError(f"{where}: rope_scaling {e} (docs/training.md, \"RoPE scaling\").") from None
     if not p.mixture:
         raise ConfigError(f"{where} has an empty mixture; give domain weights, e.g. mixture = {{ prose = 1.0 }}.")
     weights = list(p.mixture.values())

@@ -96,7 +96,11 @@ def forward_model(model, cfg: TrainConfig, device: torch.device, world: int):
     if world > 1 and not sharded(cfg, world):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast: the GPT's only buffers are the RoPE cos/sin cache, rebuilt from the config on
+        # each rank; a probe on rank 0 at a longer sequence grows it there only, and DDP's broadcast of
+        # buffers of different sizes breaks the next forward (gloo: "Received data size doesn't match")
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
     return fwd_model
 
 

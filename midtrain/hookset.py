@@ -29,9 +29,11 @@ def build_hooks(cfg: TrainConfig, model, corpus) -> list[Hook]:
         if not opts.pop("enabled", default_on):
             continue
         try:
-            hooks.append(fn(opts, cfg, model, corpus))
+            hook = fn(opts, cfg, model, corpus)
         except TypeError as e:
             raise ConfigError(f"[monitor.{name}]: {e}") from None
+        if hook is not None:  # None: nothing to measure in this run (e.g. retrieval without a long phase)
+            hooks.append(hook)
     return hooks
 
 
@@ -82,16 +84,16 @@ def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, co
 
 # -- representation --------------------------------------------------------------------
 
-def _probe_batches(hook: str, cfg: TrainConfig, corpus, n_seq: int) -> dict:
+def _probe_batches(hook: str, cfg: TrainConfig, corpus, n_seq: int, seq_len: int | None = None) -> dict:
     """A fixed probe batch per corpus domain -- every domain, including those only later
-    phases train on: ``n_seq`` evenly spaced validation chunks at the first phase's seq_len.
-    A domain too short for one is left out with a warning."""
+    phases train on: ``n_seq`` evenly spaced validation chunks at ``seq_len`` (default: the first
+    phase's). A domain too short for one is left out with a warning."""
     from midtrain import data as data_mod
 
     out = {}
     for d in corpus.names():
         try:
-            out[d] = data_mod.val_batches(corpus, d, cfg.phases[0].seq_len, n_seq, 1)[0]
+            out[d] = data_mod.val_batches(corpus, d, seq_len or cfg.phases[0].seq_len, n_seq, 1)[0]
         except data_mod.DataError as e:
             warnings.warn(f"[monitor.{hook}]: no probe batch for domain {d!r} ({e})", UserWarning)
     return out
@@ -156,6 +158,69 @@ def build_difficulty_tracker(opts: dict[str, Any], cfg: TrainConfig, model, corp
         return DifficultyTracker(domain_names=corpus.names(), probe=probe, **opts)
     except ValueError as e:
         raise ConfigError(f"[monitor.difficulty]: {e}") from None
+
+
+# -- retrieval -------------------------------------------------------------------------
+
+def retrieval_schedule(cfg: TrainConfig, every: int | None = None) -> tuple[list[int], list[int]]:
+    """(lengths, steps) of ``[monitor.retrieval]`` in the built-in loop: the long-context phases are
+    those whose seq_len exceeds the first phase's; the lengths are their distinct seq_lens, and each
+    such phase is probed at its first step (before its first update: the previous phase's weights,
+    already with this phase's RoPE base), every ``every`` steps after it (default: ``eval_every`` or a
+    quarter of the phase, whichever is longer: at most 5 probes per phase, at most one per
+    ``eval_every`` steps) and at its last step (before that step's update). No long phase:
+    ([], [])."""
+    L0, out = cfg.phases[0].seq_len, set()
+    lengths = sorted({p.seq_len for p in cfg.phases if p.seq_len > L0})
+    for start, p in zip(cfg.phase_starts(), cfg.phases):
+        n = p.num_steps()
+        if p.seq_len <= L0 or n < 1:
+            continue
+        k = every or max(cfg.eval_every, -(-n // 4))
+        out.update(range(start, start + n, k))
+        out.add(start + n - 1)
+    return lengths, sorted(out)
+
+
+def build_retrieval_probe(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook | None:
+    """``[monitor.retrieval]``: RetrievalProbe in the long-context phases (``retrieval_schedule``; none:
+    no hook), at their lengths (or ``lengths``), on the validation split of every corpus domain at each
+    length (evenly spaced chunks, ``val_batches``; a domain too short for the length is left out with a
+    warning), with ``far_from`` = the first phase's seq_len. Defaults: key_len 8, n_keys 6 and 6 depths
+    per length from 16 to L - key_len (docs/retrieval.md); ``every`` sets the interval inside the
+    long phases; any other constructor keyword (depths, key_len, n_keys, n_depths, min_depth,
+    key_tokens, batch_size, seed, ...) may be set."""
+    from hooks.retrieval import RetrievalProbe
+
+    _check_options("retrieval", RetrievalProbe, opts, supplied=("data", "writer", "model", "steps", "far_from"))
+    opts = dict(opts)
+    every = opts.pop("every", None)
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"[monitor.retrieval] every must be a positive integer, got {every!r}.")
+    lengths, steps = retrieval_schedule(cfg, every)
+    if not steps:
+        return None
+    n_dom = max(1, len(corpus.names()))
+    per_domain = -(-int(opts.get("n_keys", 6)) // n_dom) if isinstance(opts.get("n_keys", 6), int) else 1
+    data, key_len = {}, opts.get("key_len", 8)
+    if "lengths" not in opts and isinstance(key_len, int):  # the default lengths: only those that hold a key twice
+        if [L for L in lengths if L < 2 * key_len]:
+            warnings.warn(f"[monitor.retrieval]: context lengths below {2 * key_len} (twice key_len) are not "
+                          f"probed: {[L for L in lengths if L < 2 * key_len]}", UserWarning)
+        lengths = [L for L in lengths if L >= 2 * key_len]
+    for L in opts.pop("lengths", lengths):
+        data[L] = {d: b.x for d, b in _probe_batches("retrieval", cfg, corpus, per_domain, L).items()}
+        if not data[L]:
+            warnings.warn(f"[monitor.retrieval]: no domain has enough validation tokens for a context of {L}; "
+                          "that length is not probed", UserWarning)
+            del data[L]
+    if not data:
+        return None
+    try:
+        return RetrievalProbe(data.__getitem__, list(data), every=None, steps=steps, far_from=cfg.phases[0].seq_len,
+                              **opts)
+    except ValueError as e:
+        raise ConfigError(f"[monitor.retrieval]: {e}") from None
 
 
 # name -> (enabled by default, builder(options, cfg, model, corpus) -> Hook), one per [monitor.<name>]

@@ -396,8 +396,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
             pi, phase, _ = cfg.phase_at(step)
             if pi != cur_phase:  # phase switch: context length, RoPE base, data mixture
                 cur_phase, sampler = pi, data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
-                if phase.rope_base is not None:
-                    model.set_rope_base(phase.rope_base)
+                model.set_rope(phase.rope_base, phase.rope_scaling)  # None keeps the model's current one
                 micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
             scalars: dict[str, Any] = {}
             if step % cfg.eval_every == 0 or step in phase_starts:

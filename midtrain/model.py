@@ -4,7 +4,9 @@ nanoGPT layout with the modern pieces most current open LLMs use:
 
 - RoPE positions (Su et al. 2021, arXiv 2104.09864) with a configurable base, so
   context extension by raising the base ("ABF", Xiong et al. 2023, arXiv 2309.16039)
-  is one call: ``model.set_rope_base(500_000.0, block_size=2048)``;
+  is one call: ``model.set_rope_base(500_000.0, block_size=2048)``; and the scaling
+  methods of ``midtrain.rope`` (position interpolation, NTK-aware, YaRN):
+  ``model.set_rope_scaling({"type": "yarn", "factor": 4.0, "original_max_position": 512})``;
 - RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467), pre-norm, weight only;
 - SwiGLU MLP (Shazeer 2020, arXiv 2002.05202), hidden size ~8/3 * n_embd;
 - attention through ``F.scaled_dot_product_attention(is_causal=True)``
@@ -52,6 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from midtrain.rope import rope_frequencies, rope_scaling_spec
+
 __all__ = [
     "GPTConfig",
     "PRESETS",
@@ -89,6 +93,7 @@ class GPTConfig:
     mlp_ratio: float = 8.0 / 3.0
     multiple_of: int = 64
     rope_base: float = 10000.0
+    rope_scaling: dict | None = None  # a midtrain.rope scaling table; None: plain RoPE
     tie_weights: bool = True
     dropout: float = 0.0
     norm_eps: float = 1e-6
@@ -106,6 +111,11 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+        try:
+            self.rope_scaling = rope_scaling_spec(self.rope_scaling)
+            rope_frequencies(self.head_dim, self.rope_base, self.rope_scaling)
+        except ValueError as e:
+            raise ValueError(f"rope_scaling: {e}") from None
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
@@ -169,16 +179,24 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None):
-    """RoPE tables (Su et al. 2021, eq. 34): angle[m, i] = m * base^(-2i / head_dim).
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None, scaling=None):
+    """RoPE tables (Su et al. 2021, eq. 34): angle[m, i] = m * base^(-2i / head_dim), or
+    (m / divisor) * theta_i under a scaling method, both tables times its attention factor
+    (``midtrain.rope.rope_frequencies``; ``scaling`` None is plain RoPE).
 
-    Always float32 (bf16 angles lose whole rotations at long positions).
+    Angles and cos/sin are computed in float64 on the CPU and returned as float32 (float32 angles
+    lose ~1e-7 of a radian per radian, bf16 whole rotations at long positions).
     Returns cos, sin of shape (seq_len, head_dim // 2).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    angles = torch.outer(positions, inv_freq)  # (T, head_dim/2)
-    return angles.cos(), angles.sin()
+    theta, divisor, gain = rope_frequencies(head_dim, base, scaling)
+    positions = torch.arange(seq_len, dtype=torch.float64)
+    if divisor != 1.0:
+        positions = positions / divisor
+    angles = torch.outer(positions, torch.tensor(theta, dtype=torch.float64))  # (T, head_dim/2)
+    cos, sin = angles.cos(), angles.sin()
+    if gain != 1.0:
+        cos, sin = cos * gain, sin * gain
+    return cos.to(device=device, dtype=torch.float32), sin.to(device=device, dtype=torch.float32)
 
 
 def apply_rope(x, cos, sin):
@@ -197,24 +215,32 @@ def apply_rope(x, cos, sin):
 
 
 class Rotary(nn.Module):
-    """Holds the RoPE base and a lazily grown float32 cos/sin cache.
+    """Holds the RoPE base and scaling (``midtrain.rope``) and a lazily grown float32 cos/sin cache.
 
     The cache is a non-persistent buffer (not in the state dict; it follows
     ``model.to(device)``); it is rebuilt when a longer sequence arrives, when the
-    base changes, or when a dtype cast (``model.half()``) touched it.
+    base or the scaling changes, or when a dtype cast (``model.half()``) touched it.
     """
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, scaling: dict | None = None):
         super().__init__()
         self.head_dim = head_dim
         self.base = float(base)
+        self.scaling = rope_scaling_spec(scaling)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
-    def set_base(self, base: float):
-        self.base = float(base)
+    def _drop_cache(self):
         self.cos = torch.empty(0, device=self.cos.device)
         self.sin = torch.empty(0, device=self.sin.device)
+
+    def set_base(self, base: float):
+        self.base = float(base)
+        self._drop_cache()
+
+    def set_scaling(self, scaling: dict | None):
+        self.scaling = rope_scaling_spec(scaling)
+        self._drop_cache()
 
     def forward(self, seq_len: int, device):
         stale = (
@@ -224,7 +250,7 @@ class Rotary(nn.Module):
             or self.cos.device != torch.device(device)
         )
         if stale:
-            self.cos, self.sin = rope_cos_sin(seq_len, self.head_dim, self.base, device=device)
+            self.cos, self.sin = rope_cos_sin(seq_len, self.head_dim, self.base, device=device, scaling=self.scaling)
         return self.cos[:seq_len], self.sin[:seq_len]  # (T, head_dim/2) each
 
 
@@ -301,7 +327,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.rotary = Rotary(config.head_dim, config.rope_base)
+        self.rotary = Rotary(config.head_dim, config.rope_base, config.rope_scaling)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.final_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -389,6 +415,28 @@ class GPT(nn.Module):
             self.config.block_size = block_size
         self.config.rope_base = base
         self.rotary.set_base(base)
+
+    def set_rope_scaling(self, scaling: dict | None, *, block_size: int | None = None):
+        """Set a RoPE scaling method (``midtrain.rope``: ``{"type": "pi" | "ntk" | "yarn", "factor": s,
+        ...}``; None or ``{"type": "none"}``: plain RoPE) on top of the current base, optionally with a
+        new maximum length. ValueError for a bad table, changing nothing. ``config.rope_scaling``
+        records the checked table so checkpoints keep it."""
+        spec = rope_scaling_spec(scaling)
+        rope_frequencies(self.config.head_dim, self.config.rope_base, spec)  # ntk at head_dim 2
+        if block_size is not None:
+            self.set_rope_base(self.config.rope_base, block_size=block_size)
+        self.config.rope_scaling = spec
+        self.rotary.set_scaling(spec)
+
+    def set_rope(self, base: float | None = None, scaling: dict | None = None):
+        """What a phase of the built-in loop sets: its ``rope_base`` and ``rope_scaling``, where None
+        keeps the current value (``{"type": "none"}`` turns a scaling off). Both are checked first."""
+        if scaling is not None:
+            rope_scaling_spec(scaling)
+        if base is not None:
+            self.set_rope_base(base)
+        if scaling is not None:
+            self.set_rope_scaling(scaling)
 
     # -- introspection ---------------------------------------------------------
 

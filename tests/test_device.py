@@ -144,7 +144,30 @@ def test_builtin_loop_on_device_with_every_hook(tmp_path):
     assert np.isfinite(rows["train/loss"]).all() and len(rows) == 9
     assert rows["gns/b_small"].notna().any()
     assert any(c.startswith("repr/") for c in m) and any(c.startswith("difficulty/") for c in m)
+    assert m["retrieval/64/gain"].notna().sum() == 2 and np.isfinite(m["retrieval/64/gain"].dropna()).all()
     assert res.val_end and all(np.isfinite(v) for v in res.val_end.values())
+
+
+@needs_device
+def test_retrieval_probe_on_device_matches_cpu(exact_fp32):
+    """The retrieval gain on the device: float32 equal to the CPU's, bf16 autocast (the default on
+    CUDA) within 0.05 nats of it."""
+    from hooks.retrieval import RetrievalProbe
+    from midtrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=64, block_size=128))
+    data = torch.randint(0, 64, (6, 128), generator=torch.Generator().manual_seed(1))
+    kw = dict(lengths=[64, 128], depths=[8, 40, 100], n_keys=6, every=None)
+    cpu = RetrievalProbe(data, autocast=False, model=model, **kw).probe()
+    model.to(DEVICE)
+    fp32 = RetrievalProbe(data, autocast=False, model=model, **kw).probe()
+    bf16 = RetrievalProbe(data, autocast=True, model=model, **kw).probe()
+    keys = [k for k in cpu if k.endswith("gain")]
+    assert len(keys) == (2 + 1) + (3 + 1)  # depths 8, 40 at 64 and 8, 40, 100 at 128, each with its mean
+    for k in keys:
+        assert fp32[k] == pytest.approx(cpu[k], abs=1e-4), k
+        assert bf16[k] == pytest.approx(cpu[k], abs=0.05), k
 
 
 def _fsdp_cuda_worker(rank, world, init_file, root):

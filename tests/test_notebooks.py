@@ -1,4 +1,5 @@
-"""Execute the notebooks headless (nbclient + ipykernel), on their small-parameter path.
+"""Execute the notebooks headless (nbclient + ipykernel), on their small-parameter path: all four,
+top to bottom.
 
 Each notebook runs with its own folder as the working directory (as nbmake and Jupyter do);
 the run it trains is written to a temporary directory and the executed notebook is kept in
@@ -55,6 +56,31 @@ def test_attach_hooks_notebook(tmp_path, monkeypatch):
     assert "disabled hooks: none" in text and "floor ln 32" in text
     run_lines = [ln for ln in text.splitlines() if ln.startswith("Run(")]
     assert run_lines and "domains=['pattern', 'random']" in run_lines[0]
+
+
+def test_recommendations_notebook(tmp_path, monkeypatch):
+    from diagnostics import load_run
+
+    before = sorted(p.name for p in NOTEBOOKS.iterdir())
+    nb = execute("recommendations.ipynb", {"MIDTRAIN_NB_STEPS": "150", "MIDTRAIN_NB_SIZE": "micro",
+                                           "MIDTRAIN_NB_OUT": str(tmp_path / "run"), "MPLBACKEND": "Agg"}, monkeypatch)
+    text = outputs(nb)
+    assert "lr_decay: " in text and "config patch: " in text          # the recommendation, with its patch
+    assert "applied plan minus own recipe at the end of the decay" in text
+    probes = sorted(p.name for p in (tmp_path / "run-probes").iterdir())
+    assert len(probes) == 2 and all(n.startswith("anneal") for n in probes)
+    applied = load_run(tmp_path / "run-applied")
+    assert applied.status == "finished" and applied.parent["step"] in [s for s, _ in load_run(tmp_path / "run").checkpoints()]
+    assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before  # nothing written next to it
+
+
+def test_theory_checks_notebook(monkeypatch):
+    # each check prints one line (estimate, truth, relative error) and asserts its tolerance in its cell
+    nb = execute("theory_checks.ipynb", {"MPLBACKEND": "Agg"}, monkeypatch)
+    lines = [ln for ln in outputs(nb).splitlines() if "rel. error" in ln]
+    kinds = ["B_simple", "matrix entropy", "effective rank", "alpha-ReQ", "TwoNN", "I(X;T)", "I(T;Y)"]
+    assert len(lines) == 23 and all(ln.endswith(" ok") for ln in lines), lines
+    assert all(any(ln.startswith(k) for ln in lines) for k in kinds)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))

@@ -13,12 +13,14 @@
     _batch_schedule  ``batch_schedule_recommendation``: a batch-size ramp from the noise scale's growth
                      against tokens, as a phase list split at the switch points
     _probes          what the anneal and switch recommendations share: a config's per-step schedule,
-                     ``branch_kind`` (batch, anneal, switch) and ``ProbeInputError`` (bad input)
+                     ``branch_kind`` (batch, anneal, switch, rope) and ``ProbeInputError`` (bad input)
     _anneal          ``anneal_recommendation`` (the ``lr_decay`` entry of ``midtrain recommend``): the anneal
                      start, length and shape for a token budget, a schedule law fitted jointly on the run
-                     and its anneal probes
+                     and its anneal probes (``anneal_fit``: that fit alone)
     _data_switch     ``data_switch_recommendation``: the data-switch step (and mixture) from switch probes;
                      without them the run's own signals place the candidates (``switch_candidates``)
+    _run             ``recommend_run``: every recommendation ``midtrain recommend`` makes for a run and its
+                     branches (``sort_branches``), and why each one it cannot make is not available
 
 One module per recommendation; each imports only ``_common`` and the families it builds on
 (``diagnostics.gns``, ``diagnostics.schedule``, ``diagnostics.stats``), never another front door of
@@ -29,7 +31,7 @@ its own family, so there is no import cycle::
     print(batch_size_recommendation(load_run("runs/a")).to_text())
 """
 
-from diagnostics.recommend._anneal import anneal_curves, anneal_recommendation
+from diagnostics.recommend._anneal import anneal_curves, anneal_fit, anneal_recommendation
 from diagnostics.recommend._batch_choice import combined_batch_recommendation
 from diagnostics.recommend._batch_schedule import batch_schedule_recommendation, ramp_points
 from diagnostics.recommend._batch_size import batch_size_recommendation
@@ -40,12 +42,13 @@ from diagnostics.recommend._critical_batch import branch_curve, critical_batch_r
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
 from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, schedule_of,
                                          switch_phase_index)
+from diagnostics.recommend._run import recommend_run, sort_branches
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
 __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS", "lr_factor",
            "rescale_phase", "batch_size_recommendation", "lr_decay_recommendation",
            "candidate_decays", "critical_batch_recommendation", "combined_batch_recommendation",
            "batch_schedule_recommendation", "ramp_points", "steps_to_target", "branch_curve",
-           "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves",
+           "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves", "anneal_fit",
            "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of", "switch_phase_index",
-           "data_switch_recommendation", "switch_candidates"]
+           "data_switch_recommendation", "switch_candidates", "recommend_run", "sort_branches"]

@@ -25,7 +25,7 @@ from diagnostics.recommend._common import Recommendation, RecommendationError, _
 from diagnostics.recommend._probes import ProbeInputError, anneal_phase_index, mixture_key, schedule_of
 from diagnostics.schedule import DECAY_SHAPES, ScheduleLawFit, fit_schedule_law, phase_lrs
 
-__all__ = ["anneal_recommendation", "anneal_curves"]
+__all__ = ["anneal_recommendation", "anneal_curves", "anneal_fit"]
 
 
 def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0):
@@ -69,6 +69,20 @@ def anneal_curves(run, branches=()):
     return curves, segs, labels, probes
 
 
+def anneal_fit(run, branches=(), *, law: str = "auto"):
+    """The schedule law ``anneal_recommendation`` fits: jointly on the run and its anneal probes (the
+    annealing law alone for the run without probes). Returns ``(fit, curves, segments, labels, probes)``
+    as :func:`anneal_curves` gives them; RecommendationError when the law cannot be fitted."""
+    curves, segs, labels, probes = anneal_curves(run, branches)
+    try:
+        fit = fit_schedule_law(curves, law=law if len(curves) > 1 else "annealing", segments=segs)
+    except ValueError as e:
+        raise RecommendationError(f"the schedule law did not fit: {e}") from None
+    if not all(math.isfinite(v) for v in fit.params.values()) or not math.isfinite(fit.rmse):
+        raise RecommendationError(f"the {fit.law} law fit did not converge (parameters {fit.params})")
+    return fit, curves, segs, labels, probes
+
+
 def _anneal_lrs(stable: np.ndarray, peak: float, s: int, ann: dict, n: int, shape: str) -> np.ndarray:
     pre = stable[:s] if s <= len(stable) else np.concatenate([stable, np.full(s - len(stable), peak)])
     ph = {**ann, "steps": n, "tokens": None, "warmup_steps": 0, "decay": shape, "decay_fraction": 1.0}
@@ -108,13 +122,7 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
     s_hi = s_lo
     while tok(s_hi + 1) + 2 * b_ann <= budget:
         s_hi += 1
-    curves, segs, labels, probes = anneal_curves(run, branches)
-    try:
-        fit = fit_schedule_law(curves, law=law if len(curves) > 1 else "annealing", segments=segs)
-    except ValueError as e:
-        raise RecommendationError(f"the schedule law did not fit: {e}") from None
-    if not all(math.isfinite(v) for v in fit.params.values()) or not math.isfinite(fit.rmse):
-        raise RecommendationError(f"the {fit.law} law fit did not converge (parameters {fit.params})")
+    fit, curves, segs, labels, probes = anneal_fit(run, branches, law=law)
     lab = labels.get(mixture_key(ann))
     stable, peak = sched.lrs[:start_a], float(st.get("lr"))
     starts = np.unique(np.r_[np.round(np.linspace(s_lo, s_hi, max_candidates)).astype(int),

@@ -1,12 +1,13 @@
 """What the anneal-start and data-switch recommendations share about a run and its probe branches:
 the per-step schedule a built-in-loop config implies (LR, tokens, mixture), which kind of branch a
-run is (``branch_kind``: batch, anneal, switch), and the refusals for branches of another parent or
+run is (``branch_kind``: batch, anneal, switch, rope), and the refusals for branches of another parent or
 of an incompatible config (docs/recommendations.md, "Anneal start" and "Data switch").
 
 A branch's kind is read from its config against its parent's, step by step after the branch step:
 another batch size in a phase of the same name -> ``batch`` (``midtrain sweep --batch-sizes``); else
 another LR -> ``anneal`` (``--anneal-at``); else another mixture -> ``switch`` (``--switch-at``,
-``--mixtures``); else ``same``.
+``--mixtures``); else another ``rope_base`` or ``rope_scaling`` in a phase of the same name -> ``rope``
+(``--rope``); else ``same``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _same_run(a, b) -> bool:
 
 
 def branch_kind(parent, branch) -> str:
-    """"batch", "anneal", "switch" or "same": what ``branch`` (a Run) changes against ``parent`` after
+    """"batch", "anneal", "switch", "rope" or "same": what ``branch`` (a Run) changes against ``parent`` after
     its branch step. RecommendationError for a branch of another run, or one whose seed, model, data,
     optimizer or schedule before the branch step differs from the parent's."""
     info = branch.parent or {}
@@ -132,4 +133,7 @@ def branch_kind(parent, branch) -> str:
         return "anneal"
     if any(ps.key_at(k) != bs.key_at(k) for k in range(s, m)):
         return "switch"
+    pr = {p.get("name"): (p.get("rope_base"), p.get("rope_scaling")) for p in ps.phases}
+    if any(p.get("name") in pr and (p.get("rope_base"), p.get("rope_scaling")) != pr[p.get("name")] for p in bs.phases):
+        return "rope"    # RoPE branches set rope_base / rope_scaling from the branch step on (midtrain.sweep)
     return "same"

@@ -228,3 +228,21 @@ def test_error_messages_and_options(run):
     # an Axes passed in is drawn on and returned
     fig, ax = plt.subplots()
     assert plots.difficulty_loss(run, ax) is ax
+
+
+def test_phase_labels_are_clipped_to_a_zoomed_view():
+    """A zoomed line plot (set_xlim) shows no label of a phase outside the view and does not grow its
+    tight bounding box for them (the labels were drawn unclipped before); a heatmap's labels stay above it."""
+    fig, ax = plt.subplots()
+    ax.plot([0, 24], [1, 0])
+    plots.shade_phases(ax, PHASES)
+    ax.set_xlim(14, 24)
+    fig.canvas.draw()
+    labels = {t.get_text().strip(): t for t in ax.texts}
+    assert all(t.get_clip_on() for t in labels.values())
+    renderer = fig.canvas.get_renderer()
+    bbox_axes = ax.get_window_extent(renderer)
+    assert ax.get_tightbbox(renderer).x0 >= bbox_axes.x0 - 60  # only the y tick labels to the left, no stray text
+    fig2, ax2 = plt.subplots()
+    plots.shade_phases(ax2, PHASES, columns=[0, 4, 8, 12, 16, 20])
+    assert not any(t.get_clip_on() for t in ax2.texts)

@@ -523,7 +523,7 @@ def test_hookset_option_errors_name_the_hook():
     cfg.monitor.representation = {"metrics": ["entropy", "nope"]}
     with pytest.raises(ConfigError, match="monitor.representation.*unknown metric"):
         build_hooks(cfg, tiny_gpt(), default_corpus())
-    cfg.monitor.representation = {"enabled": False}
+    cfg.monitor.representation = cfg.monitor.retrieval = {"enabled": False}
     assert build_hooks(cfg, tiny_gpt(), default_corpus()) == []
 
 

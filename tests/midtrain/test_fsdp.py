@@ -82,7 +82,7 @@ def test_fsdp_loss_equals_one_process_on_the_same_global_batch(runs):
 
 def test_every_hook_metric_equals_the_ddp_run(runs):
     fsdp, ddp = load_run(runs / "fsdp").metrics, load_run(runs / "ddp").metrics
-    hook_cols = [c for c in ddp.columns if c.split("/")[0] in ("gns", "repr", "difficulty")
+    hook_cols = [c for c in ddp.columns if c.split("/")[0] in ("gns", "repr", "difficulty", "retrieval")
                  and not c.endswith("_time_s")]
     for area in ("gns/b_simple", "repr/", "difficulty/"):   # every hook measured something
         assert any(c.startswith(area) for c in hook_cols), area
@@ -94,7 +94,9 @@ def test_every_hook_metric_equals_the_ddp_run(runs):
             if isinstance(y, float) and math.isnan(y):
                 assert math.isnan(x), c
             elif isinstance(y, (int, float)):
-                assert x == pytest.approx(y, rel=1e-4, abs=1e-7), c
+                # a retrieval gain is a difference of two losses of ~5 nats, near 0 here: relative to it,
+                # float32 summation order (FSDP vs DDP) shows; 1e-5 nats absolute (2e-6 of the losses)
+                assert x == pytest.approx(y, rel=1e-4, abs=1e-5 if c.startswith("retrieval/") else 1e-7), c
             else:
                 assert x == y, c
 
