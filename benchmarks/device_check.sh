@@ -8,6 +8,7 @@
 #      (TF32 off), the GNS hook under bf16 autocast vs its brute force, the loop with every hook
 #   2. benchmarks/gns_overhead.py on CUDA: A/B step time and peak memory, small and gpt2 presets
 #   3. benchmarks/loop_throughput.py on CUDA: tokens/s and MFU of the loop (docs/training.md)
+#   (tests/test_device.py also runs the loop under FSDP2 + NCCL vs DDP when the machine has 2+ GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MIDTRAIN_CACHE="${TMPDIR:-/tmp}/midtrain_cache"

@@ -68,7 +68,7 @@ from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, 
 from diagnostics.stats import BiasCorrectedEMA
 from hooks._common import run_writer, warn_once
 from hooks._difficulty_scoring import score_sequences
-from hooks.monitor import Hook, non_zero_rank
+from hooks.monitor import Hook, probe_role
 
 __all__ = ["DifficultyTracker", "per_example_loss"]
 
@@ -196,6 +196,7 @@ class DifficultyTracker(Hook):
         self._ref_cache: dict[str, np.ndarray] = {}
         self._last_probe: dict[str, dict[str, np.ndarray]] = {}
         self._early_probe: tuple[int, dict[str, Any]] | None = None  # (step, measurement) from on_step_begin
+        self._monitor = None  # the Monitor attached to: its ``sharded`` decides the probe's role
         self._last_metrics: dict[str, float] = {}
         self._dirty = False
 
@@ -213,14 +214,20 @@ class DifficultyTracker(Hook):
     def _warn_once(self, key: str, msg: str, category=UserWarning) -> None:
         warn_once(self._warned, key, f"DifficultyTracker: {msg}", category, stacklevel=4)
 
+    @property
+    def role(self) -> str:
+        """``hooks.monitor.probe_role`` of this process: "measure", "forward" (a sharded model's other rank) or "skip"."""
+        return probe_role(self._monitor)
+
     def attach(self, model, monitor) -> None:
+        self._monitor = monitor  # sharded (FSDP2): every rank scores the probe set, rank 0 records (role)
         self.model = model
         if self.writer is None and self.save_fn is None:  # default: the Monitor's run store
             self.writer = run_writer(monitor)
 
     # -- events -------------------------------------------------------------------------
     def scheduled(self, step: int) -> bool:
-        return not non_zero_rank()  # DDP: rank 0 keeps the table and scores the probes
+        return self.role != "skip"  # DDP: rank 0 keeps the table and scores the probes
 
     def _probe_step(self, step: int) -> bool:
         return bool(self.probe) and self.model is not None and step % self.probe_every == 0
@@ -232,10 +239,16 @@ class DifficultyTracker(Hook):
         one model. The metrics are reported in this step's ``on_step_end``. (The Monitor also calls
         this at the first ``on_backward_end`` of a step the loop did not announce -- still before the
         update.)"""
+        if self.role == "forward":  # another rank of a sharded model: forwards only
+            for tokens in (self.probe or {}).values() if self._probe_step(step) else ():
+                self._eval(self.model, tokens)
+            return
         self._early_probe = (step, self._measure_probe()) if self._probe_step(step) else None
 
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         """Queue this micro-batch (no device sync: the queue moves to the host every ``stats_every`` steps)."""
+        if self.role == "forward":
+            return  # rank 0 keeps the table (of its own examples, as under DDP)
         if losses is None:
             self._warn_once("losses", "no per-example losses were given to on_backward_end; only the probe "
                                       "set is scored. Pass losses of shape (B,) (reduction='none').")
@@ -285,6 +298,8 @@ class DifficultyTracker(Hook):
         return losses, ids, doms
 
     def on_step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
+        if self.role == "forward":
+            return {}
         tokens = scalars.get("train/tokens")
         self._steps.append((len(self._pending), None if tokens is None else float(tokens)))
         stats = step % self.stats_every == 0

@@ -61,6 +61,7 @@ from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
 from hooks._common import unwrap_ddp, warn_once
+from hooks._distributed import UnshardedGradHooks, is_sharded, local_sq_norms, reduce_small_big
 from hooks._gradient_noise_parts import _PerExample, _group_fn
 from hooks._per_example_groups import default_groups
 from hooks.monitor import Hook
@@ -152,6 +153,7 @@ class GradientNoiseScale(Hook):
         self._armed = False
         self._comm_enabled = False
         self._pe: _PerExample | None = None
+        self._sharded, self._unsharded = False, None   # FSDP2: hooks._distributed
         self._want_pe = mode in ("per_example", "layernorm")
         self._reset()
 
@@ -191,7 +193,15 @@ class GradientNoiseScale(Hook):
         self.trackers = {g: GNSTracker(self.ema) for g in names}
         if self._state_to_load is not None:
             self.load_state_dict(self._state_to_load)
-        if self.mode in ("microbatch", "auto"):
+        # FSDP2 (sharded): the backward sees the unsharded parameters; .grad holds this rank's shard
+        self._sharded = is_sharded(model) or bool(getattr(monitor, "sharded", False))
+        if self._sharded and self.bookkeeping:
+            raise ValueError("bookkeeping=True writes the batch weight gradients itself; under FSDP2 (a sharded "
+                             "model) FSDP owns them: use bookkeeping=False")
+        if self.mode in ("microbatch", "auto") and self._sharded:
+            self._unsharded = UnshardedGradHooks(model, {n: i for i, (n, _) in enumerate(named)},
+                                                 self._make_grad_hook)
+        elif self.mode in ("microbatch", "auto"):
             for i, p in enumerate(self._params):
                 self._handles.append(p.register_hook(self._make_grad_hook(i)))
         if self.mode in ("per_example", "layernorm") or (
@@ -211,6 +221,9 @@ class GradientNoiseScale(Hook):
                 # auto: from the start, dropped once a step accumulates; a resumed run continues as it was
                 self._want_pe = True if self._resumed_want_pe is None else self._resumed_want_pe
         if self.mode == "ddp":
+            if self._sharded:
+                raise ValueError("mode 'ddp' reads DDP's gradient buckets; this model is sharded (FSDP2): "
+                                 "use mode='microbatch' (grad_accum >= 2) or 'auto'")
             if self._world() <= 1:
                 raise ValueError("mode 'ddp' needs several processes (torch.distributed initialised "
                                  "with world_size > 1); use 'microbatch' (grad_accum >= 2) or 'auto'")
@@ -230,6 +243,9 @@ class GradientNoiseScale(Hook):
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._unsharded is not None:
+            self._unsharded.remove()
+            self._unsharded = None
         self._armed = False
         self._comm_enabled = False   # a DDP comm hook cannot be removed: it keeps all-reducing
         if self._pe is not None:
@@ -343,12 +359,8 @@ class GradientNoiseScale(Hook):
             n = self._member.shape[0]
             small = big = torch.full((n,), float("nan"), device=self._device)
             b_small, b_big = 1.0, 2.0
-        if world > 1:  # mean over ranks of the local |G_small|^2: one small all-reduce
-            import torch.distributed as dist
-
-            small = small.contiguous()
-            dist.all_reduce(small, group=self.process_group)   # SUM (AVG is NCCL-only)
-            small = small / world
+        if world > 1:  # mean over ranks of the local |G_small|^2 (sharded: and the sum of the shards' |.grad|^2)
+            small, big = reduce_small_big(small, big, world, self._sharded, self.process_group)
         if kind is None:
             return
         self.last_mode = {"ddp-comm": "ddp", "ddp-local": "ddp"}.get(kind, kind)
@@ -483,14 +495,17 @@ class GradientNoiseScale(Hook):
         if not have:
             return torch.zeros(len(self._params), device=self._device)
         grads = [self._params[i].grad for i in have]
-        try:
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch
-            norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
-                                              dtype=torch.float32) for g in grads]
-        if self._multi_device:
-            norms = [n.to(self._device) for n in norms]
-        sq = torch.stack(norms).square()
+        if self._sharded:   # this rank's DTensor shards: summed over the ranks in on_grads_ready
+            sq = torch.stack([n.to(self._device) for n in local_sq_norms(grads)])
+        else:
+            try:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch
+                norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
+                                                  dtype=torch.float32) for g in grads]
+            if self._multi_device:
+                norms = [n.to(self._device) for n in norms]
+            sq = torch.stack(norms).square()
         if len(have) == len(self._params):
             return sq
         return torch.zeros(len(self._params), device=self._device).index_copy_(

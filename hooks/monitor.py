@@ -71,10 +71,29 @@ from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # 
 
 def non_zero_rank() -> bool:
     """True on a torch.distributed rank other than 0: hooks that measure on one rank (probes,
-    per-example tables) are not scheduled there; the other ranks train on."""
+    per-example tables) are not scheduled there; the other ranks train on. A probe that runs forward
+    passes of the trained model asks ``probe_role`` instead (a sharded model's forward is a collective)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+PROBE_ROLES = ("measure", "forward", "skip")
+
+
+def probe_role(monitor=None) -> str:
+    """What a probe (a hook that runs its own forward passes of the trained model) does on this process:
+
+    - ``"measure"``: rank 0, or one process: run the forward passes, compute, report, write;
+    - ``"forward"``: another rank of a sharded model (``monitor.sharded``, FSDP2): run the same forward
+      passes at the same steps (each is a collective: rank 0 alone would wait for ever), compute and
+      report nothing;
+    - ``"skip"``: another rank of a replicated model (DDP): nothing (not scheduled).
+
+    A probe keeps the Monitor it is attached to and asks with it (``probe_role(self._monitor)``)."""
+    if not non_zero_rank():
+        return "measure"
+    return "forward" if getattr(monitor, "sharded", False) else "skip"
 
 
 class Hook:
@@ -213,12 +232,19 @@ class Monitor:
         ddp_model: the DistributedDataParallel wrapper of ``model``, if any: hooks that
             need it (a DDP communication hook, registered before the first backward) read
             ``monitor.ddp_model`` in ``attach``.
+        sharded: the model is sharded over the ranks (FSDP2, ``fully_shard``), so its forward is a
+            collective: probes run their forward passes on every rank (``probe_role``) and gradient
+            norms sum the ranks' shards. None (default): detected (an FSDP2 module in ``model``).
+            Shard the model before building the Monitor.
     """
 
     def __init__(self, model=None, hooks: Iterable[Hook] = (), run_dir=None, sinks=None,
-                 strict: bool = False, enabled: bool = True, ddp_model=None):
+                 strict: bool = False, enabled: bool = True, ddp_model=None, sharded: bool | None = None):
+        from hooks._distributed import is_sharded
+
         self.model = model
         self.ddp_model = ddp_model
+        self.sharded = is_sharded(model) if sharded is None else bool(sharded)
         self.hooks: list[Hook] = unique_hook_names(list(hooks))  # before anything is written
         self.strict = strict
         self.enabled = enabled

@@ -51,7 +51,7 @@ from diagnostics.representation import (COMPRESSION_DIRECTION, detect_compressio
 from hooks._common import first_tensor, run_writer, unwrap
 from hooks._representation_inputs import _build_jobs, _normalise_probe
 from hooks._representation_sites import LayerSpec, _find_readout, _resolve_sites, default_sites
-from hooks.monitor import Hook, non_zero_rank
+from hooks.monitor import Hook, probe_role
 
 __all__ = ["RepresentationProbe", "DEFAULT_METRICS", "default_sites"]
 
@@ -223,6 +223,7 @@ class RepresentationProbe(Hook):
         self.sites: list[str] = []
         self.history: dict[str, dict[str, list[float]]] = {}
         self._early: tuple[int, dict] | None = None  # (step, metrics) probed in on_step_begin
+        self._monitor = None  # the Monitor attached to: its ``sharded`` decides the probe's role
         self.events: dict[str, dict] = {}
         self.skipped_sites: dict[str, str] = {}
         self._suspended = False
@@ -244,7 +245,13 @@ class RepresentationProbe(Hook):
                 raise ValueError("mi_input='embedding' needs a model with tok_emb or get_input_embeddings()")
             self._embedding = emb
 
+    @property
+    def role(self) -> str:
+        """``hooks.monitor.probe_role`` of this process: "measure", "forward" (a sharded model's other rank) or "skip"."""
+        return probe_role(self._monitor)
+
     def attach(self, model, monitor) -> None:
+        self._monitor = monitor  # sharded (FSDP2): every rank runs the probe's forward passes (role)
         if model is not None:
             self._set_model(model)
         if self.writer is None:  # the run store the Monitor writes to, if any
@@ -255,7 +262,7 @@ class RepresentationProbe(Hook):
         self.writer = writer
 
     def scheduled(self, step: int) -> bool:
-        if non_zero_rank():
+        if self.role == "skip":
             return False  # DDP: rank 0 measures, the others train on
         if step == 0 or step % self.every == 0:
             return True
@@ -285,6 +292,8 @@ class RepresentationProbe(Hook):
         t0 = time.perf_counter()
         model = self.model
         device = next(model.parameters(), torch.zeros(())).device
+        if self.role == "forward":  # another rank of a sharded model
+            return self._forward_only(model, device)
         modes = [(m, m.training) for m in model.modules()]
         call = _ProbeCall(self.jobs, self._fixed_state())
         self._call = call
@@ -321,6 +330,20 @@ class RepresentationProbe(Hook):
                 self.writer.save_array(f"{prefix}_step_{int(step)}", **call.spectra)
         out["repr/probe_time_s"] = time.perf_counter() - t0
         return out
+
+    def _forward_only(self, model, device) -> dict[str, float]:
+        """The probe's forward passes and nothing else (``probe_role`` "forward"): rank 0's measuring probe
+        waits for every rank's part of each sharded forward."""
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for job in self.jobs:
+                    model(*(a.to(device) for a in job.args),
+                          **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in job.kwargs.items()})
+        finally:
+            model.train(was)
+        return {}
 
     def _make_hook(self, site: str):
         def hook(module, inputs, output):

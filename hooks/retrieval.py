@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from diagnostics.retrieval import check_depths, draw_keys, key_logits, plant_keys, repeated_key_loss, retrieval_gain
 from hooks._common import first_tensor, run_writer, unwrap
-from hooks.monitor import Hook, non_zero_rank
+from hooks.monitor import Hook, probe_role
 
 __all__ = ["RetrievalProbe", "default_depths"]
 
@@ -151,11 +151,18 @@ class RetrievalProbe(Hook):
         self.history: list[dict[str, Any]] = []
         self._early: Optional[tuple[int, dict]] = None
         self.model: Optional[nn.Module] = None
+        self._monitor = None  # the Monitor attached to: its ``sharded`` decides the probe's role
         if model is not None:
             self.model = unwrap(model)
 
     # -- wiring ----------------------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        """``hooks.monitor.probe_role``: "measure", "forward" (a sharded model's other rank: forwards only) or "skip"."""
+        return probe_role(self._monitor)
+
     def attach(self, model, monitor) -> None:
+        self._monitor = monitor
         if model is not None:
             self.model = unwrap(model)
         if self.writer is None:
@@ -165,8 +172,8 @@ class RetrievalProbe(Hook):
         self.writer = writer
 
     def scheduled(self, step: int) -> bool:
-        if non_zero_rank():
-            return False  # DDP: rank 0 measures, the others train on
+        if self.role == "skip":
+            return False  # DDP: rank 0 measures, the others train on (sharded: every rank runs the forwards)
         return step in self.steps or (self.every is not None and step % self.every == 0)
 
     def on_step_begin(self, step: int) -> None:
@@ -199,6 +206,8 @@ class RetrievalProbe(Hook):
         finally:
             for m, was in modes:
                 m.training = was
+        if self.role == "forward":  # another rank of a sharded model: its forwards were its part
+            return {}
         out = self._metrics(res)
         if step is not None:
             self._record(int(step), out, res)

@@ -153,6 +153,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
+    parallelism: str = "ddp"  # ddp | fsdp: how several processes under torchrun split the model (midtrain.distributed)
     eval_every: int = 100  # also at step 0, at each phase end and at the end
     checkpoint_every: int = 200  # also at each phase end
     checkpoint_steps: list[int] = field(default_factory=list)  # also after these steps (anneal/switch probes)
@@ -299,6 +300,8 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} (device = ... or --device) is not one of auto, cpu, cuda, cuda:N.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of auto, float32, bfloat16.")
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallelism {self.parallelism!r} is not one of ddp, fsdp.")
         for k in ("eval_every", "checkpoint_every", "log_every", "skip_window"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be a positive number of steps, got {getattr(self, k)}.")

@@ -18,7 +18,7 @@ pure function of the global step: the phase, the LR (``TrainConfig.lr_at``)
 and the batch (``MixtureSampler.global_batch``), so resuming and branching
 only need the model/optimizer state and the step number.
 
-Under ``torchrun`` it runs DDP (``midtrain.distributed``); only rank 0 writes the run
+Under ``torchrun`` it runs DDP, or FSDP2 with ``parallelism = "fsdp"`` (``midtrain.distributed``); only rank 0 writes the run
 directory. Evaluation lives in ``midtrain.evaluate``, the progress line and throughput in
 ``midtrain._progress``.
 """
@@ -42,11 +42,12 @@ from hooks.monitor import Hook, Monitor, NullSink, RunStoreSink
 from midtrain import data as data_mod
 from midtrain._guard import DivergenceGuard
 from midtrain._lock import RunLock
-from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config, newest_readable_checkpoint,
-                                 restore_checkpoint, save_checkpoint)
+from midtrain.checkpoint import (check_sharding, checkpoint_path, load_checkpoint, model_config,
+                                 newest_readable_checkpoint, restore_checkpoint, save_checkpoint)
 from midtrain._progress import Progress, Throughput, peak_flops
 from midtrain.config import ConfigError, TrainConfig
-from midtrain.distributed import forward_model, mean_over_ranks, set_up_processes
+from midtrain.distributed import (forward_model, grad_sync, mean_over_ranks, set_up_processes, shard_model, sharded,
+                                  total_norm)
 from midtrain.evaluate import evaluate, val_batches
 from midtrain.hookset import build_hooks, named_hooks
 from midtrain.model import GPT, GPTConfig
@@ -110,6 +111,7 @@ class _Start:
     tokens: int
     end_step: int
     val_start: dict[str, float] = field(default_factory=dict)
+    ckpt_path: str | None = None  # the file ``ckpt`` was read from
 
 
 def _first_evaluation(run, before: int) -> dict[str, float]:
@@ -127,7 +129,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     cannot run. Nothing is written."""
     total = cfg.total_steps()
     run_json = os.path.join(out_dir, RUN_JSON)
-    ckpt, start_step, tokens, val_start = None, 0, 0, {}
+    ckpt, ckpt_path, start_step, tokens, val_start = None, None, 0, 0, {}
     if parent is not None:
         if resume:
             raise ConfigError("--resume and --from cannot be combined: a branch is a new run.")
@@ -141,7 +143,8 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
             raise ConfigError(f"the branch config has {total} steps in all; nothing is left to run after step {parent_step}.")
         if os.path.exists(run_json):
             raise RunDirError(f"{out_dir} already holds a run; a branch needs a new output directory. Nothing was changed.")
-        ckpt = load_checkpoint(checkpoint_path(parent, parent_step))
+        ckpt_path = checkpoint_path(parent, parent_step)
+        ckpt = load_checkpoint(ckpt_path)
         start_step, tokens = ckpt["step"], ckpt["tokens"]
     elif os.path.exists(run_json):
         if not resume:
@@ -159,6 +162,7 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
         ckpt, unreadable = newest_readable_checkpoint(old)
         if ckpt is not None:
             start_step, tokens = ckpt["step"], ckpt["tokens"]
+            ckpt_path = checkpoint_path(out_dir, start_step)
         if unreadable:
             warnings.warn(" ".join(unreadable) + f" Resuming from step {start_step}, the newest readable checkpoint.",
                           RuntimeWarning, stacklevel=3)
@@ -167,6 +171,8 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
             raise ConfigError(f"{out_dir} is already finished ({start_step} of {total} steps); nothing to resume.")
     elif resume:
         raise RunDirError(f"--resume was given but {out_dir} holds no run (no {RUN_JSON}) to resume.")
+    if ckpt is not None:  # a sharded checkpoint loads only on as many sharded processes
+        check_sharding(ckpt, ckpt_path, world if sharded(cfg, world) else 0)
     if world > 1:  # every rank decided on the same disk state; only now may rank 0 write
         import torch.distributed as dist
 
@@ -174,21 +180,23 @@ def _plan_start(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | N
     end_step = total if until_step is None else min(total, until_step)
     if end_step <= start_step:
         raise ConfigError(f"until_step {until_step} is not after the start step {start_step}.")
-    return _Start(ckpt, start_step, tokens, end_step, val_start)
+    return _Start(ckpt, start_step, tokens, end_step, val_start, ckpt_path)
 
 
 # -- model, optimizer, precision ------------------------------------------------------------
 
-def _build_model(cfg: TrainConfig, mcfg: GPTConfig, device: torch.device, start: _Start, *, branch: bool):
-    """The model and its AdamW optimizer, seeded from the config; from the checkpoint the run
-    starts at, if any (a resume restores its RNG streams too, a branch keeps the fresh seed)."""
+def _build_model(cfg: TrainConfig, mcfg: GPTConfig, device: torch.device, start: _Start, *, branch: bool,
+                 world: int = 1):
+    """The model (sharded with FSDP2 when the run is: ``midtrain.distributed.shard_model``) and its AdamW
+    optimizer, seeded from the config; from the checkpoint the run starts at, if any (a resume restores
+    its RNG streams too, a branch keeps the fresh seed)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = GPT(mcfg).to(device)
+    model = shard_model(GPT(mcfg).to(device), cfg, device, world)
     optimizer = model.configure_optimizer(
         weight_decay=cfg.optim.weight_decay, lr=cfg.phases[0].lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2), device_type=device.type,
@@ -196,7 +204,7 @@ def _build_model(cfg: TrainConfig, mcfg: GPTConfig, device: torch.device, start:
     for g in optimizer.param_groups:
         g["eps"] = cfg.optim.eps
     if start.ckpt is not None:
-        restore_checkpoint(start.ckpt, model, optimizer, rng=not branch)
+        restore_checkpoint(start.ckpt, model, optimizer, rng=not branch, path=start.ckpt_path)
     return model, optimizer
 
 
@@ -211,9 +219,9 @@ def _precision(cfg: TrainConfig, device: torch.device):
 
 def _clip_grads(params: list, grad_clip: float) -> torch.Tensor:
     """The gradients' global norm, before clipping them to ``grad_clip`` (0: no clipping)."""
-    if grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    if grad_clip > 0:  # DTensor gradients (FSDP2): the norm over every rank's shards
+        return total_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    return total_norm(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 # -- the run store ----------------------------------------------------------------------------
@@ -264,14 +272,22 @@ def _record_failure(writer: RunWriter | None, monitor: Monitor, e: BaseException
     monitor.close()
 
 
-def _checkpoint_now(writer: RunWriter | None, owed: bool) -> bool:
+def _checkpoint_now(writer: RunWriter | None, owed: bool, sharded: bool = False) -> bool:
     """Whether to take the checkpoint that is ``owed`` (due now, or since records waited): only once
     every record before it is in metrics.jsonl, so that a resume from the latest checkpoint records
-    again every step that is missing; a lost record stops the run (RunStoreError)."""
-    if writer is None:
-        return False
-    writer.check()
-    return owed and writer.flush()
+    again every step that is missing; a lost record stops the run (RunStoreError). Sharded, every
+    rank takes it (a collective) when rank 0 decides to: its answer is broadcast."""
+    now = False
+    if writer is not None:
+        writer.check()
+        now = owed and writer.flush()
+    if sharded and owed:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(now)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, src=0)
+        now = bool(flag.item())
+    return now
 
 
 def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWriter | None, monitor: Monitor,
@@ -286,7 +302,7 @@ def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWr
 
 
 def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int, tokens: int,
-             status: str, t_start: float, save_checkpoint_now) -> dict[str, float]:
+             status: str, t_start: float, save_checkpoint_now, sharded: bool = False) -> dict[str, float]:
     """The final evaluation, written as the record of step ``end_step``, the last checkpoint and the run's
     status; returns the evaluation. The final state is evaluated also when --until stops early (step
     end_step: the state after end_step updates, as an evaluation at the start of step end_step of a
@@ -298,8 +314,9 @@ def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter |
     monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
     if writer is not None:
         writer.check(wait=True)
-        if save_checkpoint_now is not None:
-            save_checkpoint_now()
+    if save_checkpoint_now is not None and (writer is not None or sharded):  # sharded: every rank writes its shards
+        save_checkpoint_now()
+    if writer is not None:
         writer.update_info(status=status, steps_done=end_step, wall_s=time.perf_counter() - t_start)
     return val_end
 
@@ -348,9 +365,9 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
                         until_step=until_step, world=world)
     tokens, end_step = start.tokens, start.end_step
 
-    model, optimizer = _build_model(cfg, mcfg, device, start, branch=parent is not None)
+    model, optimizer = _build_model(cfg, mcfg, device, start, branch=parent is not None, world=world)
     dtype, autocast = _precision(cfg, device)
-    fwd_model = forward_model(model, cfg, device, world)
+    fwd_model, shards = forward_model(model, cfg, device, world), sharded(cfg, world)
     # before the run store: a bad [monitor.<hook>] option or two hooks of one name touch no disk
     hooks = build_hooks(cfg, model, corpus) if hooks is None else named_hooks(hooks)
     # wandb first: a bad [wandb] (not installed, no API key online) stops here, before run.json
@@ -358,7 +375,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     writer = _open_run_store(cfg, out_dir, start, resume=resume, parent=parent, parent_step=parent_step, model=model,
                              corpus=corpus, world=world, device=device, dtype=dtype) if master else None
     monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer), *extra_sinks] if writer else [NullSink()],
-                      strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 else None)
+                      strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 and not shards else None,
+                      sharded=shards)
     if start.ckpt is not None and start.ckpt.get("monitor"):
         monitor.load_state_dict(start.ckpt["monitor"])
 
@@ -394,8 +412,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
             loss_sum = torch.zeros((), device=device)
             for micro in range(phase.grad_accum):
                 batch = sampler.shard(sampler.global_batch(pi, step, micro, micro_global), rank, world).to(device)
-                sync = micro == phase.grad_accum - 1  # DDP all-reduces the gradients on the last micro-batch only
-                with fwd_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
+                sync = micro == phase.grad_accum - 1  # gradients are reduced on the last micro-batch only
+                with grad_sync(fwd_model, sync, world):
                     with autocast:
                         _, losses = fwd_model(batch.x, batch.y, reduction="none")  # (B,) per-sequence
                     loss = losses.mean()
@@ -427,15 +445,16 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
 
             done = step + 1
             owed = owed or ((cfg.checkpoint_due(done) or done in phase_ends) and done < end_step)
-            if _checkpoint_now(writer, owed) and finite:  # never a checkpoint of a skipped update's state
-                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped, guard.state())
+            if _checkpoint_now(writer, owed, shards) and finite:  # never a checkpoint of a skipped update's state
+                save_checkpoint(out_dir, done, tokens, model, optimizer, monitor, cfg, skipped, guard.state(),
+                                sharded_world=world if shards else 0)
                 owed = False
         tokens_per_s = speed.loop_tokens_per_s()
         status = "diverged" if message else "finished" if end_step == total else "stopped"
         last = (lambda: save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped,
-                                        guard.state())) if finite else None
+                                        guard.state(), sharded_world=world if shards else 0)) if finite else None
         val_end = {} if message else _end_run(model, val, device, autocast, monitor, writer, end_step, tokens,
-                                              status, t_start, last)
+                                              status, t_start, last, shards)
     except BaseException as e:
         _record_failure(writer, monitor, e, done)
         raise

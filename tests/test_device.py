@@ -4,7 +4,8 @@ Runs on CUDA when present; skipped otherwise, unless ``MIDTRAIN_TEST_DEVICE`` na
 ``MIDTRAIN_TEST_DEVICE=cpu`` checks the tests themselves on a machine without a GPU). What CPU
 tests cannot show: per-example norms and book-keeping with CUDA kernels (TF32 off: float32
 ground truth), the GNS hook under bf16 autocast against its own brute force, and the built-in loop
-on the device (bf16 autocast, fused AdamW, SDPA) with every hook on. ``benchmarks/device_check.sh``
+on the device (bf16 autocast, fused AdamW, SDPA) with every hook on, and, on 2+ GPUs, the loop under FSDP2
+(NCCL, bf16 mixed precision) against DDP. ``benchmarks/device_check.sh``
 runs this file and the GPU benchmarks in one go.
 """
 
@@ -167,3 +168,38 @@ def test_retrieval_probe_on_device_matches_cpu(exact_fp32):
     for k in keys:
         assert fp32[k] == pytest.approx(cpu[k], abs=1e-4), k
         assert bf16[k] == pytest.approx(cpu[k], abs=0.05), k
+
+
+def _fsdp_cuda_worker(rank, world, init_file, root):
+    from midtrain.loop import train
+    from tests.midtrain.conftest import micro_config
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for par in ("fsdp", "ddp"):
+            cfg = micro_config(steps=(4, 3, 2), checkpoint_every=5, eval_every=3, parallelism=par)
+            cfg.device = "cuda"
+            train(cfg, os.path.join(root, par), progress=False, strict_hooks=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP on CUDA needs 2+ GPUs")
+def test_builtin_loop_fsdp_on_two_gpus_matches_ddp(tmp_path):
+    """The loop under FSDP2 with NCCL and bf16 mixed precision (bf16 all-gather, fp32 reduce): every hook
+    measures, sharded checkpoints are written, and the losses follow the DDP run's (bf16 autocast there:
+    a bf16 tolerance)."""
+    from diagnostics.runs import load_run
+    from tests.midtrain.test_fsdp import spawn_with_time_limit
+
+    spawn_with_time_limit(_fsdp_cuda_worker, (2, str(tmp_path / "init"), str(tmp_path)), 2, 240)
+    fsdp, ddp = load_run(tmp_path / "fsdp").metrics, load_run(tmp_path / "ddp").metrics
+    a, b = fsdp.dropna(subset=["train/loss"]), ddp.dropna(subset=["train/loss"])
+    assert len(a) == len(b) == 9 and np.isfinite(a["train/loss"]).all()
+    np.testing.assert_allclose(a["train/loss"].values, b["train/loss"].values, rtol=3e-2)
+    assert a["gns/b_small"].notna().any()
+    assert any(c.startswith("repr/") for c in fsdp) and any(c.startswith("difficulty/") for c in fsdp)
+    assert any(p.suffix == ".dcp" for p in (tmp_path / "fsdp" / "checkpoints").iterdir())
