@@ -66,7 +66,7 @@ import torch
 from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
 from diagnostics.stats import BiasCorrectedEMA
-from hooks._common import run_writer, warn_once
+from hooks._common import domain_indices, run_writer, warn_once
 from hooks._difficulty_scoring import score_sequences
 from hooks.monitor import Hook, non_zero_rank
 
@@ -111,6 +111,8 @@ class DifficultyTracker(Hook):
     Args:
         domain_names: names of the domain indices passed as ``domains`` (default "domain<i>";
             with ``domains=None`` every example is in domain 0, named "all" by default).
+            ``domains`` may also be names: a name's index is its position here, a new name is
+            appended (order of first appearance).
         probe: {domain name: (N, T+1) long tensor of token ids}, fixed probe sequences scored
             every ``probe_every`` steps (also for domains not trained on yet).
         learned_loss: per-token loss (nats) below which an example counts as learned
@@ -241,6 +243,7 @@ class DifficultyTracker(Hook):
                                       "set is scored. Pass losses of shape (B,) (reduction='none').")
             return
         n = _length(losses, "losses")
+        domains = domain_indices(domains, self.domain_names)  # names: positions in domain_names (appended if new)
         for what, x in (("ids", ids), ("domains", domains)):
             if x is not None and _length(x, what) != n:
                 raise ValueError(f"DifficultyTracker: {what} has length {_length(x, what)} but losses has length "

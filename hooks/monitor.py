@@ -66,6 +66,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+from hooks._common import check_domains
 from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # noqa: F401  (re-exported)
 
 
@@ -311,7 +312,15 @@ class Monitor:
             self._call(h, "on_step_begin", step)
 
     def on_backward_end(self, batch_size: int, *, losses=None, ids=None, domains=None) -> None:
-        """After each micro-batch's backward. ``losses`` are per-example losses."""
+        """After each micro-batch's backward. ``losses`` are per-example losses; ``domains`` one domain
+        per example, integer indices or names (``hooks._common.check_domains``; each hook maps names
+        through its own ``domain_names``, new names appended in order of first appearance). A
+        ``domains`` that is neither is a TypeError / ValueError here, before any hook sees it."""
+        if domains is not None:
+            shape = getattr(losses, "shape", None)
+            n = int(shape[0]) if shape is not None and len(shape) == 1 else (
+                int(batch_size) if isinstance(batch_size, numbers.Integral) else None)
+            check_domains(domains, n)
         if not self._armed:
             self.on_step_begin(self.step or 0)
         for h in self._active:
