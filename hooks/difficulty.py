@@ -221,11 +221,14 @@ class DifficultyTracker(Hook):
             self.writer = run_writer(monitor)
 
     # -- events -------------------------------------------------------------------------
+    measures_model = True   # the probe set: also at the run's end (Monitor.on_run_end)
+
     def scheduled(self, step: int) -> bool:
         return not non_zero_rank()  # DDP: rank 0 keeps the table and scores the probes
 
     def _probe_step(self, step: int) -> bool:
-        return bool(self.probe) and self.model is not None and step % self.probe_every == 0
+        return bool(self.probe) and self.model is not None and (
+            step % self.probe_every == 0 or step in self.boundaries)  # also where phases end (Monitor.set_boundaries)
 
     def on_step_begin(self, step: int) -> None:
         """On a probe step, score the probe set now, before this step's optimizer update: the same

@@ -3,6 +3,11 @@
 a. ``domains=`` with names (``["code", "math", ...]``) disabled the DifficultyTracker ("invalid literal
    for int()"): names and indices now both work everywhere domains are accepted, and a bad value is a
    TypeError / ValueError at ``Monitor.on_backward_end`` naming ``domains=``, not a disabled hook.
+c. The probes ran only on their cadence (the representation probe's last measurement in the default
+   run was at step 300 of 400): the loop now marks the steps where phases end and the last step
+   (``Monitor.set_boundaries``), and the representation probe and the difficulty probe set measure
+   there too. A record at step s describes the model after s updates (as ``val/*``), so a phase of
+   steps [a, b) ends at record b, and the run at record ``total_steps``.
 """
 
 import numpy as np
@@ -18,10 +23,13 @@ class Seen(Hook):
     name = "seen"
 
     def __init__(self):
-        self.domains = []
+        self.domains, self.ended = [], []
 
     def on_backward_end(self, batch_size, losses=None, ids=None, domains=None):
         self.domains.append(domains)
+
+    def on_step_end(self, step, scalars):
+        self.ended.append(step)
 
 
 def run_tracker(domains_per_step, domain_names=None, steps=3):
@@ -102,3 +110,45 @@ def test_lightning_batches_with_domain_names():
     assert cb.monitor.disabled_hooks == []
     assert tracker.domain_names == ["code", "math"]
     assert "difficulty/code/loss" in sink.records[-1] and "difficulty/math/loss" in sink.records[-1]
+
+
+def test_probes_at_every_phase_end_and_the_last_step(tmp_path):
+    from diagnostics.runs import load_run
+    from midtrain.loop import train
+    from tests.midtrain.conftest import micro_config
+
+    cfg = micro_config(eval_every=5, checkpoint_every=100)      # phases of 8, 6, 4 steps: ends 8, 14, 18
+    ends = [8, 14, 18]
+    assert all(s % 5 for s in ends[:2]) and cfg.total_steps() == 18
+    train(cfg, str(tmp_path / "r"), progress=False, strict_hooks=True)
+    m = load_run(tmp_path / "r").metrics.set_index("step")
+    repr_cols = [c for c in m.columns if c.startswith("repr/") and c.endswith("/entropy")]
+    probe_cols = [c for c in m.columns if c.startswith("difficulty/") and c.endswith("/probe_loss")]
+    assert repr_cols and probe_cols
+    for s in ends:
+        assert m.loc[s, repr_cols].notna().all(), s            # the representation probe measured there
+        assert m.loc[s, probe_cols].notna().all(), s           # and the difficulty probe set
+        assert m.loc[s, [c for c in m.columns if c.startswith("val/")]].notna().all(), s   # with val/*
+    assert m.loc[[3, 6, 7, 9], repr_cols].isna().all().all()  # off-cadence steps stay unmeasured
+    # the default GNS (auto) measures per domain in the built-in loop too (every 10th step)
+    dom = [c for c in m.columns if c.startswith("gns/domain/") and c.endswith("/b_simple")]
+    assert dom and {c.split("/")[2] for c in dom} <= {"prose", "code", "math"}
+    assert set(m[dom].dropna(how="all").index) <= {0, 10}
+
+
+def test_set_boundaries_and_on_run_end_on_a_plain_loop():
+    from hooks import RepresentationProbe
+
+    model, x, y = gpt_and_batch(True, B=4)
+    rp, seen = RepresentationProbe({"all": (x, y)}, every=100, log_spaced_until=0), Seen()
+    mon = Monitor(model, [rp, seen], sinks=[MemorySink()], strict=True)
+    with pytest.raises(ValueError, match="integers >= 0"):
+        mon.set_boundaries([3, -1])
+    assert not rp.scheduled(7)
+    mon.set_boundaries([7, 12])
+    assert rp.boundaries == frozenset({7, 12}) and rp.scheduled(7) and rp.scheduled(12) and not rp.scheduled(8)
+    rec = mon.on_run_end(12, **{"val/all/loss": 1.0})
+    assert any(k.startswith("repr/") for k in rec) and rec["val/all/loss"] == 1.0
+    assert seen.ended == []                      # a hook that does not measure the model got no event
+    mon.on_step_end(13)
+    assert seen.ended == [13]
