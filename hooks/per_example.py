@@ -35,7 +35,10 @@ Conventions and limits:
   ``sq_norms(loss_scale="mean")`` undoes it per forward pass, giving ||grad loss_i||^2.
 - A parameter shared by several modules (tied embedding / head) or a module called several times
   in one forward is counted once, with its cross terms (pegrad eq. 6).
-- Modules with parameters of types it cannot handle (Conv1d, BatchNorm, MultiheadAttention's own
+- Supported: nn.Linear, ``transformers``' Conv1D (GPT-2: a Linear whose weight is stored transposed,
+  recognised by class name and module without importing transformers), nn.Embedding, LayerNorm,
+  RMSNorm and norms with their contract (``hooks._per_example_sites.module_kind``).
+- Modules with parameters of types it cannot handle (nn.Conv1d, BatchNorm, MultiheadAttention's own
   in_proj, ...) are named in one warning, listed in ``.unsupported`` and left out of the totals,
   never miscounted. A parameter that receives a gradient outside its module's forward call
   (``F.linear(x, lin.weight)``) is caught by a hook on the parameter and excluded the same way.
@@ -294,10 +297,12 @@ class PerExampleGradNorms:
             if pid not in pids:
                 continue
             grp = self._groups.setdefault((self._pass, pid), _Group())
-            kind = "embedding" if site.kind == "embedding" else "linear" if (
-                site.kind == "linear" and role == "weight") else "vector"
+            kind = "embedding" if site.kind == "embedding" else site.kind if (
+                site.kind in ("linear", "conv1d") and role == "weight") else "vector"
             if grp.kinds and (kind == "vector") != (grp.kinds[0] == "vector"):
                 raise _Unsupported("parameter used both as a vector (norm gain / bias) and as a matrix")
+            if "conv1d" in grp.kinds + [kind] and set(grp.kinds + [kind]) != {"conv1d"}:
+                raise _Unsupported("a Conv1D weight (stored transposed) shared with another kind of use")
             grp.calls += 1
             grp.kinds.append(kind)
             if kind == "embedding":
@@ -394,7 +399,7 @@ class PerExampleGradNorms:
         return None
 
     def _contribute(self, pass_id, pid, grp, site, role, saved, G, out=None):
-        if site.kind == "linear" and role == "weight":
+        if site.kind in ("linear", "conv1d") and role == "weight":   # Conv1D: the transpose, same norms
             if grp.calls == 1:  # the usual case: straight to the formula (it flattens itself)
                 return self._store(pass_id, pid, self._linear(saved, G))
             A, Gf = pegrad.flatten_positions(saved), pegrad.flatten_positions(G)
