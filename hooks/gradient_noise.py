@@ -314,9 +314,11 @@ class GradientNoiseScale(Hook):
 
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         self._n_backward += 1           # first: every rank must agree on it (on_grads_ready)
-        self._guard(self._backward_end, float(batch_size), domains)
+        self._micro_domains = domains   # read by _backward_end (per-domain GNS)
+        self._guard(self._backward_end, float(batch_size))
 
-    def _backward_end(self, b: float, domains=None) -> None:
+    def _backward_end(self, b: float) -> None:
+        domains, self._micro_domains = getattr(self, "_micro_domains", None), None
         self._inv_b_all += 1.0 / b
         if self._cur_any:
             vec = torch.stack([x if x is not None else self._zero for x in self._cur])  # (P,) |c_k|^2
