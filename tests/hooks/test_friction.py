@@ -218,3 +218,36 @@ def test_gpt2_gns_measures_attention_and_mlp():
     assert covered == {n for n, _ in model.named_parameters()} - {"transformer.wpe.weight"}
     for key in ("gns/small_sq", "gns/attention/b_simple", "gns/mlp/b_simple", "gns/domain/a/small_sq"):
         assert key in rec, key
+
+
+def test_hf_trainer_batches_with_domain_names(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hooks.integrations.hf_trainer import MidtrainCallback
+    from tests.hooks.integrations.test_hf_trainer import data, tiny_gpt2
+
+    rows = data()
+
+    class NamedRows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return {"input_ids": rows[i], "labels": rows[i], "ids": i, "domains": ("code", "math")[i % 2]}
+
+    def collate(features):                     # names stay a list of str (the default collator wants numbers)
+        out = {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "labels")}
+        out["ids"] = torch.tensor([f["ids"] for f in features])
+        out["domains"] = [f["domains"] for f in features]
+        return out
+
+    tracker, sink = DifficultyTracker(stats_every=1), MemorySink()
+    cb = MidtrainCallback([tracker], sinks=[sink], strict=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+        report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False, learning_rate=0.0)
+    transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=NamedRows(), data_collator=collate,
+                         callbacks=[cb]).train()
+    assert cb.monitor.disabled_hooks == [] and cb.error is None
+    assert tracker.domain_names == ["code", "math"]
+    assert any("difficulty/code/loss" in r and "difficulty/math/loss" in r for r in sink.records)
