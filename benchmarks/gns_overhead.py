@@ -20,6 +20,9 @@ What the microbatch hook costs per step: one squared-norm kernel per parameter p
 the backward, no gradient copy), one ``_foreach_norm`` over .grad, a (groups x params) matvec and
 one host sync after the step. per_example additionally stores layer inputs in the forward and
 computes per-example norms in the backward (hooks.per_example), so it costs more.
+A mode ending in ``_nodomain`` (``per_example_nodomain``, ``auto_nodomain``) turns per-domain GNS off
+(``per_domain=False``), so ``--modes per_example,per_example_nodomain`` prints what the per-example Gram
+of per-domain GNS costs on top of the per-example norms (docs/gns.md, "Per-domain GNS").
 ``per_example_bk`` is per_example with ``bookkeeping=True``: where per-example gradients are
 materialised, the weight gradient is their sum and autograd's weight GEMM is skipped; its "own"
 time includes that whole weight-gradient computation (an upper bound: part of it replaces work the
@@ -114,7 +117,8 @@ def run(cfg: TrainConfig, corpus, mode: str, warmup: int) -> tuple[list[float], 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     hooks = ([] if mode == "off" else [TimedGNS(mode="per_example", bookkeeping=True)]
-             if mode == "per_example_bk" else [TimedGNS(mode=mode)])
+             if mode == "per_example_bk" else [TimedGNS(mode=mode[:-len("_nodomain")], per_domain=False)]
+             if mode.endswith("_nodomain") else [TimedGNS(mode=mode)])
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(cfg, os.path.join(d, "run"), hooks=hooks, corpus=corpus, progress=False, strict_hooks=True)

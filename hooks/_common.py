@@ -9,14 +9,19 @@
   (``RepresentationProbe``, ``GradientNoiseScale``, which also needs the DDP wrapper for its
   communication hook);
 - ``run_writer``: the run writer behind the Monitor's run-store sink, where hooks save arrays
-  (``DifficultyTracker``, ``RepresentationProbe``).
+  (``DifficultyTracker``, ``RepresentationProbe``);
+- ``check_domains`` / ``domain_indices``: the ``domains=`` of ``on_backward_end``, one per example,
+  integer indices or names (``Monitor.on_backward_end`` checks it, the framework adapters too; each
+  hook that groups by domain maps it through its own ``domain_names``).
 """
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -86,3 +91,77 @@ def run_writer(monitor) -> Any:
         if hasattr(writer, "save_array"):
             return writer
     return None
+
+
+# -- domains= : integer indices or names, one per example ------------------------------------------
+
+_HELP = ("domains= must hold one domain per example: integer indices >= 0 (a 1-d integer tensor, "
+           "array or list) or names (a list / tuple / array of str)")
+
+
+def check_domains(domains, n: int | None = None, where: str = "domains=") -> None:
+    """Raise TypeError / ValueError (naming ``where``) unless ``domains`` is None or one domain per
+    example: integer indices >= 0 or names. ``n``: the number of examples, checked when given.
+    A tensor's values are checked only on the CPU (elsewhere that would wait for the device:
+    its dtype and shape are checked, a negative index is reported by the hook that reads it)."""
+    if domains is None:
+        return
+    help_ = _HELP.replace("domains=", where, 1)
+    if isinstance(domains, (str, bytes)):
+        raise TypeError(f"{help_}; got the single string {domains!r} (pass a list: [{domains!r}] * B)")
+    if isinstance(domains, torch.Tensor):
+        if domains.dim() != 1:
+            raise ValueError(f"{help_}; got a tensor of shape {tuple(domains.shape)}")
+        if domains.dtype == torch.bool or domains.is_floating_point() or domains.is_complex():
+            raise TypeError(f"{help_}; got a {str(domains.dtype).replace('torch.', '')} tensor")
+        if domains.device.type == "cpu" and domains.numel() and int(domains.min()) < 0:
+            raise ValueError(f"{help_}; got a negative index {int(domains.min())}")
+        length = domains.shape[0]
+    else:
+        arr = domains if isinstance(domains, np.ndarray) else None
+        if arr is not None and arr.ndim != 1:
+            raise ValueError(f"{help_}; got an array of shape {arr.shape}")
+        try:
+            items = list(domains)
+        except TypeError:
+            raise TypeError(f"{help_}; got {type(domains).__name__}") from None
+        names = [isinstance(x, str) for x in items]
+        ints = [isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)) for x in items]
+        if items and not (all(names) or all(ints)):
+            bad = [x for x, a, b in zip(items, names, ints) if not (a or b)]
+            what = f"{bad[0]!r} ({type(bad[0]).__name__})" if bad else "a mix of names and indices"
+            raise TypeError(f"{help_}; got a {type(domains).__name__} holding {what}")
+        if items and all(ints) and min(int(x) for x in items) < 0:
+            raise ValueError(f"{help_}; got a negative index {min(int(x) for x in items)}")
+        length = len(items)
+    if n is not None and length != n:
+        raise ValueError(f"{where} has {length} entries but the micro-batch has {n} examples; "
+                         "pass one domain per example")
+
+
+def domain_indices(domains, names: list[str]):
+    """``domains`` as integer indices into ``names``: a tensor of indices is returned as it is (no
+    copy, no device sync), a list / array of indices as an int64 array, names as an int64 array of
+    their positions in ``names`` -- a name not there yet is appended (order of first appearance),
+    so a hook's ``domain_names`` is its registry. None stays None."""
+    if domains is None or isinstance(domains, torch.Tensor):
+        return domains
+    items = list(domains)
+    if items and isinstance(items[0], str):
+        pos = {d: i for i, d in enumerate(names)}
+        out = np.empty(len(items), dtype=np.int64)
+        for k, d in enumerate(items):
+            i = pos.get(d)
+            if i is None:
+                i = pos[d] = len(names)
+                names.append(d)
+            out[k] = i
+        return out
+    return np.asarray(items, dtype=np.int64).reshape(-1)
+
+
+def domain_name(names: list[str], i: int) -> str:
+    """The name of domain index ``i`` (``names`` extended with ``domain<k>`` up to it)."""
+    while i >= len(names):
+        names.append(f"domain{len(names)}")
+    return names[i]

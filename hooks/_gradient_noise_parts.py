@@ -45,10 +45,11 @@ class _PerExample:
     of parameters that got norms, so it is built once per such layout and cached on the device.
     """
 
-    def __init__(self, model, modules: str, names: list[str], device, bookkeeping: bool = False):
+    def __init__(self, model, modules: str, names: list[str], device, bookkeeping: bool = False,
+                 gram: bool = False):
         from hooks.per_example import PerExampleGradNorms
 
-        self.pe = PerExampleGradNorms(model, modules=modules, attach=False, bookkeeping=bookkeeping)
+        self.pe = PerExampleGradNorms(model, modules=modules, attach=False, bookkeeping=bookkeeping, gram=gram)
         self.index = {n: i for i, n in enumerate(names)}
         self.device, self.attached, self.broken = device, False, False
         # parameters of ours that per-example norms can cover (0: nothing to measure with them)
@@ -73,6 +74,7 @@ class _PerExample:
         self.tracked: torch.Tensor | None = None    # (P,) 1 = has norms (None: none yet)
         self._last_layout = None
         self.n_examples = 0
+        self.grams: list[torch.Tensor] = []   # gram mode: per forward pass, (B, B) summed over our parameters
 
     def _layout(self, key: tuple[str, ...]):
         """(positions in ``key`` of our parameters or None for all, their rows of ``acc`` as a
@@ -93,8 +95,13 @@ class _PerExample:
     def harvest(self) -> None:
         """After one micro-batch's backward: add its examples' squared norms, per parameter."""
         res = self.pe.sq_norms(loss_scale=1.0, summaries=False)    # B^2 applied once, below
+        self.grams = []
         if not res.params:
             return
+        for b, grams in zip(res.batch_sizes, res.grams):   # gram mode (per-domain GNS): B^2 as below
+            ours = [K for n, K in grams.items() if n in self.index]
+            if ours:
+                self.grams.append(torch.stack(ours).sum(0).to(self.device) * float(b) ** 2)
         lay = self._layout(tuple(res.params))
         keep, rows, mask, any_ours = lay
         if not any_ours:

@@ -70,7 +70,7 @@ def param_kind(name: str, kinds: Iterable[str] = ()) -> str:
     if "embedding" in kinds:
         return "embeddings"     # token/position embeddings, and a head tied to them
     toks = _tokens(name)
-    if not kinds & {"linear"} and any("norm" in t or t.startswith("ln") for t in toks):
+    if not kinds & {"linear", "conv1d"} and any("norm" in t or t.startswith("ln") for t in toks):
         return "norms"          # by name only when no owner says otherwise ("attn_norm", "ln_1")
     if any(t in _HEAD for t in toks) and not _STACK.search(name):
         return "head"           # an untied output projection (outside the block stack)

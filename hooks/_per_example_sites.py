@@ -24,9 +24,18 @@ def _norm_eps(m: nn.Module):
     return None
 
 
-def module_kind(m: nn.Module) -> tuple[str | None, str]:
-    """("linear" | "embedding" | "layernorm" | "rmsnorm" | None, reason when None).
+def _conv1d_class(t: type):
+    """The Hugging Face ``transformers`` ``Conv1D`` class in ``t``'s MRO, by name and module (never
+    imported here), or None. GPT-2 / GPT stores its Linear layers in it: y = x W + b, W (in, out)."""
+    return next((c for c in t.__mro__ if c.__name__ == "Conv1D"
+                 and c.__module__.split(".")[0] == "transformers"), None)
 
+
+def module_kind(m: nn.Module) -> tuple[str | None, str]:
+    """("linear" | "conv1d" | "embedding" | "layernorm" | "rmsnorm" | None, reason when None).
+
+    "conv1d" is ``transformers``' Conv1D (GPT-2): a Linear with its weight stored transposed, (in, out);
+    its per-example weight gradients are the Linear's transposed, with the same norms and Grams.
     Subclasses count only when they keep the parent's ``forward`` (so y = x W^T + b still holds).
     Custom norms match by class name "RMSNorm" / "LayerNorm" or by having ``.weight`` and ``.eps``
     and no other parameter; their output is checked once against xhat * weight (+ bias).
@@ -34,6 +43,16 @@ def module_kind(m: nn.Module) -> tuple[str | None, str]:
     t = type(m)
     if isinstance(m, nn.Linear):
         return ("linear", "") if t.forward is nn.Linear.forward else (None, f"{t.__name__} overrides nn.Linear.forward")
+    conv1d = _conv1d_class(t)
+    if conv1d is not None:
+        if t.forward is not conv1d.forward:
+            return None, f"{t.__name__} overrides Conv1D.forward"
+        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+        names = {n for n, _ in m.named_parameters(recurse=False)}
+        if not (isinstance(w, nn.Parameter) and w.dim() == 2 and names <= {"weight", "bias"}
+                and (b is None or tuple(b.shape) == (w.shape[1],))):
+            return None, f"{t.__name__}: not the Conv1D layout (weight (in, out), bias (out,))"
+        return "conv1d", ""
     if isinstance(m, nn.Embedding):
         if t.forward is not nn.Embedding.forward:
             return None, f"{t.__name__} overrides nn.Embedding.forward"

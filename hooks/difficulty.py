@@ -66,7 +66,7 @@ import torch
 from diagnostics.difficulty import (ExampleTable, RingSeries, data_map_regions, emas_from_state, learnability,
                                     sequence_scores)
 from diagnostics.stats import BiasCorrectedEMA
-from hooks._common import run_writer, warn_once
+from hooks._common import domain_indices, run_writer, warn_once
 from hooks._difficulty_scoring import score_sequences
 from hooks.monitor import Hook, probe_role
 
@@ -111,6 +111,8 @@ class DifficultyTracker(Hook):
     Args:
         domain_names: names of the domain indices passed as ``domains`` (default "domain<i>";
             with ``domains=None`` every example is in domain 0, named "all" by default).
+            ``domains`` may also be names: a name's index is its position here, a new name is
+            appended (order of first appearance).
         probe: {domain name: (N, T+1) long tensor of token ids}, fixed probe sequences scored
             every ``probe_every`` steps (also for domains not trained on yet).
         learned_loss: per-token loss (nats) below which an example counts as learned
@@ -226,11 +228,14 @@ class DifficultyTracker(Hook):
             self.writer = run_writer(monitor)
 
     # -- events -------------------------------------------------------------------------
+    measures_model = True   # the probe set: also at the run's end (Monitor.on_run_end)
+
     def scheduled(self, step: int) -> bool:
         return self.role != "skip"  # DDP: rank 0 keeps the table and scores the probes
 
     def _probe_step(self, step: int) -> bool:
-        return bool(self.probe) and self.model is not None and step % self.probe_every == 0
+        return bool(self.probe) and self.model is not None and (
+            step % self.probe_every == 0 or step in self.boundaries)  # also where phases end (Monitor.set_boundaries)
 
     def on_step_begin(self, step: int) -> None:
         """On a probe step, score the probe set now, before this step's optimizer update: the same
@@ -254,6 +259,7 @@ class DifficultyTracker(Hook):
                                       "set is scored. Pass losses of shape (B,) (reduction='none').")
             return
         n = _length(losses, "losses")
+        domains = domain_indices(domains, self.domain_names)  # names: positions in domain_names (appended if new)
         for what, x in (("ids", ids), ("domains", domains)):
             if x is not None and _length(x, what) != n:
                 raise ValueError(f"DifficultyTracker: {what} has length {_length(x, what)} but losses has length "

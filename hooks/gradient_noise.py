@@ -49,6 +49,11 @@ Metrics (one record per measured step; docs/gns.md, "Hook modes")::
     gns/<group>/b_simple  the same per parameter group (hooks._per_example_groups): embeddings, attention,
                           mlp, norms, head, other, blocks.<i> (group_details=True adds the
                           group's other quantities)
+    gns/domain/<d>/b_simple   per domain d of the examples (the loop's ``domains=``), on steps with
+                          per-example norms: EMA(trace_cov) / EMA(grad_sq) of that domain, with
+                          .../grad_sq, .../trace_cov (EMAs), .../small_sq (mean |g_i|^2 of the
+                          domain's examples this step), .../b_big (its examples this step);
+                          hooks._gradient_noise_domains
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from torch import nn
 from diagnostics.gns import GNSTracker, two_batch_estimates
 from hooks._common import unwrap_ddp, warn_once
 from hooks._distributed import UnshardedGradHooks, is_sharded, local_sq_norms, reduce_small_big
+from hooks._gradient_noise_domains import _DomainGNS
 from hooks._gradient_noise_parts import _PerExample, _group_fn
 from hooks._per_example_groups import default_groups
 from hooks.monitor import Hook
@@ -116,7 +122,17 @@ class GradientNoiseScale(Hook):
             its batch weight gradient is their sum, so autograd's own weight GEMM is not run
             (``hooks.per_example.PerExampleGradNorms(bookkeeping=True)``): cheaper, but the weight
             gradients then equal those of a run without the hook only up to float rounding
-            (~1e-7 relative in float32), not bit for bit. Off by default.
+            (~1e-7 relative in float32), not bit for bit. Off by default. Turns per-domain GNS off.
+        per_domain: also measure B_simple per domain (``gns/domain/<d>/...``) on steps with
+            per-example norms, from the ``domains`` passed to ``on_backward_end`` (indices or
+            names). Needs the per-example Gram (``PerExampleGradNorms(gram=True)``; docs/gns.md,
+            "Per-domain GNS" for its cost), so it is measured every ``domain_every``-th measured
+            step. In ``auto`` mode on accumulating steps (the total measured with micro-batches),
+            the per-example hooks are attached for it on those steps, and it is reported when they
+            cover every parameter.
+        domain_names: names of integer domain indices (default ``domain<i>``); names passed as
+            ``domains`` keep their position here, new ones are appended in order of first appearance.
+        domain_every: per-domain GNS on measured steps ``(step // every) % domain_every == 0``.
     """
 
     name = "gns"
@@ -125,18 +141,23 @@ class GradientNoiseScale(Hook):
                  group_details: bool = False, tokens_per_example: float | None = None,
                  grad_scale=None, grads_unscaled: bool = False, ddp_model=None,
                  world_size: int | None = None, process_group=None, fallback: str = "per_example",
-                 name: str = "gns", bookkeeping: bool = False):
+                 name: str = "gns", bookkeeping: bool = False, per_domain: bool = True,
+                 domain_names=None, domain_every: int = 10):
         if mode not in MODES:
             raise ValueError(f"unknown GNS mode {mode!r}; valid modes: {', '.join(MODES)}")
         if fallback not in ("per_example", "none"):
             raise ValueError(f"fallback must be 'per_example' or 'none', got {fallback!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(domain_every, int) or domain_every < 1:
+            raise ValueError(f"domain_every must be a positive integer, got {domain_every!r}")
         if not 0.0 <= float(ema) < 1.0:
             raise ValueError(f"ema (the EMA decay) must be in [0, 1), got {ema}")
         self.mode, self.every, self.ema, self.fallback = mode, every, float(ema), fallback
         self.name = name
         self.bookkeeping = bool(bookkeeping)
+        self.per_domain, self.domain_every = bool(per_domain) and not self.bookkeeping, domain_every
+        self.domains = _DomainGNS(ema, domain_names)
         self._group_fn = _group_fn(groups)
         self.group_details = bool(group_details)
         self.tokens_per_example = None if tokens_per_example is None else float(tokens_per_example)
@@ -207,7 +228,8 @@ class GradientNoiseScale(Hook):
         if self.mode in ("per_example", "layernorm") or (
                 self.mode == "auto" and self.fallback == "per_example" and self._world() <= 1):
             self._pe = _PerExample(model, "norms" if self.mode == "layernorm" else "all",
-                                   [n for n, _ in named], self._device, bookkeeping=self.bookkeeping)
+                                   [n for n, _ in named], self._device, bookkeeping=self.bookkeeping,
+                                   gram=self.per_domain)
             if not self._pe.n_covered:     # no module of this model has a per-example rule
                 what = ("normalisation layer" if self.mode == "layernorm" else "module")
                 why = "; ".join(f"{k}: {v}" for k, v in self._pe.pe.unsupported.items()) or "none found"
@@ -236,7 +258,7 @@ class GradientNoiseScale(Hook):
             ddp.register_comm_hook(self.process_group, self._comm_hook)  # once, before any backward
         self._comm_enabled = self.mode == "ddp"
         self._armed = self.every == 1   # every > 1: on_step_begin arms the measured steps
-        if self._armed and self._want_pe:
+        if self._armed and self._pe is not None and self._pe_on(0):
             self._pe.attach()
 
     def detach(self) -> None:
@@ -294,14 +316,25 @@ class GradientNoiseScale(Hook):
         # Called before the first backward (explicitly) or right after it (the Monitor's implicit
         # arming); in the second case the first micro-batch is not seen: still unbiased.
         self._armed = True
-        if self._want_pe and self._pe is not None:
-            self._pe.attach()   # between backward and forward: safe (its hooks are forward hooks)
+        if self._pe is not None:
+            self._pe.pe.gram = self._domain_step(step)   # the per-example Gram only where it is used
+            if self._pe_on(step):
+                self._pe.attach()   # between backward and forward: safe (its hooks are forward hooks)
+
+    def _domain_step(self, step: int) -> bool:
+        return self.per_domain and (step // self.every) % self.domain_every == 0
+
+    def _pe_on(self, step: int) -> bool:
+        """Per-example hooks wanted at ``step``: the mode's own choice, or auto mode's per-domain steps."""
+        return self._want_pe or (self.mode == "auto" and not self._pe.broken and self._domain_step(step))
 
     def on_backward_end(self, batch_size: int, losses=None, ids=None, domains=None) -> None:
         self._n_backward += 1           # first: every rank must agree on it (on_grads_ready)
+        self._micro_domains = domains   # read by _backward_end (per-domain GNS)
         self._guard(self._backward_end, float(batch_size))
 
     def _backward_end(self, b: float) -> None:
+        domains, self._micro_domains = getattr(self, "_micro_domains", None), None
         self._inv_b_all += 1.0 / b
         if self._cur_any:
             vec = torch.stack([x if x is not None else self._zero for x in self._cur])  # (P,) |c_k|^2
@@ -315,6 +348,13 @@ class GradientNoiseScale(Hook):
                 self._pe.harvest()
             except Exception as e:   # per-example norms failed: say so, fall back to the rest
                 self._drop_pe(f"per-example gradient norms failed ({type(e).__name__}: {e})")
+                return
+            if self._pe.grams and domains is not None:
+                try:
+                    self.domains.add(self._pe.grams, domains)
+                except Exception as e:   # per-domain only: the global estimate goes on
+                    self.domains.reset()
+                    self._notice(f"per-domain GNS not measured ({type(e).__name__}: {e})")
 
     def on_grads_ready(self) -> None:
         """Accumulated (all-reduced) gradients in .grad, before clipping: form this step's norms."""
@@ -390,16 +430,33 @@ class GradientNoiseScale(Hook):
                 self._armed = True
             return None
 
+    def _domain_metrics(self) -> dict[str, float]:
+        """This step's per-domain metrics (before ``_reset``): only where the per-example norms cover
+        the parameters the global estimate uses (auto mode: all of them)."""
+        if not self.domains.pending:
+            return {}
+        tracked = self._pe.tracked if self._pe is not None else None
+        if tracked is None or self._n_backward == 0 or (
+                self.mode == "auto" and not bool(tracked.min() > 0)) or self._failed:
+            self.domains.reset()
+            return {}
+        try:
+            return self.domains.step_end(float(self._n_backward) ** 2 / self._scale() ** 2)
+        except Exception as e:
+            self._notice(f"per-domain GNS not measured ({type(e).__name__}: {e})")
+            return {}
+
     def _step_end(self, step: int, scalars: dict[str, Any]) -> dict[str, float]:
+        dom = self._domain_metrics()
         pending, accumulated = self._pending, self._n_backward > 1 or self._world() > 1
         if self.mode == "auto" and self._pe is not None and self._n_backward:
             self._want_pe = not accumulated   # auto: per-example only while steps have one batch size
         self._reset()
         self._armed = self.every == 1 or self.scheduled(step + 1)
-        if self._pe is not None and self._pe.attached and not (self._armed and self._want_pe):
+        if self._pe is not None and self._pe.attached and not (self._armed and self._pe_on(step + 1)):
             self._pe.detach()
         if pending is None:
-            return {}
+            return dom
         vec, b_small, b_big, live = pending
         small, big = vec.double().cpu().tolist()       # the one host sync, after the step
         live = [True] * len(small) if live is None else live.cpu().tolist()
@@ -408,14 +465,14 @@ class GradientNoiseScale(Hook):
             self.n_skipped += 1                           # NaN/inf gradients: EMAs untouched
             out = self.trackers["total"].result().to_metrics("gns", raw=False)
             out["gns/skipped"] = self.n_skipped
-            return out
+            return {**out, **dom}
         try:  # McCandlish et al. App. A, all groups at once
             grad_sq, trace_cov = two_batch_estimates(small, big, b_small, b_big)
         except ValueError as e:   # b_small == b_big (odd micro-batch sizes): nothing to compare
             self.n_unmeasured += 1
             self._notice(str(e))
-            return {}
-        out: dict[str, float] = {}
+            return dom
+        out: dict[str, float] = dict(dom)
         for j, (g, tracker) in enumerate(self.trackers.items()):
             if not live[j]:
                 continue
@@ -447,6 +504,7 @@ class GradientNoiseScale(Hook):
         self._failed = False
         if self._pe is not None:
             self._pe.reset()
+        self.domains.reset()
 
     def _world(self) -> int:
         if self._world_size is not None:
@@ -538,6 +596,7 @@ class GradientNoiseScale(Hook):
         for g, t in self.trackers.items():
             if g != "total":
                 out[f"gns/{g}/b_simple"] = t.result().b_simple
+        out.update(self.domains.summary())
         out.update({"gns/measured": self.n_measured, "gns/skipped": self.n_skipped,
                     "gns/unmeasured": self.n_unmeasured})
         return out
@@ -546,7 +605,7 @@ class GradientNoiseScale(Hook):
         return {"mode": self.mode, "trackers": {g: t.state_dict() for g, t in self.trackers.items()},
                 "n_measured": self.n_measured, "n_skipped": self.n_skipped,
                 "n_unmeasured": self.n_unmeasured, "notices": list(self.notices),
-                "want_pe": self._want_pe}
+                "want_pe": self._want_pe, "domains": self.domains.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.trackers:       # not attached yet: apply at attach
@@ -560,6 +619,7 @@ class GradientNoiseScale(Hook):
         self.n_skipped = int(state.get("n_skipped", 0))
         self.n_unmeasured = int(state.get("n_unmeasured", 0))
         self.notices = list(state.get("notices", []))
+        self.domains.load_state_dict(state.get("domains", {}))   # older checkpoints: none
         if self.mode == "auto" and "want_pe" in state:  # older checkpoints: auto starts per-example again
             self._resumed_want_pe = self._want_pe = bool(state["want_pe"])
             if self._pe is not None and self._pe.attached and not self._want_pe:

@@ -66,6 +66,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+from hooks._common import check_domains
 from hooks.sinks import MemorySink, NullSink, RunStoreSink, Sink, StdoutSink  # noqa: F401  (re-exported)
 
 
@@ -106,6 +107,13 @@ class Hook:
     """
 
     name: str = "hook"
+    # steps at which the run's phases end (the record of step s describes the model after s updates,
+    # so the end of a phase of steps [a, b) is step b) and the last step, set by
+    # ``Monitor.set_boundaries``; probes that run on a cadence also run there. Empty: no loop said.
+    boundaries: frozenset = frozenset()
+    # True for hooks that measure the model on their own fixed data (probes): they can also run at a
+    # record without a training step, the end of the run (``Monitor.on_run_end``)
+    measures_model: bool = False
 
     def attach(self, model, monitor: "Monitor") -> None:
         """Called once when the Monitor is built (register tensor/module hooks here)."""
@@ -262,6 +270,7 @@ class Monitor:
         self.disabled_hooks: list[dict[str, Any]] = []  # one dict per disabled hook: name, class, step, event, reason
         self.failed_sinks: dict[str, str] = {}  # sink class name -> error; such a sink gets no more records
         self.step: int | None = None
+        self.boundaries: frozenset = frozenset()   # set_boundaries
         self._armed = False
         self._active: list[Hook] = []
         self.last_record: dict[str, Any] = {}
@@ -324,6 +333,20 @@ class Monitor:
             warnings.warn(f"midtrain: could not record the disabled hook {entry['name']!r} in run.json "
                           f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=5)
 
+    def set_boundaries(self, steps: Iterable[int]) -> None:
+        """Tell the hooks the steps where phases end and the run ends (``Hook.boundaries``): the built-in
+        loop passes each later phase's first step and the last step (whose record it writes with
+        ``on_step_end`` after the last update). Probes (``RepresentationProbe``, the
+        ``DifficultyTracker`` probe set) also measure there. Loops that never call it lose nothing."""
+        marks = []
+        for s in steps:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0:
+                raise ValueError(f"set_boundaries: steps must be integers >= 0, got {s!r}")
+            marks.append(int(s))
+        self.boundaries = frozenset(marks)
+        for h in self.hooks:
+            h.boundaries = self.boundaries
+
     def _live(self) -> list[Hook]:
         return [h for h in self.hooks if h.name not in self.disabled]
 
@@ -337,7 +360,15 @@ class Monitor:
             self._call(h, "on_step_begin", step)
 
     def on_backward_end(self, batch_size: int, *, losses=None, ids=None, domains=None) -> None:
-        """After each micro-batch's backward. ``losses`` are per-example losses."""
+        """After each micro-batch's backward. ``losses`` are per-example losses; ``domains`` one domain
+        per example, integer indices or names (``hooks._common.check_domains``; each hook maps names
+        through its own ``domain_names``, new names appended in order of first appearance). A
+        ``domains`` that is neither is a TypeError / ValueError here, before any hook sees it."""
+        if domains is not None:
+            shape = getattr(losses, "shape", None)
+            n = int(shape[0]) if shape is not None and len(shape) == 1 else (
+                int(batch_size) if isinstance(batch_size, numbers.Integral) else None)
+            check_domains(domains, n)
         if not self._armed:
             self.on_step_begin(self.step or 0)
         for h in self._active:
@@ -372,6 +403,18 @@ class Monitor:
         self.write(record)
         self.step, self._armed = step + 1, False
         return record
+
+    def on_run_end(self, step: int, **scalars) -> dict[str, Any]:
+        """The record after the last update (the built-in loop's final evaluation, ``step = total_steps``):
+        like ``on_step_end``, but only hooks with ``measures_model = True`` (probes on their own data:
+        ``RepresentationProbe``, ``DifficultyTracker``) that are scheduled at ``step`` run
+        (``on_step_begin``, then ``on_step_end``); the others get no event, as no training step ran."""
+        self.step, self._armed = step, True
+        self._active = [h for h in self._live()
+                        if h.measures_model and self._call(h, "scheduled", step, check=bool)]
+        for h in self._active:
+            self._call(h, "on_step_begin", step)
+        return self.on_step_end(step, **scalars)
 
     def write(self, record: dict[str, Any]) -> None:
         """Send a record to every sink (used directly for records outside a step, e.g. final val)."""

@@ -35,7 +35,10 @@ Conventions and limits:
   ``sq_norms(loss_scale="mean")`` undoes it per forward pass, giving ||grad loss_i||^2.
 - A parameter shared by several modules (tied embedding / head) or a module called several times
   in one forward is counted once, with its cross terms (pegrad eq. 6).
-- Modules with parameters of types it cannot handle (Conv1d, BatchNorm, MultiheadAttention's own
+- Supported: nn.Linear, ``transformers``' Conv1D (GPT-2: a Linear whose weight is stored transposed,
+  recognised by class name and module without importing transformers), nn.Embedding, LayerNorm,
+  RMSNorm and norms with their contract (``hooks._per_example_sites.module_kind``).
+- Modules with parameters of types it cannot handle (nn.Conv1d, BatchNorm, MultiheadAttention's own
   in_proj, ...) are named in one warning, listed in ``.unsupported`` and left out of the totals,
   never miscounted. A parameter that receives a gradient outside its module's forward call
   (``F.linear(x, lin.weight)``) is caught by a hook on the parameter and excluded the same way.
@@ -57,7 +60,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from diagnostics.gns import pegrad
+from diagnostics.gns import pegrad, pegram
 from hooks._common import warn_once
 from hooks._per_example_groups import layer_of, param_kind
 from hooks._per_example_sites import (  # noqa: F401  (module_kind is public here)
@@ -81,6 +84,9 @@ class PerExampleSqNorms:
     layers: dict[str, torch.Tensor]  # "blocks.3" -> (N,) sum over that layer's params
     batch_sizes: list[int] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    # gram=True only: per forward pass (order of batch_sizes), parameter name -> (B_k, B_k) Gram
+    # <g_i, g_j> of the backpropagated per-example gradients (loss_scale not applied; diagnostics.gns.pegram)
+    grams: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +110,21 @@ class PerExampleGradNorms:
             or in bf16 the layer keeps autograd's gradient); see docs/gns.md, Speed.
         attach: register the hooks now (also done by ``with``; ``detach`` removes them).
         strict: raise instead of warning and excluding when a module cannot be handled at runtime.
+        gram: also keep each parameter's (B, B) Gram of per-example gradients per forward pass
+            (``PerExampleSqNorms.grams``, ``diagnostics.gns.pegram``): the norm of any sum of
+            per-example gradients chosen after the backward, e.g. per domain. Costs more than the
+            norms alone (pegram's docstring) and turns ``bookkeeping`` off.
     """
 
     def __init__(self, model: nn.Module, modules: str | Iterable[str] | Callable = "all", *,
                  method: str = "auto", attach: bool = True, strict: bool = False,
-                 max_elements: int = pegrad.DEFAULT_MAX_ELEMENTS, bookkeeping: bool = False):
+                 max_elements: int = pegrad.DEFAULT_MAX_ELEMENTS, bookkeeping: bool = False,
+                 gram: bool = False):
         if method not in ("auto", "ghost", "materialize"):
             raise ValueError(f"method must be 'auto', 'ghost' or 'materialize', got {method!r}")
         self.model, self.method, self.strict, self.max_elements = model, method, strict, max_elements
-        self.bookkeeping = bool(bookkeeping)
+        self.gram = bool(gram)
+        self.bookkeeping = bool(bookkeeping) and not self.gram
         self.unsupported: dict[str, str] = {}
         self._select = self._selector(modules)
         self._handles: list = []
@@ -120,6 +132,7 @@ class PerExampleGradNorms:
         self._pass_batch: dict[int, int | None] = {}
         self._groups: dict[tuple[int, int], _Group] = {}
         self._results: dict[int, dict[int, torch.Tensor]] = {}
+        self._grams: dict[int, dict[int, torch.Tensor]] = {}  # gram=True: pass -> pid -> (B, B)
         self._live_calls: weakref.WeakSet = weakref.WeakSet()
         self._warned: set[str] = set()
         self._build()
@@ -222,7 +235,7 @@ class PerExampleGradNorms:
             self._params.pop(pid, None)
             for key in [k for k in self._groups if k[1] == pid]:
                 del self._groups[key]
-            for res in self._results.values():
+            for res in list(self._results.values()) + list(self._grams.values()):
                 res.pop(pid, None)
         self._warn_once(module_name, f"PerExampleGradNorms: {module_name}: {reason}; its parameters are "
                                      "left out of the totals (see .unsupported).")
@@ -284,10 +297,12 @@ class PerExampleGradNorms:
             if pid not in pids:
                 continue
             grp = self._groups.setdefault((self._pass, pid), _Group())
-            kind = "embedding" if site.kind == "embedding" else "linear" if (
-                site.kind == "linear" and role == "weight") else "vector"
+            kind = "embedding" if site.kind == "embedding" else site.kind if (
+                site.kind in ("linear", "conv1d") and role == "weight") else "vector"
             if grp.kinds and (kind == "vector") != (grp.kinds[0] == "vector"):
                 raise _Unsupported("parameter used both as a vector (norm gain / bias) and as a matrix")
+            if "conv1d" in grp.kinds + [kind] and set(grp.kinds + [kind]) != {"conv1d"}:
+                raise _Unsupported("a Conv1D weight (stored transposed) shared with another kind of use")
             grp.calls += 1
             grp.kinds.append(kind)
             if kind == "embedding":
@@ -384,13 +399,13 @@ class PerExampleGradNorms:
         return None
 
     def _contribute(self, pass_id, pid, grp, site, role, saved, G, out=None):
-        if site.kind == "linear" and role == "weight":
+        if site.kind in ("linear", "conv1d") and role == "weight":   # Conv1D: the transpose, same norms
             if grp.calls == 1:  # the usual case: straight to the formula (it flattens itself)
                 return self._store(pass_id, pid, self._linear(saved, G))
             A, Gf = pegrad.flatten_positions(saved), pegrad.flatten_positions(G)
             emb_call = grp.emb_calls[0]() if len(grp.emb_calls) == 1 else None
             if (grp.kinds == ["embedding", "linear"] and grp.partial is None and not grp.emb
-                    and emb_call is not None and emb_call.saved is not None):
+                    and emb_call is not None and emb_call.saved is not None and not self.gram):
                 # tied head before its embedding (eq. 6). A (B, V, D) table that fits: keep the
                 # materialised head gradients H_b and add the embedding's rows into them later
                 # (cross term for free); else keep only ||H_b||^2 and H_b at the example's tokens
@@ -467,9 +482,13 @@ class PerExampleGradNorms:
         return None
 
     def _linear(self, A, G):
+        if self.gram:
+            return pegram.linear_gram(A, G, max_elements=self.max_elements)
         return pegrad.linear_sq_norms(A, G, method=self.method, max_elements=self.max_elements)
 
     def _embedding(self, ids, G, V):
+        if self.gram:
+            return pegram.embedding_gram(ids, G, V, max_elements=self.max_elements)
         return pegrad.embedding_sq_norms(ids, G, V, max_elements=self.max_elements)
 
     def _finalize(self, pass_id, pid, grp):
@@ -482,7 +501,7 @@ class PerExampleGradNorms:
             sq = t if sq is None else sq + t.to(sq.dtype)
 
         if grp.vec is not None:
-            add(grp.vec.pow(2).sum(1))
+            add(pegram.vector_gram(grp.vec) if self.gram else grp.vec.pow(2).sum(1))
         if grp.partial is not None:  # tied head whose embedding got no gradient
             head_sq, rows = grp.partial
             add(torch.linalg.vector_norm(rows.flatten(1), dim=1).square() if head_sq is None else head_sq)
@@ -494,7 +513,10 @@ class PerExampleGradNorms:
             ids = torch.cat([i for i, _ in grp.emb], 1)
             Ge = torch.cat([g for _, g in grp.emb], 1)
             add(self._embedding(ids, Ge, grp.num_embeddings))
-            if grp.lin:
+            if grp.lin and self.gram:
+                C = pegram.tied_cross_gram(ids, Ge, A, Gl)
+                add(C + C.T)
+            elif grp.lin:
                 add(2 * pegrad.tied_embedding_head_cross(ids, Ge, A, Gl, max_elements=self.max_elements))
         grp.lin, grp.emb, grp.emb_calls, grp.partial, grp.vec = [], [], [], None, None
         if sq is not None:
@@ -502,7 +524,11 @@ class PerExampleGradNorms:
 
     def _store(self, pass_id, pid, sq):
         self._groups.pop((pass_id, pid), None)
-        self._results.setdefault(pass_id, {})[pid] = sq.detach() if sq.requires_grad else sq
+        sq = sq.detach() if sq.requires_grad else sq
+        if sq.dim() == 2:     # gram=True: the (B, B) Gram, whose diagonal is the squared norms
+            self._grams.setdefault(pass_id, {})[pid] = sq
+            sq = torch.diagonal(sq)
+        self._results.setdefault(pass_id, {})[pid] = sq
 
     # -- safety net: a gradient that bypassed every module we watch -------------------------------
     def _make_param_hook(self, pid):
@@ -530,6 +556,7 @@ class PerExampleGradNorms:
         """Drop all results and pending state."""
         self._groups.clear()
         self._results.clear()
+        self._grams.clear()
         self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}
 
     def sq_norms(self, *, loss_scale: float | str = 1.0, reset: bool = True,
@@ -579,11 +606,14 @@ class PerExampleGradNorms:
             layer = layer_of(name)
             if layer is not None:
                 layers[layer] = layers[layer] + sq if layer in layers else sq
+        grams = [{name: self._grams[p][pid] for pid, name in self._names.items()
+                  if pid in self._params and pid in self._grams.get(p, {})} for p in passes] if self.gram else []
         if reset:
             self._results.clear()
+            self._grams.clear()
             for key in [k for k, g in self._groups.items() if k[0] != self._pass]:
                 del self._groups[key]  # forward passes that never got a backward
             self._pass_batch = {self._pass: self._pass_batch.get(self._pass)}  # bounded over a run
         return PerExampleSqNorms(params=params, total=total, groups=groups, layers=layers,
-                                 batch_sizes=sizes, unsupported=dict(self.unsupported))
+                                 batch_sizes=sizes, unsupported=dict(self.unsupported), grams=grams)
 

@@ -261,10 +261,12 @@ class RepresentationProbe(Hook):
         """Where eigenspectra go (a ``diagnostics.runs.RunWriter``); None stops saving."""
         self.writer = writer
 
+    measures_model = True   # a probe on its own batch: also at the run's end (Monitor.on_run_end)
+
     def scheduled(self, step: int) -> bool:
         if self.role == "skip":
             return False  # DDP: rank 0 measures, the others train on
-        if step == 0 or step % self.every == 0:
+        if step == 0 or step % self.every == 0 or step in self.boundaries:  # also where phases end
             return True
         return 0 < step < self.log_spaced_until and (step & (step - 1)) == 0
 

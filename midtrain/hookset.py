@@ -70,14 +70,16 @@ def named_hooks(hooks: list[Hook]) -> list[Hook]:
 
 def build_gradient_noise_scale(opts: dict[str, Any], cfg: TrainConfig, model, corpus) -> Hook:
     """``[monitor.gns]``: GradientNoiseScale (mode = "auto" | "microbatch" | "ddp" | "per_example" |
-    "layernorm", every, ema, groups, group_details, fallback; docs/gns.md "Hook modes").
+    "layernorm", every, ema, groups, group_details, fallback, per_domain, domain_every; docs/gns.md
+    "Hook modes"). Domain indices are named after the corpus's domains.
 
     Tokens per example come from each step's ``train/seq_len``; the DDP wrapper from the Monitor."""
     from hooks.gradient_noise import GradientNoiseScale
 
-    _check_options("gns", GradientNoiseScale, opts, supplied=("ddp_model", "process_group", "grad_scale"))
+    _check_options("gns", GradientNoiseScale, opts, supplied=("ddp_model", "process_group", "grad_scale",
+                                                             "domain_names"))
     try:
-        return GradientNoiseScale(**opts)
+        return GradientNoiseScale(domain_names=list(corpus.names()) if corpus is not None else None, **opts)
     except ValueError as e:
         raise ConfigError(f"[monitor.gns]: {e}") from None
 

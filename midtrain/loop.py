@@ -311,7 +311,11 @@ def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter |
     resume from it records every missing step again; ``save_checkpoint_now`` is None when the last
     update was skipped (no checkpoint of such a state)."""
     val_end = evaluate(model, val, device, autocast)
-    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
+    record = {"step": end_step, **val_end, "train/tokens": tokens}
+    if status == "finished":  # the hooks marked for the end (probes) measure the final model too
+        monitor.on_run_end(**record)
+    else:  # stopped by --until: no hook runs, so a resume continues every hook exactly
+        monitor.write(record)
     if writer is not None:
         writer.check(wait=True)
     if save_checkpoint_now is not None and (writer is not None or sharded):  # sharded: every rank writes its shards
@@ -377,6 +381,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     monitor = Monitor(model, hooks, sinks=[RunStoreSink(writer), *extra_sinks] if writer else [NullSink()],
                       strict=strict_hooks, enabled=master, ddp_model=fwd_model if world > 1 and not shards else None,
                       sharded=shards)
+    monitor.set_boundaries([*cfg.phase_starts()[1:], total])  # probes also where phases end, and at the end
     if start.ckpt is not None and start.ckpt.get("monitor"):
         monitor.load_state_dict(start.ckpt["monitor"])
 

@@ -127,6 +127,9 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
     }
     if seq_len:
         evidence["B_simple (tokens)"] = b_simple * seq_len
+    by_domain = _domain_sentence(df, rows, prefix)
+    if by_domain:
+        evidence["B_simple by domain"] = by_domain
     assumptions = [
         "B_simple approximates the critical batch size B_noise when the Hessian is well conditioned "
         "(McCandlish et al. 2018, section 2.2); otherwise it is a scale, not the exact optimum",
@@ -162,6 +165,25 @@ def batch_size_recommendation(run, *, phase: str | None = None, window: int | No
                           low=low, high=high, level=level, estimate=b_simple, summary=summary,
                           evidence=evidence, assumptions=assumptions, would_change=would_change,
                           patch=patch, check=check, branch_step=int(steps[-1]) + 1 if patch else None)
+
+
+def _domain_sentence(df, rows, prefix: str) -> str:
+    """Which domain drives the noise scale: each domain's last per-domain B_simple
+    (``{prefix}/domain/<d>/b_simple``, GradientNoiseScale's per-domain GNS) within the window's steps,
+    the largest named first; "" when the run has none."""
+    head, tail = f"{prefix}/domain/", "/b_simple"
+    last = {}
+    for c in df.columns:
+        if c.startswith(head) and c.endswith(tail):
+            v = df[c].to_numpy(dtype=np.float64)[rows[0]:rows[-1] + 1]
+            v = v[np.isfinite(v)]
+            if len(v):
+                last[c[len(head):-len(tail)]] = float(v[-1])
+    if not last:
+        return ""
+    order = sorted(last, key=last.get, reverse=True)
+    return (f"{order[0]} drives the noise scale (the largest per-domain B_simple, its last value in the "
+            f"window): " + ", ".join(f"{d} {_fmt(last[d])}" for d in order) + " sequences")
 
 
 def _median_col(df, col, rows):

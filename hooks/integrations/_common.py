@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterable
 
+from hooks._common import check_domains
 from hooks.monitor import Monitor, unique_hook_names
 
 
@@ -112,4 +113,11 @@ def per_example_field(x, n: int, what: str):
     if length != n:
         raise ValueError(f"the batch's {what!r} field must hold one value per example ({n}), got "
                          f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    return x
+
+
+def domains_field(x, n: int, key: str):
+    """``domains`` of a micro-batch as given: integer indices or names, one per example
+    (``hooks._common.check_domains``), else a TypeError / ValueError naming the batch's field."""
+    check_domains(x, n, where=f"the batch's {key!r} field (domains=)")
     return x

@@ -70,7 +70,7 @@ from typing import Any, Iterable
 import torch
 
 from hooks._common import first_tensor, warn_once
-from hooks.integrations._common import AdapterBase, missing, per_example_field, wire_loss_scale
+from hooks.integrations._common import AdapterBase, domains_field, missing, per_example_field, wire_loss_scale
 
 try:
     from transformers import TrainerCallback
@@ -205,7 +205,7 @@ class MidtrainCallback(AdapterBase, TrainerCallback):
             targets = lab.ne(self.ignore_index).sum()
         n_items = kwargs.get("num_items_in_batch")
         micro = _Micro(n, tokens, targets, per_example_field(extra.get("ids"), n, self.ids_key),
-                       per_example_field(extra.get("domains"), n, self.domains_key), n_items)
+                       domains_field(extra.get("domains"), n, self.domains_key), n_items)
         micro.labels = labels if self._want_losses else None
         self._queue.append(micro)
         return (args, kwargs) if changed else None

@@ -43,7 +43,7 @@ import warnings
 from typing import Any, Callable, Iterable
 
 from hooks._common import first_tensor, warn_once
-from hooks.integrations._common import AdapterBase, missing, per_example_field, wire_loss_scale
+from hooks.integrations._common import AdapterBase, domains_field, missing, per_example_field, wire_loss_scale
 
 try:
     import lightning.pytorch as pl
@@ -142,7 +142,7 @@ class MidtrainCallback(AdapterBase, pl.Callback):
                 info["size"] = int(t.shape[0])
         n = int(info["size"])
         return {"size": n, "ids": per_example_field(info.get("ids"), n, "ids"),
-                "domains": per_example_field(info.get("domains"), n, "domains")}
+                "domains": domains_field(info.get("domains"), n, "domains")}
 
     def on_after_backward(self, trainer, pl_module):
         if not self._off() and self._open:

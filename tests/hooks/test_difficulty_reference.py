@@ -103,12 +103,13 @@ def test_reducible_loss_equals_current_minus_reference_probe_loss(tmp_path, ref_
             assert rec[f"difficulty/{d}/probe_loss"] == pytest.approx(cur.mean(), rel=1e-5, abs=1e-5)
             assert rec[f"difficulty/{d}/reducible_loss"] == pytest.approx(cur.mean() - ref_loss[d].mean(),
                                                                          rel=1e-5, abs=1e-5), (done, d)
-    # the saved table holds the last probe's per-sequence losses, reference included (domain order)
+    # the saved table holds the last probe's per-sequence losses, reference included (domain order):
+    # the probe of the final record (step total_steps, the end of the run: Monitor.on_run_end)
     a = run.load_array("difficulty_examples")
     np.testing.assert_allclose(a["probe_reference_loss"], np.concatenate([ref_loss[d] for d in DOMAINS]),
                                rtol=1e-5, atol=1e-5)
     assert a["probe_loss"].mean() - a["probe_reference_loss"].mean() == pytest.approx(
-        np.mean([m.loc[17, f"difficulty/{d}/reducible_loss"] for d in DOMAINS]), abs=1e-5)
+        np.mean([m.loc[cfg.total_steps(), f"difficulty/{d}/reducible_loss"] for d in DOMAINS]), abs=1e-5)
 
 
 def test_reference_from_toml_and_from_the_cli(tmp_path, ref_run, one_thread, capsys):

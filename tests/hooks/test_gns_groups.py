@@ -338,6 +338,9 @@ def test_auto_takeover_message_once_per_run_and_across_resume(tmp_path):
     for name in _BUILDERS:
         if name != "gns":
             setattr(cfg.monitor, name, {"enabled": False})
+    # per-domain GNS attaches the per-example hooks on its own steps (every 10th), which would
+    # measure step 10 below: this test is about the takeover on the mode's own schedule
+    cfg.monitor.gns = {"per_domain": False}
     a, b = cfg.phases[0], cfg.phases[1]              # grad_accum 2 and 1
     cfg.phases = []
     for k in range(3):                               # 2, 1, 2, 1, 2, 1: three switches

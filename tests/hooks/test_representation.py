@@ -501,7 +501,8 @@ def test_builtin_loop_writes_repr_metrics_and_spectra(tmp_path, one_thread):
     col = "repr/blocks.1.resid_post/entropy"
     assert col in run.metrics.columns
     probed = run.metrics.dropna(subset=[col])["step"].tolist()
-    assert probed == [0, 1, 2, 4, 5, 10, 15]  # eval_every = 5, log-spaced below it
+    # eval_every = 5, log-spaced below it, and the phase ends 8, 14 and the final record 18
+    assert probed == [0, 1, 2, 4, 5, 8, 10, 14, 15, 18]
     for k in ("effective_rank", "alpha_req", "twonn_id", "mi_xt", "mi_ty", "readout_loss"):
         assert f"repr/final_norm/{k}" in run.metrics.columns
     assert "repr/final_norm/math/entropy" in run.metrics.columns
