@@ -119,19 +119,13 @@ class Solution:
     sizes: list[int]          # points per curve, in order (split residuals / fitted with np.split)
 
 
-def joint_fit(law, curves: list[Curve], *, robust: bool = True, x0: dict | None = None, max_nfev: int = 500,
-              scale: float | None = None, noise: float | None = None, feats=None) -> Solution:
-    """Fit one set of ``law`` parameters and the segment offsets to all ``curves`` (``check_curves``).
-
-    robust: Huber loss with threshold 1.345 x the pooled robust noise scale (95% efficiency under
-    Gaussian noise; loss spikes are down-weighted); else plain least squares.
-    x0: a start in the LR's own units (``law.names``; offsets start at 0) instead of ``law.init``.
-    feats / scale / noise: reuse them from an earlier fit to the same curves and LRs (a bootstrap).
-    """
+def fit_inputs(law, curves: list[Curve], *, scale: float | None = None, feats=None, noise: float | None = None):
+    """What every joint fit of ``law`` to ``curves`` starts from: (offset labels, offset design, losses, LR
+    scale, law features per curve, pooled noise); the given scale / feats / noise are reused (a bootstrap).
+    Raises ValueError for too few losses or LRs that are all 0."""
     labels, O = offset_design(curves)
     y = np.concatenate([c.y for c in curves])
-    k = len(law.names)
-    n_par = k + len(labels)
+    n_par = len(law.names) + len(labels)
     if len(y) < n_par + 2:
         raise ValueError(f"{len(y)} usable losses; the fit of {n_par} parameters needs at least {n_par + 2}")
     if scale is None:
@@ -142,6 +136,20 @@ def joint_fit(law, curves: list[Curve], *, robust: bool = True, x0: dict | None 
         feats = [law.features(c.lrs / scale, c.steps) for c in curves]
     if noise is None:
         noise = pooled_noise(curves)
+    return labels, O, y, scale, feats, noise
+
+
+def joint_fit(law, curves: list[Curve], *, robust: bool = True, x0: dict | None = None, max_nfev: int = 500,
+              scale: float | None = None, noise: float | None = None, feats=None) -> Solution:
+    """Fit one set of ``law`` parameters and the segment offsets to all ``curves`` (``check_curves``).
+
+    robust: Huber loss with threshold 1.345 x the pooled robust noise scale (95% efficiency under
+    Gaussian noise; loss spikes are down-weighted); else plain least squares.
+    x0: a start in the LR's own units (``law.names``; offsets start at 0) instead of ``law.init``.
+    feats / scale / noise: reuse them from an earlier fit to the same curves and LRs (a bootstrap).
+    """
+    labels, O, y, scale, feats, noise = fit_inputs(law, curves, scale=scale, feats=feats, noise=noise)
+    k = len(law.names)
 
     def model(p):
         return np.concatenate([law.value(p[:k], f) for f in feats]) + O @ p[k:]

@@ -32,7 +32,7 @@ from itertools import product
 
 import numpy as np
 
-from diagnostics.schedule._fit import Curve, Solution, offset_design, pooled_noise
+from diagnostics.schedule._fit import Curve, Solution, fit_inputs
 
 REF_PEAK = 3e-4                  # the paper's peak LR: the units the Adam steps are taken in
 HUBER_DELTA = 1e-3               # src/config.py HUBER_DELTA (on the log-loss residual)
@@ -149,21 +149,9 @@ def luo2025_fit(law, curves: list[Curve], *, x0: dict | None = None, scale: floa
 
     x0: start stage 2 there (LR's own units; offsets at 0) instead of running stage 1 (a bootstrap refit).
     """
-    labels, O = offset_design(curves)
-    y = np.concatenate([c.y for c in curves])
-    n_par = len(law.names) + len(labels)
-    if len(y) < n_par + 2:
-        raise ValueError(f"{len(y)} usable losses; the fit of {n_par} parameters needs at least {n_par + 2}")
+    labels, O, y, scale, feats, noise = fit_inputs(law, curves, scale=scale, feats=feats, noise=noise)
     if np.any(y <= 0):
         raise ValueError("the luo2025 protocol fits log(loss): every loss must be > 0")
-    if scale is None:
-        scale = max(float(c.lrs.max()) for c in curves)
-    if scale <= 0:
-        raise ValueError("all learning rates are 0")
-    if feats is None:
-        feats = [law.features(c.lrs / scale, c.steps) for c in curves]
-    if noise is None:
-        noise = pooled_noise(curves)
     if x0 is None:
         x = _start(law, curves, feats, y, O)
     else:   # the LR's own units -> reference units
