@@ -284,6 +284,8 @@ class GradientNoiseScale(Hook):
                 flat = grad.reshape(-1)
                 if flat.dtype == torch.float32:    # |c|^2 in one kernel (faster than a norm)
                     sq = torch.dot(flat, flat)
+                elif flat.dtype == torch.float64:  # kept in float32 like every other norm
+                    sq = torch.dot(flat, flat).float()
                 else:                              # bf16/fp16: accumulate in float32
                     sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
                 self._cur[i] = sq.to(self._device) if self._multi_device else sq
@@ -298,7 +300,8 @@ class GradientNoiseScale(Hook):
 
         if self._armed and self._comm_enabled:
             try:  # the all-reduce below must happen whatever goes wrong here
-                norms = torch._foreach_norm(bucket.gradients(), 2, dtype=torch.float32)
+                grads = bucket.gradients()
+                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=_norm_dtype(grads))]
                 for p, n in zip(bucket.parameters(), norms):
                     i = self._index.get(id(p))
                     if i is not None:
@@ -557,10 +560,10 @@ class GradientNoiseScale(Hook):
             sq = torch.stack([n.to(self._device) for n in local_sq_norms(grads)])
         else:
             try:
-                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=_norm_dtype(grads))]
             except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch
                 norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
-                                                  dtype=torch.float32) for g in grads]
+                                                  dtype=_norm_dtype([g])).float() for g in grads]
             if self._multi_device:
                 norms = [n.to(self._device) for n in norms]
             sq = torch.stack(norms).square()
@@ -626,3 +629,9 @@ class GradientNoiseScale(Hook):
                 self._pe.detach()
             elif self._pe is not None and self._armed and self._want_pe and not self._pe.attached:
                 self._pe.attach()
+
+
+def _norm_dtype(grads) -> torch.dtype:
+    """The dtype to take gradient norms in: float32 (also for bf16/fp16 gradients), float64 when a gradient
+    is float64 (a norm may not narrow its input's dtype); the norms are then kept in float32."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32

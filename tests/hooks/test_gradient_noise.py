@@ -107,6 +107,18 @@ def test_microbatch_b_simple_converges_to_exact():
     assert not recompute_b_simple(naive, window=len(df))["gns/b_simple"].iloc[-1] == pytest.approx(truth, rel=0.5)
 
 
+def test_float64_model_is_measured_like_float32():
+    """A float64 model: the norms are taken in float64 (torch refuses to narrow them to float32, which
+    disabled the hook before) and give the float32 model's numbers (same data, same weights)."""
+    X, y, model = lsq_problem()
+    batches = draw(3, steps=20, accum=4, b=4, N=len(X))
+    df32, _ = run_hook(model, batches, lambda i: lsq_loss(model, X, y, i), groups=False)
+    m64, X64, y64 = model.double(), X.double(), y.double()
+    df64, _ = run_hook(m64, batches, lambda i: lsq_loss(m64, X64, y64, i), groups=False)
+    for k in ("gns/small_sq", "gns/big_sq", "gns/b_simple"):
+        np.testing.assert_allclose(df64[k], df32[k], rtol=1e-4)
+
+
 def b_simple_and_se(df, prefix="gns"):
     """Ratio-of-means B_simple over all logged steps and its delta-method standard error.
 
