@@ -96,6 +96,13 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, writer=None) -> None:
     """Write ``path`` via a hidden temp file in the same directory and ``os.replace``.
 
@@ -114,6 +121,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, write
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -362,3 +362,22 @@ def test_runs_module_does_not_import_torch():
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": ""})
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    """A file written whole (run.json, a report) is readable like one open() makes (0666 less the umask),
+    not 0600 as its temp file was: a report served by a web server as another user can be read."""
+    import os
+    import stat
+
+    from diagnostics.runs import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", "x")
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
