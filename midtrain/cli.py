@@ -233,7 +233,8 @@ def cmd_recommend(args) -> int:
         return _fail(f"--write-config {args.write_config}: its directory does not exist; nothing was written.")
     run = load_run(args.run_dir)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else None
-    from diagnostics.recommend import ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation
+    from diagnostics.recommend import (ProbeInputError, anneal_recommendation, branch_kind, data_switch_recommendation,
+                                       long_context_recommendation)
 
     kinds = {"batch": [], "anneal": [], "switch": [], "same": []}  # branches sorted by what they change
     for b in args.branches or []:
@@ -248,6 +249,7 @@ def cmd_recommend(args) -> int:
         "batch_schedule": lambda: batch_schedule_recommendation(run),
         "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=targets,
                                                           tolerance=args.tolerance, level=args.level),
+        "long_context": lambda: long_context_recommendation(run, level=args.level),
     }
     if kinds["batch"]:
         from diagnostics.recommend import critical_batch_recommendation

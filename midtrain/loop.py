@@ -47,7 +47,7 @@ from midtrain.checkpoint import (checkpoint_path, load_checkpoint, model_config,
 from midtrain._progress import Progress, Throughput, peak_flops
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.distributed import forward_model, mean_over_ranks, set_up_processes
-from midtrain.evaluate import evaluate, val_batches
+from midtrain.evaluate import Evaluator
 from midtrain.hookset import build_hooks, named_hooks
 from midtrain.model import GPT, GPTConfig
 
@@ -285,17 +285,18 @@ def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWr
     return report["message"]
 
 
-def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int, tokens: int,
-             status: str, t_start: float, save_checkpoint_now) -> dict[str, float]:
-    """The final evaluation, written as the record of step ``end_step``, the last checkpoint and the run's
+def _end_run(model, evaluator: Evaluator, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int,
+             tokens: int, status: str, t_start: float, save_checkpoint_now) -> dict[str, float]:
+    """The final evaluation (at every length too: ``midtrain.evaluate``), written as the record of step ``end_step``, the last checkpoint and the run's
     status; returns the evaluation. The final state is evaluated also when --until stops early (step
     end_step: the state after end_step updates, as an evaluation at the start of step end_step of a
     longer run would see it; a resume drops this record and evaluates that step again, with the same
     values). The last checkpoint is taken once every record is written (evaluating drew no RNG), so a
     resume from it records every missing step again; ``save_checkpoint_now`` is None when the last
-    update was skipped (no checkpoint of such a state)."""
-    val_end = evaluate(model, val, device, autocast)
-    monitor.write({"step": end_step, **val_end, "train/tokens": tokens})
+    update was skipped (no checkpoint of such a state). Returns the ``val/`` losses."""
+    evaluation = evaluator(model, end_step, device, autocast, writer, final=True)
+    monitor.write({"step": end_step, **evaluation, "train/tokens": tokens})
+    val_end = {k: v for k, v in evaluation.items() if k.startswith("val/")}
     if writer is not None:
         writer.check(wait=True)
         if save_checkpoint_now is not None:
@@ -342,7 +343,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     rank, world, device = set_up_processes(cfg)
     master = rank == 0
     corpus, mcfg = _data_and_model_config(cfg, corpus, world)
-    val = val_batches(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
+    evaluator = Evaluator(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
     total = cfg.total_steps()
     start = _plan_start(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step,
                         until_step=until_step, world=world)
@@ -363,7 +364,6 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
         monitor.load_state_dict(start.ckpt["monitor"])
 
     bar = Progress(total, start.step, cfg.log_every, enabled=progress and master)
-    phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
     val_start = dict(start.val_start)  # a resume keeps the run's first evaluation
@@ -382,8 +382,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
                     model.set_rope_base(phase.rope_base)
                 micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
             scalars: dict[str, Any] = {}
-            if step % cfg.eval_every == 0 or step in phase_starts:
-                scalars.update(evaluate(model, val, device, autocast))
+            if evaluator.due(step):  # val/ at L0; at phase boundaries every length too (midtrain.evaluate)
+                scalars.update(evaluator(model, step, device, autocast, writer))
                 if step == 0:
                     val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
 
@@ -435,7 +435,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
         status = "diverged" if message else "finished" if end_step == total else "stopped"
         last = (lambda: save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped,
                                         guard.state())) if finite else None
-        val_end = {} if message else _end_run(model, val, device, autocast, monitor, writer, end_step, tokens,
+        val_end = {} if message else _end_run(model, evaluator, device, autocast, monitor, writer, end_step, tokens,
                                               status, t_start, last)
     except BaseException as e:
         _record_failure(writer, monitor, e, done)
