@@ -84,7 +84,8 @@ def position_sums(model, batches: list, device, autocast) -> tuple[np.ndarray, n
         with autocast:
             logits, _ = model(b.x)
         y = b.y
-        loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")  # (B, T)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                               reduction="none").view(y.shape)  # (B, T)
         s, c = loss.double().sum(0).cpu().numpy(), (y != -1).sum(0).double().cpu().numpy()
         tot, cnt = (s, c) if tot is None else (tot + s, cnt + c)
     return tot, cnt
