@@ -10,9 +10,9 @@ Two evaluations, one ``Evaluator``:
   (``val_pos/<L>/near_loss``, ``far_loss``, ``gap``, ``slope``; the array ``val_pos_<L>_step_<N>``), at each
   phase boundary (a phase's first step after the first phase: the state at the end of the phase before),
   at the final step and every ``[data] eval_lengths_every`` steps when that is > 0. At L0 it reuses the
-  validation set (one forward pass gives both); at a longer L it uses held-out chunks of the same number
-  of tokens per domain (``eval_batch_size * eval_batches * L0 / L`` sequences), so an evaluation at 256
-  tokens costs about what the one at 128 does.
+  validation set (one forward pass gives both); at a longer L it uses held-out chunks of half its tokens
+  per domain (``LONG_TOKEN_FRACTION``: ``eval_batch_size * eval_batches * L0 / (2 L)`` sequences, at least
+  one), so that the evaluation at every length stays a small part of training (benchmarks/long_context_cost.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from midtrain import data as data_mod
 from midtrain.config import TrainConfig
 
 POSITION_BUCKETS = 16  # equal-width position buckets of the loss-by-position arrays (fewer when L < 16)
+# tokens per domain of the set at a length L > L0, as a fraction of the L0 set's: the set is fixed, so the
+# curves over training compare like with like; half keeps 3 due steps of the default run under 2% of training
+LONG_TOKEN_FRACTION = 0.5
 
 
 def val_batches(cfg: TrainConfig, corpus) -> dict[str, list]:
@@ -46,14 +49,14 @@ def eval_lengths(cfg: TrainConfig) -> list[int]:
 
 def length_batches(cfg: TrainConfig, corpus) -> dict[int, dict[str, list]]:
     """Held-out batches at every length of ``eval_lengths`` but L0 (which reuses ``val_batches``): per
-    domain, ``eval_batch_size * eval_batches * L0 // L`` evenly spaced validation chunks (at least one), the
-    same number of tokens as the L0 set. A domain whose validation split is shorter than L + 1 tokens is
+    domain, ``LONG_TOKEN_FRACTION * eval_batch_size * eval_batches * L0 / L`` evenly spaced validation chunks
+    (at least one). A domain whose validation split is shorter than L + 1 tokens is
     left out at that length and one warning says so (and where fewer chunks than asked exist); a length
     no domain can serve is dropped (same warning). Training is never refused for it."""
     l0, d = cfg.phases[0].seq_len, cfg.data
     out, notes = {}, []
     for L in eval_lengths(cfg)[1:]:
-        n_seq = max(1, d.eval_batch_size * d.eval_batches * l0 // L)
+        n_seq = max(1, int(LONG_TOKEN_FRACTION * d.eval_batch_size * d.eval_batches * l0 / L))
         bs = min(d.eval_batch_size, n_seq)
         sets = {}
         for name in corpus.names():

@@ -376,16 +376,18 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     try:
         for step in range(start.step, end_step):
             pi, phase, _ = cfg.phase_at(step)
+            scalars: dict[str, Any] = {}
+            # before a phase switch: a phase's first step evaluates the model as the phase before left it
+            # (its RoPE base); val/ at L0, at phase boundaries every length too (midtrain.evaluate)
+            if evaluator.due(step):
+                scalars.update(evaluator(model, step, device, autocast, writer))
+                if step == 0:
+                    val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
             if pi != cur_phase:  # phase switch: context length, RoPE base, data mixture
                 cur_phase, sampler = pi, data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
                 if phase.rope_base is not None:
                     model.set_rope_base(phase.rope_base)
                 micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
-            scalars: dict[str, Any] = {}
-            if evaluator.due(step):  # val/ at L0; at phase boundaries every length too (midtrain.evaluate)
-                scalars.update(evaluator(model, step, device, autocast, writer))
-                if step == 0:
-                    val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
 
             speed.step_begin()  # step time excludes evaluation
             monitor.on_step_begin(step)
