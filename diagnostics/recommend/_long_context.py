@@ -156,7 +156,7 @@ def long_context_recommendation(run, *, level: float = 0.9) -> Recommendation:
     head_dim = _head_dim(run)
     bases = _bases(table, ((run.info or {}).get("model") or {}).get("rope_base"))
     L = max(lens)
-    bound = rope_base_bound(head_dim, L) if head_dim else None
+    bound = rope_base_bound(head_dim, L) if head_dim and head_dim >= 4 and head_dim % 2 == 0 else None
     bound_txt = (f"RoPE base bound (Men et al. 2024) for head dim {head_dim} at {L} tokens: holds first at "
                  f"{_fmt(bound['first'])}, for every larger base from {_fmt(bound['all_larger'])}") if bound else \
         "RoPE base bound: the run does not record its model's head dimension"
