@@ -130,3 +130,21 @@ def test_refusals_say_what_to_do(tmp_path):
     w.close("finished")
     with pytest.raises(RecommendationError, match=r"eval_lengths = \[64\].*holds first at"):
         long_context_recommendation(load_run(tmp_path / "c"))
+
+
+def test_midtrain_recommend_prints_long_context(tmp_path, capsys):
+    import json
+
+    from midtrain.cli import main
+
+    write_run(tmp_path / "r", make_cfg())
+    assert main(["recommend", str(tmp_path / "r"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    made = {r["name"]: r for r in out["recommendations"]}
+    assert made["long_context"]["value"] == 20 and made["long_context"]["patch"]["phases"]["long"]["steps"] == 20
+    assert main(["recommend", str(tmp_path / "r")]) == 0
+    assert "long_context: 20 steps (phase 'long')" in capsys.readouterr().out
+    write_run(tmp_path / "s", make_cfg(), every=1000)        # too few evaluations: not available, says why
+    assert main(["recommend", str(tmp_path / "s"), "--json"]) == 2   # (nor is anything else in this run)
+    out = capsys.readouterr()
+    assert "eval_lengths_every" in json.loads(out.out)["not_available"]["long_context"]
