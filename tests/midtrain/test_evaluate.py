@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from diagnostics.runs import load_run
-from midtrain import data as data_mod
 from midtrain.config import ConfigError
 from midtrain.corpus import Corpus, Domain
 from midtrain.evaluate import Evaluator, bucket_edges, eval_lengths, length_batches
