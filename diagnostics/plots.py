@@ -7,6 +7,8 @@
     plots.representation_heatmap(run, "effective_rank")   # layer x probe step
     plots.representation_grid(run)                  # entropy, effective rank, alpha-ReQ, TwoNN per layer
     plots.difficulty(run)                            # per-domain loss, learnability, learned/forgotten
+    plots.plot_loss_by_position(run)                 # loss by position at each phase end (long context)
+    plots.plot_retrieval(run)                        # retrieval gain by depth, one panel per length
 
 Every function takes a :class:`~diagnostics.runs.Run` (``load_run``) or its ``metrics``
 DataFrame, and an optional matplotlib ``ax`` (the figure-level ``*_grid`` / ``difficulty``:
@@ -35,7 +37,7 @@ import seaborn as sns
 
 __all__ = ["MissingMetricError", "phases_of", "shade_phases", "validation_loss", "gns",
            "representation", "representation_heatmap", "representation_grid", "difficulty_loss",
-           "learnability", "learned_forgotten", "difficulty"]
+           "learnability", "learned_forgotten", "difficulty", "plot_loss_by_position", "plot_retrieval"]
 
 REPR_METRICS = ("entropy", "effective_rank", "alpha_req", "twonn_id")
 
@@ -45,6 +47,8 @@ _WRITERS = {  # area prefix -> who writes it, for the error message
     "gns/": "the GradientNoiseScale hook (docs/gns.md)",
     "repr/": "the RepresentationProbe hook (docs/representation.md)",
     "difficulty/": "the DifficultyTracker hook (docs/difficulty.md)",
+    "val_pos/": "the training loop's evaluation at every length (midtrain.evaluate, docs/long_context.md)",
+    "retrieval/": "the retrieval probe hook (hook name retrieval, docs/long_context.md)",
 }
 
 
@@ -534,4 +538,81 @@ def difficulty(data, fig=None):
                     color="0.4")
             ax.set_title(fn.__name__, fontsize="medium")
     fig.suptitle(f"curriculum difficulty -- {src.name}", fontsize="medium")
+    return fig
+
+
+# ----------------------------------------------------------------------------- long context (docs/long_context.md)
+
+@_requires("val_pos/*/near_loss")
+def plot_loss_by_position(run, ax=None, *, length: int | None = None, steps=None):
+    """Loss by position at ``length`` (default: the longest phase length with arrays) at each phase end (the
+    boundaries and the final step; ``steps`` to choose), from the arrays ``val_pos_<L>_step_<N>``: one curve
+    per step, per-token loss averaged in position buckets, all domains pooled; a dotted line at L0.
+
+    How to read it: left of L0 the model sees distances it trained on; right of it the far positions. A
+    curve that rises right of L0 is the extrapolation gap (``val_pos/<L>/gap``); the long-context phase
+    should bring it down to or below the left part."""
+    src = _source(run)
+    _need(src, "val_pos/*/near_loss", "plot_loss_by_position", "Evaluation at every length (midtrain.evaluate).")
+    if not hasattr(run, "load_array"):
+        raise TypeError("plot_loss_by_position reads arrays: pass a Run (diagnostics.load_run), not a DataFrame")
+    found = {}
+    for name in run.arrays():
+        if (m := re.fullmatch(r"val_pos_(\d+)_step_(\d+)", name)):
+            found.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    if not found:
+        raise MissingMetricError(f"plots.plot_loss_by_position needs arrays val_pos_<L>_step_<N>; {src.name} has none",
+                                 "val_pos_*_step_*")
+    phase_lens = [int(p.get("seq_len") or 0) for p in (run.config or {}).get("phases") or []]
+    if length is None:
+        length = max([L for L in found if L in phase_lens] or found)
+    if length not in found:
+        raise MissingMetricError(f"no loss by position at length {length}; lengths with arrays: {sorted(found)}",
+                                 f"val_pos_{length}_step_*")
+    ends = {e for _, e, _ in src.phases} | {int(src.df["step"].max())}
+    chosen = sorted(s for s in found[length] if (s in ends if steps is None else s in set(steps)))
+    ax = _axes(ax)
+    pal = sns.color_palette("viridis", max(len(chosen), 1))
+    names = {e: n for _, e, n in src.phases}
+    for c, s in zip(pal, chosen):
+        a = run.load_array(f"val_pos_{length}_step_{s}")
+        x = (a["bucket_start"] + a["bucket_end"]) / 2.0
+        _line(ax, pd.Series(a["loss"], index=x), f"val_pos_{length}_step_{s}", color=c, marker="o", ms=3,
+              label=f"step {s}" + (f" (end of {names[s]})" if s in names else ""))
+    if phase_lens and phase_lens[0] < length:
+        ax.axvline(phase_lens[0], color="0.3", ls=":", lw=1.0)
+    ax.set_xlabel("position in the sequence (bucket centre)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"loss by position at {length} tokens -- {src.name}", fontsize="medium")
+    ax.legend(fontsize="x-small")
+    return ax
+
+
+@_requires("retrieval/*/*/gain")
+def plot_retrieval(run, fig=None, *, lengths=None):
+    """Retrieval gain (nats) over training, one panel per context length, one line per depth (darker =
+    deeper), from ``retrieval/<L>/depth_<d>/gain`` (the ``retrieval`` hook).
+
+    How to read it: the gain is how much cheaper the planted key is to predict when it appeared earlier at
+    that depth; above zero the model uses context that far back. Depths beyond L0 should rise during the
+    long-context phase; a depth that stays at zero is out of the model's reach."""
+    src = _source(run)
+    cols = _need(src, "retrieval/*/*/gain", "plot_retrieval")
+    by_len: dict = {}
+    for c in (c for c in cols if _seg(c, 2).startswith("depth_")):
+        by_len.setdefault(int(_seg(c)), []).append(c)
+    chosen = sorted(by_len) if lengths is None else [L for L in sorted(by_len) if L in set(lengths)]
+    fig, axes = _figure(fig, max(1, len(chosen)))
+    for ax, L in zip(axes, chosen):
+        shade_phases(ax, src.phases)
+        cs = sorted(by_len[L], key=lambda c: int(_seg(c, 2)[len("depth_"):]))
+        pal = sns.color_palette("crest", len(cs))
+        for color, c in zip(pal, cs):
+            _line(ax, _series(src, c), c, color=color, marker="o", ms=3, label=_seg(c, 2).replace("_", " "))
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("retrieval gain (nats)")
+        ax.set_title(f"{L} tokens", fontsize="medium")
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"retrieval gain by depth -- {src.name}", fontsize="medium")
     return fig

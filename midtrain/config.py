@@ -112,6 +112,10 @@ class DataSection:
     val_fraction: float = 0.05
     eval_batches: int = 4  # validation batches per domain per evaluation
     eval_batch_size: int = 16
+    # evaluation at every length (midtrain.evaluate, docs/long_context.md): besides each phase's seq_len,
+    # these lengths; at every phase boundary, the final step and every eval_lengths_every steps (0: only those)
+    eval_lengths: list[int] = field(default_factory=list)
+    eval_lengths_every: int = 0
 
 
 @dataclass
@@ -315,8 +319,22 @@ class TrainConfig:
         if self.max_skipped_steps < 0:
             raise ConfigError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}.")
         self._validate_sections()
+        self._validate_eval_lengths(max_seq_len)
         self._validate_wandb()
         return self
+
+    def _validate_eval_lengths(self, max_seq_len: int | None) -> None:
+        el, every = self.data.eval_lengths, self.data.eval_lengths_every
+        if not isinstance(el, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in el) \
+                or len(set(el)) != len(el):
+            raise ConfigError(f"[data] eval_lengths must be a list of different integer lengths >= 2, got {el!r}.")
+        if max_seq_len is not None and el and max(el) > max_seq_len:
+            raise ConfigError(f"[data] eval_lengths {sorted(x for x in el if x > max_seq_len)} are beyond what the "
+                              f"model supports (block_size {max_seq_len}). Raise [model] block_size (the RoPE "
+                              "tables grow with it; the weights do not) or drop those lengths.")
+        if every < 0:
+            raise ConfigError(f"[data] eval_lengths_every must be >= 0 steps (0: only at phase boundaries and the "
+                              f"end), got {every}.")
 
     def _validate_sections(self) -> None:
         d, o = self.data, self.optim

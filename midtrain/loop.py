@@ -48,7 +48,7 @@ from midtrain._progress import Progress, Throughput, peak_flops
 from midtrain.config import ConfigError, TrainConfig
 from midtrain.distributed import (forward_model, grad_sync, mean_over_ranks, set_up_processes, shard_model, sharded,
                                   total_norm)
-from midtrain.evaluate import evaluate, val_batches
+from midtrain.evaluate import Evaluator
 from midtrain.hookset import build_hooks, named_hooks
 from midtrain.model import GPT, GPTConfig
 
@@ -301,21 +301,22 @@ def _end_diverged(guard: DivergenceGuard, step: int, out_dir: str, writer: RunWr
     return report["message"]
 
 
-def _end_run(model, val, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int, tokens: int,
-             status: str, t_start: float, save_checkpoint_now, sharded: bool = False) -> dict[str, float]:
-    """The final evaluation, written as the record of step ``end_step``, the last checkpoint and the run's
+def _end_run(model, evaluator: Evaluator, device, autocast, monitor: Monitor, writer: RunWriter | None, end_step: int,
+             tokens: int, status: str, t_start: float, save_checkpoint_now, sharded: bool = False) -> dict[str, float]:
+    """The final evaluation (at every length too: ``midtrain.evaluate``), written as the record of step ``end_step``, the last checkpoint and the run's
     status; returns the evaluation. The final state is evaluated also when --until stops early (step
     end_step: the state after end_step updates, as an evaluation at the start of step end_step of a
     longer run would see it; a resume drops this record and evaluates that step again, with the same
     values). The last checkpoint is taken once every record is written (evaluating drew no RNG), so a
     resume from it records every missing step again; ``save_checkpoint_now`` is None when the last
-    update was skipped (no checkpoint of such a state)."""
-    val_end = evaluate(model, val, device, autocast)
-    record = {"step": end_step, **val_end, "train/tokens": tokens}
+    update was skipped (no checkpoint of such a state). Returns the ``val/`` losses."""
+    evaluation = evaluator(model, end_step, device, autocast, writer, final=True)
+    record = {"step": end_step, **evaluation, "train/tokens": tokens}
     if status == "finished":  # the hooks marked for the end (probes) measure the final model too
         monitor.on_run_end(**record)
     else:  # stopped by --until: no hook runs, so a resume continues every hook exactly
         monitor.write(record)
+    val_end = {k: v for k, v in evaluation.items() if k.startswith("val/")}
     if writer is not None:
         writer.check(wait=True)
     if save_checkpoint_now is not None and (writer is not None or sharded):  # sharded: every rank writes its shards
@@ -363,7 +364,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     rank, world, device = set_up_processes(cfg)
     master = rank == 0
     corpus, mcfg = _data_and_model_config(cfg, corpus, world)
-    val = val_batches(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
+    evaluator = Evaluator(cfg, corpus)  # a domain too short to evaluate is refused before anything is written
     total = cfg.total_steps()
     start = _plan_start(cfg, out_dir, resume=resume, parent=parent, parent_step=parent_step,
                         until_step=until_step, world=world)
@@ -386,7 +387,6 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
         monitor.load_state_dict(start.ckpt["monitor"])
 
     bar = Progress(total, start.step, cfg.log_every, enabled=progress and master)
-    phase_starts = set(cfg.phase_starts())
     phase_ends = {s + p.num_steps() for s, p in zip(cfg.phase_starts(), cfg.phases)}
     params = [p for p in model.parameters() if p.requires_grad]
     val_start = dict(start.val_start)  # a resume keeps the run's first evaluation
@@ -399,15 +399,17 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
     try:
         for step in range(start.step, end_step):
             pi, phase, _ = cfg.phase_at(step)
+            scalars: dict[str, Any] = {}
+            # before a phase switch: a phase's first step evaluates the model as the phase before left it
+            # (its RoPE base); val/ at L0, at phase boundaries every length too (midtrain.evaluate)
+            if evaluator.due(step):
+                scalars.update(evaluator(model, step, device, autocast, writer))
+                if step == 0:
+                    val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
             if pi != cur_phase:  # phase switch: context length, RoPE base, data mixture
                 cur_phase, sampler = pi, data_mod.MixtureSampler(corpus, phase.mixture, phase.seq_len, cfg.seed)
                 model.set_rope(phase.rope_base, phase.rope_scaling)  # None keeps the model's current one
                 micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
-            scalars: dict[str, Any] = {}
-            if step % cfg.eval_every == 0 or step in phase_starts:
-                scalars.update(evaluate(model, val, device, autocast))
-                if step == 0:
-                    val_start = {k: v for k, v in scalars.items() if k.startswith("val/")}
 
             speed.step_begin()  # step time excludes evaluation
             monitor.on_step_begin(step)
@@ -458,7 +460,7 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
         status = "diverged" if message else "finished" if end_step == total else "stopped"
         last = (lambda: save_checkpoint(out_dir, end_step, tokens, model, optimizer, monitor, cfg, skipped,
                                         guard.state(), sharded_world=world if shards else 0)) if finite else None
-        val_end = {} if message else _end_run(model, val, device, autocast, monitor, writer, end_step, tokens,
+        val_end = {} if message else _end_run(model, evaluator, device, autocast, monitor, writer, end_step, tokens,
                                               status, t_start, last, shards)
     except BaseException as e:
         _record_failure(writer, monitor, e, done)

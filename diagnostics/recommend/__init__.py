@@ -39,6 +39,7 @@ from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Re
                                            lr_factor, rescale_phase, skipped_steps)
 from diagnostics.recommend._data_switch import data_switch_recommendation, switch_candidates
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
+from diagnostics.recommend._long_context import long_context_recommendation, rope_base_bound, rope_bound_holds
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
 from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, schedule_of,
                                          switch_phase_index)
@@ -51,4 +52,5 @@ __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPE
            "batch_schedule_recommendation", "ramp_points", "steps_to_target", "branch_curve",
            "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves", "anneal_fit",
            "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of", "switch_phase_index",
-           "data_switch_recommendation", "switch_candidates", "recommend_run", "sort_branches"]
+           "data_switch_recommendation", "switch_candidates", "recommend_run", "sort_branches",
+           "long_context_recommendation", "rope_base_bound", "rope_bound_holds"]

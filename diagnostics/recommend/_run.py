@@ -19,6 +19,7 @@ from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import Recommendation, RecommendationError
 from diagnostics.recommend._critical_batch import critical_batch_recommendation
 from diagnostics.recommend._data_switch import data_switch_recommendation
+from diagnostics.recommend._long_context import long_context_recommendation
 from diagnostics.recommend._lr_decay import lr_decay_recommendation
 from diagnostics.recommend._probes import ProbeInputError, branch_kind
 
@@ -44,7 +45,8 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
     Made: ``batch_size`` (the noise scale's; with batch-size branches, the one answer from both),
     ``lr_decay`` (``decay_phase`` given: where to start that phase's decay, ``lr_decay_recommendation``;
     else the anneal start for a budget from the run and its anneal probes, ``anneal_recommendation``),
-    ``batch_schedule``, ``data_switch`` (from switch probes) and, with batch-size branches,
+    ``batch_schedule``, ``data_switch`` (from switch probes), ``long_context`` (the long phase's length and
+    the RoPE base bound, from the loss by position) and, with batch-size branches,
     ``critical_batch_size``. One that cannot be made is in ``not_available`` with the reason (a
     RecommendationError's message); bad input (a foreign branch, a budget that does not fit) raises
     ProbeInputError. The keyword arguments are ``midtrain recommend``'s options of the same names."""
@@ -57,6 +59,7 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
         "batch_schedule": lambda: batch_schedule_recommendation(run),
         "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=target_domains,
                                                           tolerance=tolerance, level=level),
+        "long_context": lambda: long_context_recommendation(run, level=level),
     }
     if kinds["batch"]:
         makers["critical_batch_size"] = lambda: critical_batch_recommendation(run, kinds["batch"], target=target,
