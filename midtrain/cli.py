@@ -281,6 +281,10 @@ def cmd_recommend(args) -> int:
 def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
+    if args.seeds is not None and not (args.anneal_at or args.switch_at or args.mixtures):
+        from midtrain.config import ConfigError
+
+        raise ConfigError("--seeds replicates probes: it goes with --anneal-at / --switch-at / --mixtures.")
     if args.rope:
         return _sweep_rope(args)
     if args.anneal_at or args.switch_at or args.mixtures:
@@ -458,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "LR schedule unchanged")
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
+    w.add_argument("--seeds", metavar="K1,K2", help="probes: run each once per seed K (the run's seed + K) into "
+                   "<probe>-seed<K>; the replicates' spread is the seed noise of data_switch, mixture and lr_decay")
     w.add_argument("--rope", nargs="+", metavar="NAME=SPEC", help="RoPE branches from --step, one per NAME "
                    "(OUT_PREFIX/rope-NAME), the phases from --step on set to SPEC: base:B, none, pi:S, ntk:S, yarn:S, "
                    "yarn:S:L or base:B+METHOD, e.g. base1e3=base:1000 yarn2=yarn:2 (docs/recommendations.md)")
