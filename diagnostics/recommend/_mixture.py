@@ -129,16 +129,22 @@ def mixture_recommendation(run, branches=(), *, target_domains=None, tolerance: 
         "noise": f"sigma {_fmt(t.sigma)} per run's final objective ({t.how}); indistinguishable from the best "
                  f"(within {z:.2f} x sqrt(se_best^2 + se^2)): " + ", ".join(g["name"] for g in near),
     }
-    patch = {"phases": {t.nxt.get("name"): {"mixture": dict(best["mixture"])}}}
+    steps = sorted({g["step"] for g in ok})
+    for st in steps:   # mixtures probed at the same step: a comparison the switch step does not confound
+        same = sorted((g for g in ok if g["step"] == st), key=lambda g: g["J"])
+        if len(same) >= 2:
+            evidence[f"at step {st}"] = ", ".join(f"{g['name']} {_fmt(g['J'])}" for g in same)
+    own = best["name"].endswith("(the run's)")
+    patch = {} if own else {"phases": {t.nxt.get("name"): {"mixture": dict(best["mixture"])}}}
     would_change = ["another objective (target domains, tolerance)", "mixtures between the probed ones"
                     + ("" if t.n_replicated else "; replicate probes (--seeds 0,1) measure the seed noise")]
     if len(near) > 1:
         would_change.insert(0, f"{len(near) - 1} other mixture(s) are within the noise of the best: more seeds")
-    if best["step"] != t.P:
+    if best["step"] != t.P and not own:
         would_change.insert(0, f"the mixture was best with the switch at step {best['step']} (the data_switch entry); "
                                f"the patch sets phase {t.nxt.get('name')!r}'s mixture only, the probe "
                                f"{best['labels'][0]} also trains on it from step {best['step']}")
-    summary = (f"train phase {t.nxt.get('name')!r} on mixture {best['name']} {best['mixture']}: target loss "
+    summary = (("keep" if own else "train") + f" phase {t.nxt.get('name')!r} on mixture {best['name']} {best['mixture']}: target loss "
                f"{_fmt(best['J'])} against {_fmt(next(g['J'] for g in t.groups if g['labels'][0] == 'parent'))} "
                f"with the run's own ({t.objective})")
     return Recommendation(
@@ -149,6 +155,7 @@ def mixture_recommendation(run, branches=(), *, target_domains=None, tolerance: 
                      "the final validation loss at one step ranks the mixtures; the noise estimate above holds",
                      "later phases (after the switched-to one) keep their own mixtures"],
         would_change=would_change, patch=patch,
-        check=f"midtrain sweep {run.path} --switch-at {best['step']} --mixtures {best['name']}="
-              + ",".join(f"{best['mixture'].get(d, 0.0):g}" for d in (t.nxt.get("mixture") or {}))
-              + " --seeds 1,2 (replicates)", branch_step=int(best["step"]))
+        check=f"midtrain sweep {run.path} --switch-at {best['step']} "
+              + ("" if own else f"--mixtures {best['name']}=" + ",".join(
+                  f"{best['mixture'].get(d, 0.0):g}" for d in (t.nxt.get("mixture") or {})) + " ")
+              + "--seeds 1,2 (replicates)", branch_step=int(best["step"]))

@@ -221,6 +221,9 @@ def test_mixture_entry_known_best_and_tolerance(tmp_path):
     assert "extreme at step 100 (+5.00%)" in rec.evidence["tolerance"]       # rejected at 1%
     assert "sd over 2 seeds" in rec.evidence["mixtures"] and "pooled spread" in rec.evidence["noise"]
     assert mixture_recommendation(parent, [rep, *a, *b, c], tolerance=0.1).value["name"] == "extreme"
+    assert "heavy 1.562, midtrain (the run's) 1.658, light 1.712" in rec.evidence["at step 100"]
+    keep = mixture_recommendation(parent, [rep, *b])                # the run's own is best: nothing to patch
+    assert keep.value["name"] == "midtrain (the run's)" and keep.patch == {} and keep.summary.startswith("keep")
     # recommend_run: the mixture entry beside data_switch, which keeps the step; the replicate joins the parent
     recs, na = recommend_run(parent, [rep, *a, *b, c])
     by = {r.name: r for r in recs}
