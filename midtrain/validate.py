@@ -190,8 +190,8 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
     if mix:
         notes.append(f"mixture {(mx.get('value') or {}).get('name')} {mix} from the switch on, from mixture")
     else:
-        notes.append("mixture: the run's own (" + (mx if isinstance(mx, str) else
-                                                    f"no mixture entry for phase {ad['name']!r}") + ")")
+        notes.append("mixture: the run's own (" + (mx if isinstance(mx, str) else "the mixture entry keeps it"
+                                                    if isinstance(mx, dict) else "no mixture entry") + ")")
     dec = {**ad, "decay": shape, "decay_fraction": 1.0, "warmup_steps": 0}
     c = build([(step, A, const), (A, E, dec)], Q, mix=mix)
     seq = (bs.get("evidence") or {}).get("seq_len") if isinstance(bs, dict) else None

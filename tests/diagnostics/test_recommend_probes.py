@@ -107,7 +107,7 @@ def test_anneal_bad_input(tmp_path):
     with pytest.raises(ProbeInputError, match="incompatible"):
         branch_kind(parent, wrong)
     cfg = anneal_cfg()
-    cfg.seed = 7                                   # another seed is a replicate, not an incompatible config
+    cfg.seed += 7                                  # another seed is a replicate, not an incompatible config
     rep = write(tmp_path / "r", cfg, parent={"run": str(parent.path), "step": 100})
     assert branch_kind(parent, rep) == "same" and replicate_seed(parent, rep) == 7
     flat = TrainConfig(phases=[Phase(name="pretrain", steps=50, mixture={"prose": 1.0})]).validate()
@@ -174,7 +174,7 @@ def switch_probe(tmp_path, parent, s, name=None, mix=None, seed=None, **kw):
     """A switch probe at step ``s`` (the parent's own step 100 with another mixture: no split), written as
     ``switch<s>[-<name>][-seed<k>]`` like `midtrain sweep` names it."""
     cfg = switch_cfg(split=s if s < 100 else None, mix=mix)
-    cfg.seed = seed or 0
+    cfg.seed += seed or 0
     label = f"switch{s}" + (f"-{name}" if name else "") + (f"-seed{seed}" if seed is not None else "")
     return write_switch(tmp_path / label, cfg, s, parent={"run": str(parent.path), "step": s}, **kw)
 
@@ -205,7 +205,7 @@ def test_mixture_entry_known_best_and_tolerance(tmp_path):
 
     parent = write_switch(tmp_path / "p", switch_cfg(), 100)
     rep_cfg = switch_cfg()
-    rep_cfg.seed = 1                                                 # the parent again with another seed
+    rep_cfg.seed += 1                                                # the parent again with another seed
     rep = write_switch(tmp_path / "own-seed1", rep_cfg, 100, parent={"run": str(parent.path), "step": 100},
                        mix_gain=0.004)
     heavy = {"prose": 0.1, "code": 0.9}
@@ -219,7 +219,7 @@ def test_mixture_entry_known_best_and_tolerance(tmp_path):
     assert rec.estimate == pytest.approx(code_final(100) - 0.098, abs=1e-9)
     assert rec.low < rec.estimate < rec.high
     assert "extreme at step 100 (+5.00%)" in rec.evidence["tolerance"]       # rejected at 1%
-    assert "sd over 2 seeds" in rec.evidence["mixtures"] and "pooled spread" in rec.evidence["noise"]
+    assert "sd over 2 seeds" in rec.evidence["mixtures"] and "seeds added to the run's: [0, 1]" in rec.evidence["noise"]
     assert mixture_recommendation(parent, [rep, *a, *b, c], tolerance=0.1).value["name"] == "extreme"
     assert "heavy 1.562, midtrain (the run's) 1.658, light 1.712" in rec.evidence["at step 100"]
     keep = mixture_recommendation(parent, [rep, *b])                # the run's own is best: nothing to patch
