@@ -422,15 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "for `midtrain train --from RUN --step S --config TOML`")
     r.add_argument("--branches", nargs="+", metavar="RUN_DIR", help="branch runs of `midtrain sweep`, told apart "
                    "by their configs: batch-size branches add the critical batch size; anneal probes feed lr_decay, "
-                   "switch probes data_switch")
+                   "switch probes data_switch and mixture; the run's schedule with another seed is a replicate")
     r.add_argument("--target", type=float, help="--branches: the target validation loss (default: the worst of "
                    "the branches' best losses)")
     r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
     r.add_argument("--budget-tokens", type=int, help="lr_decay: the total token budget of the anneal plan (default: "
                    "the run's, to the end of its decaying phase)")
-    r.add_argument("--target-domains", help="data_switch: the domains whose loss the switch should lower (default: "
+    r.add_argument("--target-domains", help="data_switch, mixture: the domains whose loss the switch should lower (default: "
                    "those the next phase upweights)")
-    r.add_argument("--tolerance", type=float, default=0.01, help="data_switch: how far (relative) the other "
+    r.add_argument("--tolerance", type=float, default=0.01, help="data_switch, mixture: how far (relative) the other "
                    "domains may end above the run's own recipe (default 0.01)")
     r.set_defaults(func=cmd_recommend)
 
