@@ -281,6 +281,10 @@ def cmd_recommend(args) -> int:
 def cmd_sweep(args) -> int:
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
+    if args.seeds is not None and not (args.anneal_at or args.switch_at or args.mixtures):
+        from midtrain.config import ConfigError
+
+        raise ConfigError("--seeds replicates probes: it goes with --anneal-at / --switch-at / --mixtures.")
     if args.rope:
         return _sweep_rope(args)
     if args.anneal_at or args.switch_at or args.mixtures:
@@ -418,15 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "for `midtrain train --from RUN --step S --config TOML`")
     r.add_argument("--branches", nargs="+", metavar="RUN_DIR", help="branch runs of `midtrain sweep`, told apart "
                    "by their configs: batch-size branches add the critical batch size; anneal probes feed lr_decay, "
-                   "switch probes data_switch")
+                   "switch probes data_switch and mixture; the run's schedule with another seed is a replicate")
     r.add_argument("--target", type=float, help="--branches: the target validation loss (default: the worst of "
                    "the branches' best losses)")
     r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
     r.add_argument("--budget-tokens", type=int, help="lr_decay: the total token budget of the anneal plan (default: "
                    "the run's, to the end of its decaying phase)")
-    r.add_argument("--target-domains", help="data_switch: the domains whose loss the switch should lower (default: "
+    r.add_argument("--target-domains", help="data_switch, mixture: the domains whose loss the switch should lower (default: "
                    "those the next phase upweights)")
-    r.add_argument("--tolerance", type=float, default=0.01, help="data_switch: how far (relative) the other "
+    r.add_argument("--tolerance", type=float, default=0.01, help="data_switch, mixture: how far (relative) the other "
                    "domains may end above the run's own recipe (default 0.01)")
     r.set_defaults(func=cmd_recommend)
 
@@ -458,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "LR schedule unchanged")
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
+    w.add_argument("--seeds", metavar="K1,K2", help="probes: run each once per seed K (the run's seed + K) into "
+                   "<probe>-seed<K>; the replicates' spread is the seed noise of data_switch, mixture and lr_decay")
     w.add_argument("--rope", nargs="+", metavar="NAME=SPEC", help="RoPE branches from --step, one per NAME "
                    "(OUT_PREFIX/rope-NAME), the phases from --step on set to SPEC: base:B, none, pi:S, ntk:S, yarn:S, "
                    "yarn:S:L or base:B+METHOD, e.g. base1e3=base:1000 yarn2=yarn:2 (docs/recommendations.md)")

@@ -9,12 +9,17 @@ are left out. Switch probe at step S: the LR schedule stays; the stable phase is
 (``<name>@switch``) and the switched-to phase use the next phase's mixture (or a ``--mixtures``
 candidate), up to the end of the switched-to phase, where the parent is evaluated too. Each probe is an
 ordinary run directory (run.json records parent and step) under OUT_PREFIX (default RUN-probes):
-``anneal<S>-<N>``, ``switch<S>`` or ``switch<S>-<NAME>``. ``midtrain recommend RUN --branches DIR/*``
+``anneal<S>-<N>``, ``switch<S>`` or ``switch<S>-<NAME>``. Replicates (``--seeds 0,1``): each probe once per
+seed K, its config's seed the parent's + K (the data order after S changes; the model starts from the
+checkpoint, as ``midtrain validate --seeds`` does), into ``<label>-seed<K>``; with a seed other than 0 the
+parent's own anneal or switch is a probe too (a replicate of the parent). The recommendations average
+replicates and take their spread as the seed noise of their ranges. ``midtrain recommend RUN --branches DIR/*``
 tells the kinds apart from their configs (``diagnostics.recommend.branch_kind``).
 
 Refused before anything is written (ConfigError / RunDirError, exit 2): a step without a checkpoint (the
 message lists the steps that have one; ``checkpoint_steps`` in the config keeps them), a step outside the
-stable stretch, a probe that repeats the parent, an existing probe directory, a bad mixture.
+stable stretch, a probe that repeats the parent (same seed), an existing probe directory, a bad mixture,
+bad seeds.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from midtrain.config import ConfigError, TrainConfig
 
 __all__ = ["ProbePlan", "plan_anneal_probes", "plan_switch_probes", "run_probes", "parse_steps", "parse_mixtures",
-           "cmd_probes"]
+           "parse_seeds", "cmd_probes"]
 
 
 @dataclass
@@ -34,7 +39,8 @@ class ProbePlan:
     step: int           # the parent's checkpoint it starts from
     out: str
     config: TrainConfig
-    label: str          # e.g. "anneal150-60", "switch120-code"
+    label: str          # e.g. "anneal150-60", "switch120-code", "switch120-code-seed1"
+    seed: int = 0       # added to the parent's seed (a replicate when not 0)
 
 
 def parse_steps(text: str, what: str) -> list[int]:
@@ -45,6 +51,36 @@ def parse_steps(text: str, what: str) -> list[int]:
     if not out or min(out) <= 0 or len(set(out)) != len(out):
         raise ConfigError(f"{what} must be different positive integers, got {text!r}.")
     return sorted(out)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1``: distinct non-negative integers added to the parent's seed (None: no replicates)."""
+    if text is None:
+        return None
+    try:
+        out = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise ConfigError(f"--seeds must be distinct non-negative integers (added to the run's seed), got {text!r}. "
+                          "Nothing was written.")
+    return sorted(out)
+
+
+def _seeded(cfg: TrainConfig, k: int) -> TrainConfig:
+    out = TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + k})
+    out.checkpoint_every, out.eval_every = cfg.checkpoint_every, cfg.eval_every
+    return out.validate()
+
+
+def _replicates(kind: str, step: int, out: str, cfg: TrainConfig, label: str, seeds: list[int] | None,
+                own: bool) -> list[ProbePlan]:
+    """One plan per seed (``seeds`` None: one plan, the parent's seed, no suffix); ``own``: the probe repeats
+    the parent's schedule, so only seeds other than 0 make a probe of it."""
+    if seeds is None:
+        return [ProbePlan(kind, step, _out(os.path.dirname(out), label), cfg, label)]
+    return [ProbePlan(kind, step, _out(os.path.dirname(out), f"{label}-seed{k}"), _seeded(cfg, k), f"{label}-seed{k}", k)
+            for k in seeds if not (own and k == 0)]
 
 
 def parse_mixtures(items: list[str], order: list[str]) -> dict[str, dict[str, float]]:
@@ -111,8 +147,8 @@ def _out(prefix: str, label: str) -> str:
 
 
 def plan_anneal_probes(parent: str, starts: list[int], lengths: list[int] | None = None,
-                       out_prefix: str | None = None) -> list[ProbePlan]:
-    """One probe per (start, length); default length: the parent's decaying phase's. Writes nothing."""
+                       out_prefix: str | None = None, seeds: list[int] | None = None) -> list[ProbePlan]:
+    """One probe per (start, length) and seed; default length: the parent's decaying phase's. Writes nothing."""
     from diagnostics.recommend import anneal_phase_index
 
     run, cfg, ckpts = _load(parent)
@@ -128,22 +164,24 @@ def plan_anneal_probes(parent: str, starts: list[int], lengths: list[int] | None
     plans = []
     for s in starts:
         for n in lengths:
-            if s == hi and n == cfg.phases[a].num_steps() and cfg.phases[a].warmup_steps == 0 \
-                    and cfg.phases[a].decay_fraction == 1.0:
-                raise ConfigError(f"an anneal at step {s} for {n} steps is the parent's own; drop it. Nothing was written.")
+            own = s == hi and n == cfg.phases[a].num_steps() and cfg.phases[a].warmup_steps == 0 \
+                and cfg.phases[a].decay_fraction == 1.0
+            if own and not any(seeds or []):
+                raise ConfigError(f"an anneal at step {s} for {n} steps is the parent's own; drop it (or give --seeds "
+                                  "with a seed other than 0 for replicates of it). Nothing was written.")
             stable = {**d["phases"][a - 1], "steps": s - starts_at[a - 1], "tokens": None}
             ann = {**d["phases"][a], "steps": n, "tokens": None, "warmup_steps": 0, "decay_fraction": 1.0}
             label = f"anneal{s}-{n}"
-            plans.append(ProbePlan("anneal", s, _out(prefix, label),
-                                   _finish(cfg, d, d["phases"][:a - 1] + [stable, ann], max(1, n // 10)), label))
+            plans += _replicates("anneal", s, os.path.join(prefix, label),
+                                 _finish(cfg, d, d["phases"][:a - 1] + [stable, ann], max(1, n // 10)), label, seeds, own)
     return plans
 
 
 def plan_switch_probes(parent: str, starts: list[int] | None = None, mixtures: dict | None = None,
-                       out_prefix: str | None = None) -> list[ProbePlan]:
-    """One probe per (switch step, mixture); default step: the parent's own switch (with --mixtures),
+                       out_prefix: str | None = None, seeds: list[int] | None = None) -> list[ProbePlan]:
+    """One probe per (switch step, mixture) and seed; default step: the parent's own switch (with --mixtures),
     default mixture: the switched-to phase's. Writes nothing."""
-    from diagnostics.recommend import switch_phase_index
+    from diagnostics.recommend import mixture_key, switch_phase_index
 
     run, cfg, ckpts = _load(parent)
     m = switch_phase_index(run.config)
@@ -153,9 +191,9 @@ def plan_switch_probes(parent: str, starts: list[int] | None = None, mixtures: d
                           "schedule and can only split a constant-LR phase.")
     lo, hi = starts_at[m - 1] + prev.warmup_steps, starts_at[m]
     starts = starts or [hi]
-    if not mixtures and hi in starts:
+    if not mixtures and hi in starts and not any(seeds or []):
         raise ConfigError(f"a switch at step {hi} with the next phase's mixture is the parent's own; drop it or give "
-                          "--mixtures. Nothing was written.")
+                          "--mixtures (or --seeds with a seed other than 0 for replicates of it). Nothing was written.")
     _check_steps(starts, ckpts, lo, hi, parent, "switch probes")
     domains = sorted({k for p in cfg.phases for k in p.mixture})
     for name, mix in (mixtures or {}).items():
@@ -172,8 +210,9 @@ def plan_switch_probes(parent: str, starts: list[int] | None = None, mixtures: d
                      "warmup_steps": 0, "mixture": dict(mix)}] if hi > s else []
             label = f"switch{s}" + (f"-{name}" if name else "")
             phases = d["phases"][:m - 1] + [head] + rest + [{**d["phases"][m], "mixture": dict(mix)}]
-            plans.append(ProbePlan("switch", s, _out(prefix, label),
-                                   _finish(cfg, d, phases, max(1, (hi + nxt.num_steps() - s) // 12)), label))
+            own = s == hi and mixture_key({"mixture": mix})[0] == mixture_key({"mixture": nxt.mixture})[0]
+            plans += _replicates("switch", s, os.path.join(prefix, label),
+                                 _finish(cfg, d, phases, max(1, (hi + nxt.num_steps() - s) // 12)), label, seeds, own)
     return plans
 
 
@@ -186,14 +225,25 @@ def run_probes(parent: str, plans: list[ProbePlan], *, progress: bool = False, c
 
 
 def cmd_probes(args) -> int:
-    """`midtrain sweep RUN --anneal-at ... | --switch-at ... | --mixtures ...` (midtrain/cli.py dispatches)."""
-    if args.step is not None or args.batch_sizes:
-        raise ConfigError("--anneal-at / --switch-at / --mixtures plan probes from their own steps; drop --step and "
+    """`midtrain sweep RUN --anneal-at ... | --switch-at ... | --mixtures ... [--seeds K1,K2]` (midtrain/cli.py
+    dispatches). ``--step S`` may name the one checkpoint the probes start from: it must equal every
+    --anneal-at / --switch-at step, and --mixtures without --switch-at switch at S."""
+    if args.batch_sizes:
+        raise ConfigError("--anneal-at / --switch-at / --mixtures plan probes from their own steps; drop "
                           "--batch-sizes (a batch-size sweep is a separate command).")
+    seeds = parse_seeds(getattr(args, "seeds", None))
+    S = args.step
+    for flag, text in (("--anneal-at", args.anneal_at), ("--switch-at", args.switch_at)):
+        if S is not None and text and parse_steps(text, flag) != [S]:
+            raise ConfigError(f"--step {S} names the checkpoint the probes start from; {flag} {text} differs. Give "
+                              f"{flag} {S} or drop --step. Nothing was written.")
+    if S is not None and not args.switch_at and not args.anneal_at and not args.mixtures:
+        raise ConfigError("--step with probes goes with --anneal-at / --switch-at / --mixtures. Nothing was written.")
     plans = []
     if args.anneal_at:
         lengths = parse_steps(args.anneal_steps, "--anneal-steps") if args.anneal_steps else None
-        plans += plan_anneal_probes(args.run_dir, parse_steps(args.anneal_at, "--anneal-at"), lengths, args.out_prefix)
+        plans += plan_anneal_probes(args.run_dir, parse_steps(args.anneal_at, "--anneal-at"), lengths, args.out_prefix,
+                                    seeds)
     elif args.anneal_steps:
         raise ConfigError("--anneal-steps goes with --anneal-at.")
     if args.switch_at or args.mixtures:
@@ -203,13 +253,14 @@ def cmd_probes(args) -> int:
         order = list(TrainConfig.from_dict(load_run(args.run_dir).config).phases[
             switch_phase_index(load_run(args.run_dir).config)].mixture)
         mixtures = parse_mixtures(args.mixtures, order) if args.mixtures else None
-        starts = parse_steps(args.switch_at, "--switch-at") if args.switch_at else None
-        plans += plan_switch_probes(args.run_dir, starts, mixtures, args.out_prefix)
+        starts = parse_steps(args.switch_at, "--switch-at") if args.switch_at else ([S] if S is not None else None)
+        plans += plan_switch_probes(args.run_dir, starts, mixtures, args.out_prefix, seeds)
     if len({p.out for p in plans}) != len(plans):
         raise ConfigError("two probes would share a directory; give each step once. Nothing was written.")
     for p in plans:
         print(f"probe {p.label}: from step {p.step} to step {p.config.total_steps()} "
-              f"({p.config.total_steps() - p.step} steps), eval every {p.config.eval_every} -> {p.out}")
+              f"({p.config.total_steps() - p.step} steps), eval every {p.config.eval_every}"
+              + (f", seed +{p.seed}" if seeds is not None else "") + f" -> {p.out}")
     run_probes(args.run_dir, plans, progress=not args.quiet)
     print(f"next: midtrain recommend {args.run_dir} --branches " + " ".join(p.out for p in plans))
     return 0

@@ -10,7 +10,7 @@ stable, constant-LR phase before it must hold S); phases after it are kept as in
     wsd          constant, then a 1-sqrt decay over the last 20% of RUN's steps up to the stretch's end to the
                  decaying phase's final_lr; the data switch at the decay start
     switch0/50/80  RUN's own LR schedule; the data switch at 0%, 50%, 80% of the remaining budget (E - S)
-    recommended  anneal start and shape, switch step and batch size from RUN/recommendations.json (written by
+    recommended  anneal start and shape, switch step, mixture and batch size from RUN/recommendations.json (written by
                  `midtrain recommend`) or, without it, from the recommenders; an entry that is not available
                  stays at RUN's recipe and the output says so
 
@@ -119,8 +119,8 @@ def plan_validation(parent: str, step: int, names: list[str] | None = None) -> t
     own_lr = [(step, P, const), (P, E, ad)]
     R = E - step
 
-    def build(segs, Q, every_n=None):
-        phases = d["phases"][:a - 1] + head + _segment_phases(segs, Q, st.mixture, ann.mixture) \
+    def build(segs, Q, every_n=None, mix=None):
+        phases = d["phases"][:a - 1] + head + _segment_phases(segs, Q, st.mixture, mix or ann.mixture) \
             + d["phases"][a + 1:]
         return _finish(cfg, d, phases, max(1, (every_n or R) // 10))
 
@@ -168,7 +168,7 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
     recs, source = _recommendations(parent, run)
     info["recommendations"] = source
     notes, A, Q, shape = [], P, P, ad["decay"]
-    ld, ds, bs = recs.get("lr_decay"), recs.get("data_switch"), recs.get("batch_size")
+    ld, ds, bs, mx = recs.get("lr_decay"), recs.get("data_switch"), recs.get("batch_size"), recs.get("mixture")
     if isinstance(ld, dict) and ld.get("unit", "").startswith("step") and ld.get("value") is not None:
         A = int(ld["value"])
         shape = next((ch.get("decay") for ch in (ld.get("patch") or {}).get("phases", {}).values() if "decay" in ch),
@@ -186,8 +186,14 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
         notes.append(f"anneal start {A} / switch {Q} outside steps {step}-{E}: clipped")
         A, Q = min(max(A, step), E - 1), min(max(Q, step), E)
     notes.append("anneal length: to the end of the budget (step %d): the budget is the run's" % E)
+    mix = ((mx.get("patch") or {}).get("phases") or {}).get(ad["name"], {}).get("mixture") if isinstance(mx, dict) else None
+    if mix:
+        notes.append(f"mixture {(mx.get('value') or {}).get('name')} {mix} from the switch on, from mixture")
+    else:
+        notes.append("mixture: the run's own (" + (mx if isinstance(mx, str) else "the mixture entry keeps it"
+                                                    if isinstance(mx, dict) else "no mixture entry") + ")")
     dec = {**ad, "decay": shape, "decay_fraction": 1.0, "warmup_steps": 0}
-    c = build([(step, A, const), (A, E, dec)], Q)
+    c = build([(step, A, const), (A, E, dec)], Q, mix=mix)
     seq = (bs.get("evidence") or {}).get("seq_len") if isinstance(bs, dict) else None
     if seq is not None and int(seq) != cfg.phase_at(step)[1].seq_len:   # measured for another phase's sequences
         notes.append(f"batch_size: the run's own (the recommended {bs.get('value')} is for sequences of {seq} "

@@ -17,8 +17,11 @@
     _anneal          ``anneal_recommendation`` (the ``lr_decay`` entry of ``midtrain recommend``): the anneal
                      start, length and shape for a token budget, a schedule law fitted jointly on the run
                      and its anneal probes (``anneal_fit``: that fit alone)
-    _data_switch     ``data_switch_recommendation``: the data-switch step (and mixture) from switch probes;
-                     without them the run's own signals place the candidates (``switch_candidates``)
+    _data_switch     ``data_switch_recommendation``: the data-switch step from switch probes and their
+                     replicates (``switch_table``: the candidates, shared with ``_mixture``); without them the
+                     run's own signals place the candidates (``switch_candidates``)
+    _mixture         ``mixture_recommendation``: the switched-to phase's mixture from mixture probes; without
+                     them the run's per-domain learnability proposes candidates (``candidate_mixtures``)
     _run             ``recommend_run``: every recommendation ``midtrain recommend`` makes for a run and its
                      branches (``sort_branches``), and why each one it cannot make is not available
 
@@ -37,12 +40,13 @@ from diagnostics.recommend._batch_schedule import batch_schedule_recommendation,
 from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Recommendation, RecommendationError,
                                            lr_factor, rescale_phase, skipped_steps)
-from diagnostics.recommend._data_switch import data_switch_recommendation, switch_candidates
+from diagnostics.recommend._data_switch import SwitchTable, data_switch_recommendation, switch_candidates, switch_table
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._long_context import long_context_recommendation, rope_base_bound, rope_bound_holds
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
-from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, schedule_of,
-                                         switch_phase_index)
+from diagnostics.recommend._mixture import candidate_mixtures, mixture_recommendation
+from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, mixture_key,
+                                         replicate_seed, schedule_of, switch_phase_index)
 from diagnostics.recommend._run import recommend_run, sort_branches
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
@@ -53,4 +57,5 @@ __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPE
            "block_bootstrap_ratio", "moving_block_indices", "anneal_recommendation", "anneal_curves", "anneal_fit",
            "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of", "switch_phase_index",
            "data_switch_recommendation", "switch_candidates", "recommend_run", "sort_branches",
-           "long_context_recommendation", "rope_base_bound", "rope_bound_holds"]
+           "long_context_recommendation", "rope_base_bound", "rope_bound_holds",
+           "switch_table", "SwitchTable", "mixture_recommendation", "candidate_mixtures", "replicate_seed", "mixture_key"]

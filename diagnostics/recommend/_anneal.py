@@ -9,6 +9,10 @@ from its peak to its ``final_lr`` and its mixture) runs over the n steps the bud
 parent's LR of every update up to the end of its decaying phase, a branch's the parent's up to the
 branch step then its own; a new mixture or sequence length gets a segment offset shared by every curve
 that sees it. Without branches the one-curve fit (the annealing law) places candidate starts to probe.
+Replicates (``midtrain sweep --anneal-at S --seeds 0,1``: the same start and length with another seed, or
+the run's own schedule with another seed from its anneal start) enter the fit as curves of their own, and
+their spread is the seed noise of the range: the starts whose predicted final loss lies within
+z x sqrt(2) x sigma_seed of the best join the bootstrap's range.
 
     >>> from diagnostics import load_run                                    # doctest: +SKIP
     >>> from diagnostics.recommend import anneal_recommendation
@@ -22,7 +26,10 @@ import math
 import numpy as np
 
 from diagnostics.recommend._common import Recommendation, RecommendationError, _check_not_diverged, _fmt, skipped_steps
-from diagnostics.recommend._probes import ProbeInputError, anneal_phase_index, mixture_key, schedule_of
+from statistics import NormalDist
+
+from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, mixture_key,
+                                          replicate_seed, schedule_of)
 from diagnostics.schedule import DECAY_SHAPES, ScheduleLawFit, fit_schedule_law, phase_lrs
 
 __all__ = ["anneal_recommendation", "anneal_curves", "anneal_fit"]
@@ -59,6 +66,8 @@ def anneal_curves(run, branches=()):
         bend = int(bs.starts[ba]) + int(np.sum(bs.phase_of == ba))
         step = int(b.parent["step"])
         if int(bs.starts[ba]) != step:
+            if replicate_seed(run, b) != 0 and branch_kind(run, b) == "same":
+                continue   # the run again with another seed, from before its anneal: not an anneal replicate
             raise ProbeInputError(f"{b.path} is not an anneal probe of {run.path}: its decaying phase starts at step "
                                   f"{int(bs.starts[ba])}, not at its branch step {step}")
         c, seg = _curve(b, bs, step, bend, labels, skip_from=step)
@@ -81,6 +90,21 @@ def anneal_fit(run, branches=(), *, law: str = "auto"):
     if not all(math.isfinite(v) for v in fit.params.values()) or not math.isfinite(fit.rmse):
         raise RecommendationError(f"the {fit.law} law fit did not converge (parameters {fit.params})")
     return fit, curves, segs, labels, probes
+
+
+def _seed_noise(curves, probes, start_a: int, n_a: int) -> tuple[float, str]:
+    """The pooled standard deviation of the final train loss (mean of the last 3 logged) over replicates:
+    probes of the same start and length (the run itself is the probe (start_a, n_a)); NaN without any."""
+    finals: dict = {(start_a, n_a): [float(np.mean(curves[0][2][-3:]))]}
+    for (s, n, b), c in zip(probes, curves[1:]):
+        finals.setdefault((s, n), []).append(float(np.mean(c[2][-3:])))
+    reps = [v for v in finals.values() if len(v) >= 2]
+    if not reps:
+        return math.nan, "no replicates (midtrain sweep --anneal-at S --seeds 0,1 measures it)"
+    dof = sum(len(v) - 1 for v in reps)
+    sigma = float(math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in reps) / dof))
+    return sigma, (f"sigma {_fmt(sigma)}: pooled spread of the final train loss (mean of the last 3) over "
+                   f"{sum(len(v) for v in reps)} replicate runs of {len(reps)} plan(s), {dof} degrees of freedom")
 
 
 def _anneal_lrs(stable: np.ndarray, peak: float, s: int, ann: dict, n: int, shape: str) -> np.ndarray:
@@ -144,6 +168,12 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
     q = (1 - level) / 2
     low, high = ((float(np.quantile(rep_starts, q)), float(np.quantile(rep_starts, 1 - q))) if rep_starts
                  else (math.nan, math.nan))
+    sigma_seed, seed_how = _seed_noise(curves, probes, start_a, n_a)
+    if math.isfinite(sigma_seed):   # plans a seed change could reorder: within z sqrt(2) sigma of the best
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        close = [plans[i][0] for i in np.flatnonzero(pred <= pred[best] + z * math.sqrt(2) * sigma_seed)]
+        low, high = ((min(low, float(min(close))), max(high, float(max(close)))) if math.isfinite(low)
+                     else (float(min(close)), float(max(close))))
     own = [i for i, (s, sh, n) in enumerate(plans) if s == min(start_a, s_hi) and sh == shapes[0]]
     ckpts = [s for s, _ in run.checkpoints()] if hasattr(run, "checkpoints") else []
     evidence = {
@@ -159,7 +189,10 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
         "fit quality": f"rmse {_fmt(fit.rmse)} vs per-step noise {_fmt(fit.noise)}, R^2 {fit.r2:.3f}, {fit.n_points} "
                        f"losses from {len(curves)} curve(s)",
         "candidates": f"starts {int(starts[0])}-{int(starts[-1])} ({len(starts)}), shapes {shapes}",
-        "start range": f"{len(rep_starts)} moving-block residual bootstrap refits, argmin of each",
+        "start range": f"{len(rep_starts)} moving-block residual bootstrap refits, argmin of each"
+                       + (f"; with the starts whose predicted final loss is within {NormalDist().inv_cdf(0.5 + level / 2):.2f}"
+                          f" x sqrt(2) x the seed noise of the best" if math.isfinite(sigma_seed) else ""),
+        "seed noise": seed_how,
     }
     if own:
         evidence["the run's own anneal start"] = f"step {plans[own[0]][0]}: predicted {_fmt(float(pred[own[0]]))}"

@@ -35,7 +35,7 @@ class RecommendationError(ValueError):
 @dataclass
 class Recommendation:
     name: str                    # what is recommended, e.g. "batch_size"
-    value: float                 # the recommended value (unit below)
+    value: float | dict          # the recommended value (unit below); a choice: {"name": ..., ...} (``mixture``)
     unit: str
     low: float                   # range of the estimate it rests on (``level`` interval)
     high: float
@@ -61,7 +61,10 @@ class Recommendation:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_text(self) -> str:
-        lines = [f"{self.name}: {_fmt(self.value)} {self.unit}", f"  {self.summary}",
+        v = self.value
+        shown = f"{v.get('name')} {v.get('weights', '')}".strip() if isinstance(v, dict) else _fmt(v)
+        lines = [f"{self.name}: {shown} ({self.unit})" if isinstance(v, dict) else f"{self.name}: {shown} {self.unit}",
+                 f"  {self.summary}",
                  f"  estimate {_fmt(self.estimate)} ("
                  + ("range" if math.isnan(self.level) else f"{self.level:.0%} range")
                  + f" {_fmt(self.low)} - {_fmt(self.high)})"]

@@ -5,28 +5,35 @@ schedule unchanged, all evaluated at the end of the switched-to phase (docs/reco
 
 Objective (stated with the result): the mean final validation loss of the TARGET domains (default: those
 the switched-to phase upweights), among candidates whose EARLIER domains (the others of the phase before)
-end at most ``tolerance`` (default 1%) above the parent's own recipe at the same step. The parent itself
+end at most ``tolerance`` (default 1%) above the parent's own recipe at the same step. A candidate is a
+(switch step, mixture) pair; its replicates (``midtrain sweep --seeds``: same step and mixture, another
+seed; the parent's own switch with another seed is a replicate of the parent) are averaged. The parent itself
 is the candidate "switch at its own phase start". Range: the switch steps of feasible candidates within
-z x sqrt(2) x sigma of the best (z the normal quantile of ``level``), sigma the noise of one candidate's
-final objective: the spread of replicate probes (same step and mixture, another seed) where there are
-some, else the point-to-point scatter of the candidates' objective over their evaluations after the
+z x sqrt(se_best^2 + se^2) of the best (z the normal quantile of ``level``; se = sigma / sqrt(replicates)),
+sigma the noise of one run's final objective: the pooled standard deviation of the replicates where there
+are some, else the point-to-point scatter of the candidates' objective over their evaluations after the
 switch (``diagnostics.stats.robust_noise_scale``; the evaluation set is fixed, so this scatter is the
-training noise a seed change also moves). Without probes the run's own signals place candidate steps
+training noise a seed change also moves). ``switch_table`` is that table of candidates, which the
+``mixture`` entry (``_mixture``) shares. Without probes the run's own signals place candidate steps
 (``switch_candidates``) and the error prints the sweep command.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 
 from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt
-from diagnostics.recommend._probes import anneal_phase_index, mixture_key, schedule_of, switch_phase_index
+from diagnostics.recommend._probes import (anneal_phase_index, mixture_key, replicate_seed, schedule_of,
+                                          switch_phase_index)
 from diagnostics.stats import robust_noise_scale
 
-__all__ = ["data_switch_recommendation", "switch_candidates"]
+__all__ = ["data_switch_recommendation", "switch_candidates", "switch_table", "SwitchTable"]
 
 
 def _weights(phase: dict) -> dict:
@@ -102,11 +109,50 @@ def _final(run, end: int, domains: list[str]) -> dict | None:
     return None if not len(row) or len(cols) < len(domains) else {c.split("/")[1]: float(row[c].iloc[0]) for c in cols}
 
 
-def data_switch_recommendation(run, branches=(), *, target_domains=None, tolerance: float = 0.01,
-                               level: float = 0.9) -> Recommendation:
-    """The switch step (and mixture) minimising the target domains' mean final validation loss subject
-    to the earlier domains rising at most ``tolerance`` (relative) against the parent; ``branches``:
-    the switch probes (Runs) of ``run``."""
+@dataclass
+class SwitchTable:
+    """The switch candidates of a run and its switch probes, judged on one objective."""
+
+    sched: object
+    prev: dict                  # the phase before the switch
+    nxt: dict                   # the switched-to phase
+    P: int                      # the run's own switch step
+    E: int                      # the end of the switched-to phase: where every candidate is judged
+    lo: int                     # the first step a switch probe may start from (after the warmup)
+    targets: list
+    earlier: list
+    tolerance: float
+    objective: str
+    groups: list = field(default_factory=list)   # one dict per (step, mixture): see switch_table
+    sigma: float = math.nan     # the noise of one run's final objective
+    how: str = ""               # where sigma comes from
+    n_replicated: int = 0       # candidates with at least two replicates
+
+    def se(self, g: dict) -> float:
+        return self.sigma / math.sqrt(g["n"])
+
+    def near(self, best: dict, level: float, among=None) -> list:
+        """The feasible candidates (of ``among``, default all) within z x sqrt(se_best^2 + se^2) of ``best``."""
+        z = NormalDist().inv_cdf(0.5 + level / 2)
+        pool = [g for g in (self.groups if among is None else among) if g["ok"]]
+        if not math.isfinite(self.sigma):
+            return [best]
+        return [g for g in pool if g["J"] <= best["J"] + z * math.hypot(self.se(best), self.se(g))]
+
+
+def _mixture_name(path, step: int) -> str | None:
+    """NAME of a ``--mixtures NAME=...`` probe from its directory (``switch<S>-NAME[-seed<K>]``)."""
+    m = re.fullmatch(rf"switch{step}-(.+?)(-seed\d+)?", os.path.basename(str(path).rstrip("/")))
+    return m.group(1) if m and m.group(1) else None
+
+
+def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.01) -> SwitchTable:
+    """Every (switch step, mixture) candidate of ``run`` and its switch probes ``branches`` (Runs; a branch
+    that repeats the parent's schedule with another seed is a replicate of the parent), with the mean of
+    its replicates' objective ``J``, its earlier domains' worst relative rise against the parent's recipe
+    ``rise``, ``ok`` (the rise within ``tolerance``), ``n`` replicates, their objectives ``Js``, the
+    mixture's ``name`` and the runs' ``labels``. Raises RecommendationError when the run lacks what the
+    objective needs; ``groups`` is empty without probes."""
     cfg = run.config or {}
     sched = schedule_of(cfg)
     m = switch_phase_index(cfg)
@@ -121,90 +167,130 @@ def data_switch_recommendation(run, branches=(), *, target_domains=None, toleran
         raise RecommendationError(f"phase {nxt.get('name')!r} upweights no domain; name the target domains")
     objective = (f"mean final validation loss (step {E}, the end of phase {nxt.get('name')!r}) of {targets}, with "
                  f"{earlier} at most {tolerance:.1%} above the run's own recipe")
+    t = SwitchTable(sched, prev, nxt, P, E, lo, targets, earlier, tolerance, objective)
     if not branches:
-        cands = switch_candidates(run, lo, P, earlier)
-        steps = sorted({*cands.values()} | {P})
-        ckpts = [s for s, _ in run.checkpoints()] if hasattr(run, "checkpoints") else []
-        miss = [s for s in steps if s not in ckpts]
-        probe = [s for s in steps if s != P] or [max(lo + 1, (lo + P) // 2)]
-        raise RecommendationError(
-            f"no switch probes: the run's own signals place candidates at {cands or 'no step (no signal)'}"
-            + (f"; {_gns_trend(run, lo, P)}" if _gns_trend(run, lo, P) else "")
-            + f". Probe them (objective: {objective}): midtrain sweep {run.path} --switch-at "
-            + ",".join(map(str, probe)) + (f" (steps {miss} need checkpoints: checkpoint_steps = {miss}, "
-                                            f"and train again)" if miss else "")
-            + f", then midtrain recommend {run.path} --branches <probe dirs>")
-    ref = _final(run, E, targets + earlier)
-    if ref is None:
-        raise RecommendationError(f"the run has no validation of every domain at step {E} (the end of phase "
-                                  f"{nxt.get('name')!r}); train it through that phase")
+        return t
     cands = [("parent", P, dict(wn), run)]
     for b in branches:
         bs = schedule_of(b.config)
-        cands.append((str(b.path), int(b.parent["step"]), _weights(bs.phases[switch_phase_index(b.config)]), b))
-    rows, noise = [], []
+        k = switch_phase_index(b.config)
+        cands.append((str(b.path), int(bs.starts[k]), _weights(bs.phases[k]), b))
+    finals, noise = [], []
     for label, s, mix, r in cands:
         fin = _final(r, E, targets + earlier)
         if fin is None:
             continue
-        J = float(np.mean([fin[d] for d in targets]))
-        rise = max([fin[d] / ref[d] - 1 for d in earlier] or [0.0])
         st, series = _objective_series(r, targets, s, E)
         if len(series) >= 4:
             noise.append(robust_noise_scale(series))
-        rows.append({"label": label, "step": s, "mixture": mix, "J": J, "rise": rise, "ok": rise <= tolerance})
-    groups: dict = {}
-    for row in rows:
-        groups.setdefault((row["step"], tuple(sorted(row["mixture"].items()))), []).append(row["J"])
-    reps = [np.std(g, ddof=1) for g in groups.values() if len(g) >= 2]
-    sigma = float(np.sqrt(np.mean(np.square(reps)))) if reps else (float(np.median(noise)) if noise else math.nan)
-    how = (f"spread of {sum(len(g) for g in groups.values() if len(g) >= 2)} replicate probes" if reps else
-           f"median point-to-point scatter of the objective over {len(noise)} candidates' evaluations after the switch")
-    ok = [r for r in rows if r["ok"]]
+        finals.append((label, s, mix, r, fin))
+    parent_reps = [f for lab, s, mix, r, f in finals if s == P and mix == dict(wn)]
+    if not parent_reps:
+        raise RecommendationError(f"the run has no validation of every domain at step {E} (the end of phase "
+                                  f"{nxt.get('name')!r}); train it through that phase")
+    ref = {d: float(np.mean([f[d] for f in parent_reps])) for d in targets + earlier}
+    by: dict = {}
+    for label, s, mix, r, fin in finals:
+        key = (s, tuple(sorted(mix.items())))
+        g = by.setdefault(key, {"step": s, "mixture": mix, "labels": [], "Js": [], "fins": [], "seeds": [],
+                                "name": (f"{nxt.get('name')} (the run's)" if mix == dict(wn) else None)})
+        g["labels"].append(label)
+        g["Js"].append(float(np.mean([fin[d] for d in targets])))
+        g["fins"].append(fin)
+        g["seeds"].append(0 if r is run else replicate_seed(run, r))
+        g["name"] = g["name"] or _mixture_name(label, s)
+    for g in by.values():
+        g["n"], g["J"] = len(g["Js"]), float(np.mean(g["Js"]))
+        g["rise"] = max([float(np.mean([f[d] for f in g["fins"]])) / ref[d] - 1 for d in earlier] or [0.0])
+        g["ok"] = g["rise"] <= tolerance
+        g["name"] = g["name"] or ",".join(f"{k}:{v:g}" for k, v in sorted(g["mixture"].items()))
+    t.groups = sorted(by.values(), key=lambda g: (g["step"], g["name"]))
+    reps = [g for g in t.groups if g["n"] >= 2]
+    if reps:   # the pooled replicate variance: a seed study
+        dof = sum(g["n"] - 1 for g in reps)
+        t.sigma = float(math.sqrt(sum(np.var(g["Js"], ddof=1) * (g["n"] - 1) for g in reps) / dof))
+        t.how = (f"pooled spread of the replicates of {len(reps)} candidate(s) ({sum(g['n'] for g in reps)} runs, "
+                 f"{dof} degrees of freedom; seeds added to the run's: "
+                 f"{sorted({k for g in reps for k in g['seeds']})})")
+    elif noise:
+        t.sigma = float(np.median(noise))
+        t.how = (f"median point-to-point scatter of the objective over {len(noise)} candidates' evaluations after "
+                 "the switch (no replicates: midtrain sweep --seeds 0,1 measures the seed noise)")
+    t.n_replicated = len(reps)
+    return t
+
+
+def _no_probes(run, t: SwitchTable) -> RecommendationError:
+    cands = switch_candidates(run, t.lo, t.P, t.earlier)
+    steps = sorted({*cands.values()} | {t.P})
+    ckpts = [s for s, _ in run.checkpoints()] if hasattr(run, "checkpoints") else []
+    miss = [s for s in steps if s not in ckpts]
+    probe = [s for s in steps if s != t.P] or [max(t.lo + 1, (t.lo + t.P) // 2)]
+    return RecommendationError(
+        f"no switch probes: the run's own signals place candidates at {cands or 'no step (no signal)'}"
+        + (f"; {_gns_trend(run, t.lo, t.P)}" if _gns_trend(run, t.lo, t.P) else "")
+        + f". Probe them (objective: {t.objective}): midtrain sweep {run.path} --switch-at "
+        + ",".join(map(str, probe)) + " --seeds 0,1" + (f" (steps {miss} need checkpoints: checkpoint_steps = {miss}, "
+                                                          f"and train again)" if miss else "")
+        + f", then midtrain recommend {run.path} --branches <probe dirs>")
+
+
+def data_switch_recommendation(run, branches=(), *, target_domains=None, tolerance: float = 0.01,
+                               level: float = 0.9) -> Recommendation:
+    """The switch step minimising the target domains' mean final validation loss subject to the earlier
+    domains rising at most ``tolerance`` (relative) against the parent; ``branches``: the switch probes
+    (Runs) of ``run`` and replicates of it (another seed). The mixture of the best candidate is the
+    ``mixture`` entry's (``mixture_recommendation``)."""
+    t = switch_table(run, branches, target_domains=target_domains, tolerance=tolerance)
+    if not branches:
+        raise _no_probes(run, t)
+    sched, prev, P = t.sched, t.prev, t.P
+    ok = [g for g in t.groups if g["ok"]]
     if not ok:
-        raise RecommendationError(f"no candidate keeps {earlier} within {tolerance:.1%} of the run's own recipe "
+        raise RecommendationError(f"no candidate keeps {t.earlier} within {tolerance:.1%} of the run's own recipe "
                                   "(raise the tolerance or probe later switches)")
-    best = min(ok, key=lambda r: r["J"])
+    best = min(ok, key=lambda g: g["J"])
     z = NormalDist().inv_cdf(0.5 + level / 2)
-    near = [r["step"] for r in ok if r["J"] <= best["J"] + z * math.sqrt(2) * sigma] if math.isfinite(sigma) else [best["step"]]
+    near = [g["step"] for g in t.near(best, level)]
     low, high = float(min(near)), float(max(near))
+    cfg = run.config or {}
     A = int(sched.starts[anneal_phase_index(cfg)]) if any(p.get("decay", "constant") != "constant"
                                                            for p in sched.phases) else None
     tie = A is not None and low <= A <= high
-    mixtures = {tuple(sorted(r["mixture"].items())) for r in rows}
+    mixtures = {tuple(sorted(g["mixture"].items())) for g in t.groups}
     evidence = {
-        "objective": objective,
-        "candidates": "; ".join(f"step {r['step']} {r['mixture']}: {_fmt(r['J'])}, earlier {r['rise']:+.2%}"
-                                + ("" if r["ok"] else " (rejected)") for r in sorted(rows, key=lambda r: r["step"])),
-        "noise": f"sigma {_fmt(sigma)} per final objective ({how}); the range holds the feasible steps within "
-                 f"{z:.2f} x sqrt(2) x sigma of the best",
+        "objective": t.objective,
+        "candidates": "; ".join(f"step {g['step']} {g['name']}: {_fmt(g['J'])}"
+                                + (f" (mean of {g['n']}, sd {_fmt(float(np.std(g['Js'], ddof=1)))})" if g["n"] > 1 else "")
+                                + f", earlier {g['rise']:+.2%}" + ("" if g["ok"] else " (rejected)") for g in t.groups),
+        "noise": f"sigma {_fmt(t.sigma)} per run's final objective ({t.how}); the range holds the feasible steps "
+                 f"within {z:.2f} x sqrt(se_best^2 + se^2) of the best (se = sigma / sqrt(replicates))",
         "anneal start": (f"step {A}: " + ("inside the range: tie the switch to it" if tie else
                                           f"the switch goes {A - best['step']} steps before it")) if A else "no anneal",
         "tokens at the switch": sched.tokens_before(best["step"]),
     }
-    signals = switch_candidates(run, lo, P, earlier)
+    signals = switch_candidates(run, t.lo, P, t.earlier)
     if signals:
         evidence["single-run signals"] = ", ".join(f"{k} at {v}" for k, v in signals.items())
-    if (g := _gns_trend(run, lo, P)):
+    if (g := _gns_trend(run, t.lo, P)):
         evidence["GNS trend"] = g
     pname = prev.get("name")
-    patch = ({"phases": {nxt.get("name"): {"mixture": best["mixture"]}}}
-             if best["step"] == P and len(mixtures) > 1 else {})
     summary = (f"switch the data at step {best['step']} ({evidence['tokens at the switch']} tokens)"
                + (", tied to the anneal start" if tie else "")
-               + (f", to mixture {best['mixture']}" if len(mixtures) > 1 else "")
-               + f": target loss {_fmt(best['J'])} ({objective})")
+               + (f", to mixture {best['name']} (the mixture entry)" if len(mixtures) > 1 else "")
+               + f": target loss {_fmt(best['J'])} ({t.objective})")
     would_change = ["another objective (target domains, tolerance) or budget",
-                    "probes at steps between the candidates; replicate probes (seeds) narrow the noise"]
+                    "probes at steps between the candidates"
+                    + ("" if t.n_replicated else "; replicate probes (--seeds 0,1) measure the seed noise")]
     if best["step"] < P:
         would_change.insert(0, f"an earlier switch than the run's own cannot be written as a phase patch alone: split "
-                               f"phase {pname!r} at step {best['step']} as the probe {best['label']} does")
+                               f"phase {pname!r} at step {best['step']} as the probe {best['labels'][0]} does")
     return Recommendation(
         name="data_switch", value=float(best["step"]), unit="step (data switch)", low=low, high=high, level=level,
         estimate=best["J"], summary=summary, evidence=evidence,
         assumptions=["the candidates differ only in the switch step (and mixture); the LR schedule is the run's",
                      "the final validation loss at one step ranks the candidates; the noise estimate above holds",
                      "later phases (after the switched-to one) are not probed"],
-        would_change=would_change, patch=patch,
-        check=f"midtrain sweep {run.path} --switch-at {best['step']} with another seed, or midtrain train --from "
-              f"{run.path} --step {best['step']} with the probe's config", branch_step=int(best["step"]))
+        would_change=would_change, patch={},
+        check=f"midtrain sweep {run.path} --switch-at {best['step']} --seeds 1,2 (replicates), or midtrain train "
+              f"--from {run.path} --step {best['step']} with the probe's config", branch_step=int(best["step"]))

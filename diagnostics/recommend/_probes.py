@@ -7,7 +7,9 @@ A branch's kind is read from its config against its parent's, step by step after
 another batch size in a phase of the same name -> ``batch`` (``midtrain sweep --batch-sizes``); else
 another LR -> ``anneal`` (``--anneal-at``); else another mixture -> ``switch`` (``--switch-at``,
 ``--mixtures``); else another ``rope_base`` or ``rope_scaling`` in a phase of the same name -> ``rope``
-(``--rope``); else ``same``.
+(``--rope``); else ``same``. A branch may have another ``seed`` than its parent: a replicate
+(``midtrain sweep --seeds``: the data order after the branch step changes, the model state does not), whose
+spread is the seed noise of the recommendations' ranges; ``replicate_seed`` gives the difference.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from diagnostics.recommend._common import RecommendationError
 from diagnostics.schedule import phase_lrs, phase_num_steps
 
 __all__ = ["Schedule", "schedule_of", "branch_kind", "anneal_phase_index", "switch_phase_index", "mixture_key",
-           "ProbeInputError"]
+           "ProbeInputError", "replicate_seed"]
 
 class ProbeInputError(RecommendationError):
     """Bad input rather than a run that lacks something: a branch of another run or of an incompatible
     config, a budget that does not fit (``midtrain recommend`` exits 2 on it instead of "not available")."""
 
 
-# the parts of a config a branch must share with its parent (the phases may differ after the branch step)
-_SHARED = ("seed", "model", "data", "optim")
+# the parts of a config a branch must share with its parent (the phases may differ after the branch step; the
+# seed may differ: a replicate)
+_SHARED = ("model", "data", "optim")
+
+
+def replicate_seed(parent, branch) -> int:
+    """The branch's seed minus its parent's (0: the parent's own seed; ``midtrain sweep --seeds K`` adds K)."""
+    return int((branch.config or {}).get("seed") or 0) - int((parent.config or {}).get("seed") or 0)
 
 
 def mixture_key(phase: dict) -> tuple:
@@ -107,8 +115,8 @@ def _same_run(a, b) -> bool:
 
 def branch_kind(parent, branch) -> str:
     """"batch", "anneal", "switch", "rope" or "same": what ``branch`` (a Run) changes against ``parent`` after
-    its branch step. RecommendationError for a branch of another run, or one whose seed, model, data,
-    optimizer or schedule before the branch step differs from the parent's."""
+    its branch step. RecommendationError for a branch of another run, or one whose model, data,
+    optimizer or schedule before the branch step differs from the parent's (another seed is a replicate)."""
     info = branch.parent or {}
     if not info or not _same_run(info.get("run", ""), parent.path):
         raise ProbeInputError(f"{branch.path} is not a branch of {parent.path} (its parent: "

@@ -21,7 +21,8 @@ from diagnostics.recommend._critical_batch import critical_batch_recommendation
 from diagnostics.recommend._data_switch import data_switch_recommendation
 from diagnostics.recommend._long_context import long_context_recommendation
 from diagnostics.recommend._lr_decay import lr_decay_recommendation
-from diagnostics.recommend._probes import ProbeInputError, branch_kind
+from diagnostics.recommend._mixture import mixture_recommendation
+from diagnostics.recommend._probes import ProbeInputError, branch_kind, replicate_seed
 
 __all__ = ["recommend_run", "sort_branches"]
 
@@ -45,20 +46,26 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
     Made: ``batch_size`` (the noise scale's; with batch-size branches, the one answer from both),
     ``lr_decay`` (``decay_phase`` given: where to start that phase's decay, ``lr_decay_recommendation``;
     else the anneal start for a budget from the run and its anneal probes, ``anneal_recommendation``),
-    ``batch_schedule``, ``data_switch`` (from switch probes), ``long_context`` (the long phase's length and
-    the RoPE base bound, from the loss by position) and, with batch-size branches,
-    ``critical_batch_size``. One that cannot be made is in ``not_available`` with the reason (a
+    ``batch_schedule``, ``data_switch`` (the step, from switch probes), ``mixture`` (the switched-to phase's
+    mixture, from mixture probes), ``long_context`` (the long phase's length and the RoPE base bound, from
+    the loss by position) and, with batch-size branches, ``critical_batch_size``. Branches that
+    repeat the run's schedule with another seed (kind ``same``) are replicates of the run: the switch and
+    anneal recommendations count them with the run. One that cannot be made is in ``not_available`` with the reason (a
     RecommendationError's message); bad input (a foreign branch, a budget that does not fit) raises
     ProbeInputError. The keyword arguments are ``midtrain recommend``'s options of the same names."""
     kinds = sort_branches(run, branches)
+    reps = [b for b in kinds["same"] if replicate_seed(run, b) != 0]   # the run again, another seed
+    switch = kinds["switch"] + reps
     makers = {
         "batch_size": lambda: batch_size_recommendation(run, phase=phase, window=window, level=level),
         "lr_decay": (lambda: lr_decay_recommendation(run, phase=decay_phase, shapes=shapes, level=level))
-        if decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"], budget_tokens=budget_tokens,
+        if decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"] + reps, budget_tokens=budget_tokens,
                                                              shapes=shapes, level=level)),
         "batch_schedule": lambda: batch_schedule_recommendation(run),
-        "data_switch": lambda: data_switch_recommendation(run, kinds["switch"], target_domains=target_domains,
+        "data_switch": lambda: data_switch_recommendation(run, switch, target_domains=target_domains,
                                                           tolerance=tolerance, level=level),
+        "mixture": lambda: mixture_recommendation(run, switch, target_domains=target_domains, tolerance=tolerance,
+                                                  level=level),
         "long_context": lambda: long_context_recommendation(run, level=level),
     }
     if kinds["batch"]:

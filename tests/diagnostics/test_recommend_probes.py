@@ -4,7 +4,8 @@
 import numpy as np
 import pytest
 
-from diagnostics.recommend import ProbeInputError, RecommendationError, anneal_recommendation, branch_kind
+from diagnostics.recommend import (ProbeInputError, RecommendationError, anneal_recommendation, branch_kind,
+                                   replicate_seed)
 from diagnostics.runs import RunWriter, load_run
 from diagnostics.schedule import annealing_law, lr_areas
 from midtrain.config import Phase, TrainConfig
@@ -101,10 +102,14 @@ def test_anneal_bad_input(tmp_path):
     with pytest.raises(ProbeInputError, match="does not fit"):
         anneal_recommendation(parent, [], budget_tokens=1000)
     cfg = anneal_cfg()
-    cfg.seed = 7
+    cfg.optim.weight_decay = 0.3
     wrong = write(tmp_path / "w", cfg, parent={"run": str(parent.path), "step": 100})
     with pytest.raises(ProbeInputError, match="incompatible"):
         branch_kind(parent, wrong)
+    cfg = anneal_cfg()
+    cfg.seed += 7                                  # another seed is a replicate, not an incompatible config
+    rep = write(tmp_path / "r", cfg, parent={"run": str(parent.path), "step": 100})
+    assert branch_kind(parent, rep) == "same" and replicate_seed(parent, rep) == 7
     flat = TrainConfig(phases=[Phase(name="pretrain", steps=50, mixture={"prose": 1.0})]).validate()
     with pytest.raises(RecommendationError, match="decays"):
         anneal_recommendation(write(tmp_path / "f", flat), [])
@@ -163,3 +168,87 @@ def test_data_switch_known_optimum(tmp_path):
     assert data_switch_recommendation(parent, [*bs, bad], tolerance=0.1).value == 60   # allowed now: its gain wins
     with pytest.raises(RecommendationError, match="--switch-at"):
         data_switch_recommendation(parent, [])
+
+
+def switch_probe(tmp_path, parent, s, name=None, mix=None, seed=None, **kw):
+    """A switch probe at step ``s`` (the parent's own step 100 with another mixture: no split), written as
+    ``switch<s>[-<name>][-seed<k>]`` like `midtrain sweep` names it."""
+    cfg = switch_cfg(split=s if s < 100 else None, mix=mix)
+    cfg.seed += seed or 0
+    label = f"switch{s}" + (f"-{name}" if name else "") + (f"-seed{seed}" if seed is not None else "")
+    return write_switch(tmp_path / label, cfg, s, parent={"run": str(parent.path), "step": s}, **kw)
+
+
+def test_replicates_are_averaged_and_their_spread_is_the_noise(tmp_path):
+    from diagnostics.recommend import data_switch_recommendation, switch_table
+
+    parent = write_switch(tmp_path / "p", switch_cfg(), 100)
+    offsets = {40: [-0.06, 0.0, 0.03], 60: [0.0, 0.01, 0.02]}   # one lucky seed at 40; 60 is better on average
+    bs = [switch_probe(tmp_path, parent, s, seed=k, mix_gain=-off) for s, offs in offsets.items()
+          for k, off in enumerate(offs)]
+    t = switch_table(parent, bs)
+    sd = {s: np.std([code_final(s) + o for o in offs], ddof=1) for s, offs in offsets.items()}
+    pooled = np.sqrt(sum(2 * v ** 2 for v in sd.values()) / 4)       # (n - 1) s^2 summed over n - 1 dof
+    assert t.sigma == pytest.approx(pooled, rel=1e-9) and "pooled spread" in t.how
+    assert {g["step"]: g["n"] for g in t.groups} == {40: 3, 60: 3, 100: 1}
+    rec = data_switch_recommendation(parent, bs)
+    assert rec.value == 60                                           # the mean, not the luckiest seed (40)
+    assert rec.estimate == pytest.approx(code_final(60) + 0.01, abs=1e-9)
+    se = pooled / np.sqrt(3)
+    assert code_final(40) + 0.01 - rec.estimate < 1.645 * np.sqrt(2) * se   # 40 is within the noise: in the range
+    assert (rec.low, rec.high) == (40, 60)
+    assert "mean of 3" in rec.evidence["candidates"] and "replicates" in rec.evidence["noise"]
+
+
+def test_mixture_entry_known_best_and_tolerance(tmp_path):
+    from diagnostics.recommend import mixture_recommendation, recommend_run
+
+    parent = write_switch(tmp_path / "p", switch_cfg(), 100)
+    rep_cfg = switch_cfg()
+    rep_cfg.seed += 1                                                # the parent again with another seed
+    rep = write_switch(tmp_path / "own-seed1", rep_cfg, 100, parent={"run": str(parent.path), "step": 100},
+                       mix_gain=0.004)
+    heavy = {"prose": 0.1, "code": 0.9}
+    a = [switch_probe(tmp_path, parent, 100, "heavy", heavy, seed=k, mix_gain=g) for k, g in ((0, 0.1), (1, 0.096))]
+    b = [switch_probe(tmp_path, parent, 100, "light", {"prose": 0.3, "code": 0.7}, seed=k, mix_gain=g)
+         for k, g in ((0, -0.05), (1, -0.054))]
+    c = switch_probe(tmp_path, parent, 100, "extreme", {"prose": 0.0, "code": 1.0}, mix_gain=0.3, prose_rise=0.05)
+    rec = mixture_recommendation(parent, [rep, *a, *b, c])
+    assert rec.name == "mixture" and rec.value == {"name": "heavy", "weights": heavy}
+    assert rec.patch == {"phases": {"midtrain": {"mixture": heavy}}}
+    assert rec.estimate == pytest.approx(code_final(100) - 0.098, abs=1e-9)
+    assert rec.low < rec.estimate < rec.high
+    assert "extreme at step 100 (+5.00%)" in rec.evidence["tolerance"]       # rejected at 1%
+    assert "sd over 2 seeds" in rec.evidence["mixtures"] and "seeds added to the run's: [0, 1]" in rec.evidence["noise"]
+    assert mixture_recommendation(parent, [rep, *a, *b, c], tolerance=0.1).value["name"] == "extreme"
+    assert "heavy 1.562, midtrain (the run's) 1.658, light 1.712" in rec.evidence["at step 100"]
+    keep = mixture_recommendation(parent, [rep, *b])                # the run's own is best: nothing to patch
+    assert keep.value["name"] == "midtrain (the run's)" and keep.patch == {} and keep.summary.startswith("keep")
+    # recommend_run: the mixture entry beside data_switch, which keeps the step; the replicate joins the parent
+    recs, na = recommend_run(parent, [rep, *a, *b, c])
+    by = {r.name: r for r in recs}
+    assert by["mixture"].value["name"] == "heavy" and by["data_switch"].value == 100 and by["data_switch"].patch == {}
+    assert "midtrain (the run's): 1.658 (mean of 2" in by["data_switch"].evidence["candidates"]
+
+
+def test_mixture_without_probes_proposes_from_learnability(tmp_path):
+    from diagnostics.recommend import candidate_mixtures, mixture_recommendation
+
+    parent = write_switch(tmp_path / "p", switch_cfg(), 100)
+    df_path = parent.path / "metrics.jsonl"
+    import json
+    with open(df_path, "a") as f:                                   # code still learning, prose done
+        f.write(json.dumps({"step": 96, "difficulty/code/learnability": 0.3, "difficulty/prose/learnability": 0.0})
+                + "\n")
+    parent = load_run(parent.path)
+    props, how = candidate_mixtures(parent, {"prose": 0.2, "code": 0.8}, 10, 100)
+    assert "learnability" in how
+    assert props["upcode"]["code"] > 0.8 and props["learn"]["code"] > 0.8
+    assert sum(props["learn"].values()) == pytest.approx(1.0, abs=2e-3)
+    with pytest.raises(RecommendationError) as e:
+        mixture_recommendation(parent, [])
+    msg = str(e.value)
+    assert "--step 100 --switch-at 100 --mixtures" in msg and "upcode=" in msg and "still learning" in msg
+    one = switch_probe(tmp_path, parent, 60)                         # switch probes without other mixtures
+    with pytest.raises(RecommendationError, match="no mixture probes"):
+        mixture_recommendation(parent, [one])

@@ -91,3 +91,47 @@ def test_probes_end_to_end(tmp_path, capsys):
     assert main(["recommend", parent, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "--switch-at" in out["not_available"]["data_switch"]
+
+
+def test_replicate_probes_end_to_end(tmp_path, capsys):
+    """`midtrain sweep --seeds`: each probe once per seed (the run's seed + K), the parent's own switch and
+    anneal as replicates of it; recommend uses the replicates' spread in data_switch, mixture and lr_decay."""
+    import json
+
+    from midtrain.cli import main
+
+    cfgf = tmp_path / "c.toml"
+    cfgf.write_text(dumps_toml(micro_config(steps=(12, 6, 4), checkpoint_every=100, eval_every=2,
+                                            checkpoint_steps=[9])))
+    parent = str(tmp_path / "p")
+    assert main(["train", "--config", str(cfgf), "--out", parent, "--quiet"]) == 0
+    prefix = str(tmp_path / "pr")
+    capsys.readouterr()
+    for bad in (["--switch-at", "9", "--seeds", "0,0"], ["--switch-at", "9", "--seeds", "-1"],
+                ["--step", "9", "--batch-sizes", "8,16", "--seeds", "0,1"],      # --seeds replicates probes only
+                ["--step", "9", "--switch-at", "12"],                              # --step must be the probes' step
+                ["--switch-at", "12", "--seeds", "0"]):                            # the parent's own, seed 0 only
+        assert main(["sweep", parent, *bad, "--out-prefix", prefix]) == 2, bad
+    assert not os.path.exists(prefix)
+    assert main(["sweep", parent, "--switch-at", "9,12", "--anneal-at", "9", "--seeds", "0,1", "--out-prefix", prefix,
+                 "--quiet"]) == 0
+    assert main(["sweep", parent, "--step", "12", "--mixtures", "heavy=0.1,0.45,0.45", "--seeds", "0,1",
+                 "--out-prefix", prefix, "--quiet"]) == 0
+    names = sorted(os.listdir(prefix))
+    assert names == ["anneal9-6-seed0", "anneal9-6-seed1", "switch12-heavy-seed0", "switch12-heavy-seed1",
+                     "switch12-seed1", "switch9-seed0", "switch9-seed1"]
+    seeds = {n: load_run(os.path.join(prefix, n)).config["seed"] for n in names}
+    assert {n: s - load_run(parent).config["seed"] for n, s in seeds.items()} == {
+        n: int(n[-1]) for n in names}
+    a, b = (load_run(os.path.join(prefix, f"switch9-seed{k}")).metrics.dropna(subset=["train/loss"]) for k in (0, 1))
+    assert a["train/loss"].iloc[-1] != b["train/loss"].iloc[-1]          # another data order
+    capsys.readouterr()
+    assert main(["recommend", parent, "--json", "--branches", *[os.path.join(prefix, n) for n in names]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    made = {r["name"]: r for r in out["recommendations"]}
+    assert {"data_switch", "mixture", "lr_decay"} <= set(made), out["not_available"]
+    assert "pooled spread of the replicates of 3 candidate(s)" in made["data_switch"]["evidence"]["noise"]
+    assert made["mixture"]["value"]["name"] in ("heavy", "midtrain (the run's)")
+    assert "sd over 2 seeds" in made["mixture"]["evidence"]["mixtures"]
+    assert made["lr_decay"]["evidence"]["seed noise"].startswith("sigma ")
+    assert made["lr_decay"]["low"] <= made["lr_decay"]["value"] <= made["lr_decay"]["high"]

@@ -121,6 +121,26 @@ def test_recommended_from_recommendations_json(parent, tmp_path):
     assert any("batch size 16" in x for x in rec.notes)
 
 
+def test_recommended_mixture_from_recommendations_json(parent, tmp_path):
+    """The mixture entry's mixture is the recommended plan's from its switch step on; the others keep the run's."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(parent, run)
+    heavy = {"prose": 0.1, "code": 0.45, "math": 0.45}
+    recs = [{"name": "data_switch", "value": 7, "unit": "step (data switch)", "patch": {}},
+            {"name": "mixture", "value": {"name": "heavy", "weights": heavy}, "unit": "mixture of phase 'midtrain'",
+             "patch": {"phases": {"midtrain": {"mixture": heavy}}}}]
+    with open(os.path.join(run, "recommendations.json"), "w") as f:
+        json.dump({"schema": 1, "recommendations": recs, "not_available": {}}, f)
+    plans, _ = plan_validation(run, 5, ["own", "recommended", "switch50"])
+    own, rec, sw = plans[0].config, plans[1], plans[2].config
+    assert [rec.config.phase_at(k)[1].mixture for k in (6, 7, 13)] == [own.phase_at(0)[1].mixture, heavy, heavy]
+    assert sw.phase_at(13)[1].mixture == own.phase_at(13)[1].mixture            # the alternatives keep the run's
+    assert rec.config.phases[-1].mixture == own.phases[-1].mixture              # later phases too
+    assert any("mixture heavy" in x for x in rec.notes)
+
+
 def test_recommended_batch_for_other_sequences_is_not_applied(parent, tmp_path):
     """A batch size measured at another sequence length (the last phase's 256 tokens) is not applied to the
     re-planned stretch's shorter sequences: the recommended plan keeps the run's batch and says why."""
