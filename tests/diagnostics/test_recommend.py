@@ -111,7 +111,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert rec["name"] == "batch_size" and rec["value"] >= 1 and rec["patch"]["phases"]["pretrain"]
     assert dec["name"] == "lr_decay" and 0 < dec["value"] <= 1
     assert "data_switch" in saved["not_available"] and set(saved["not_available"]) <= {"data_switch", "batch_schedule",
-                                                                                      "mixture"}
+                                                                                      "mixture", "long_context"}
     new = load_toml(tmp_path / "rec.toml")  # every patch applied
     pre = next(p for p in new.phases if p.name == "pretrain")
     assert pre.batch_size == rec["value"] and pre.grad_accum == rec["patch"]["phases"]["pretrain"]["grad_accum"]
