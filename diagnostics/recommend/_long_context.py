@@ -219,7 +219,7 @@ def long_context_recommendation(run, *, level: float = 0.9) -> Recommendation:
                f"{value}; range {low - P}-{at_best - P})") + f". {measured}"
     return Recommendation(
         name="long_context", value=float(value - P), unit=f"steps (phase {name!r})", low=float(low - P),
-        high=math.inf if still else float(at_best - P), level=level, estimate=best, summary=summary,
+        high=math.inf if still else float(at_best - P), level=level, estimate=float(value - P), summary=summary,
         evidence=evidence,
         assumptions=["the far-position loss at the longest phase length is what the long phase is for",
                      "evaluations inside the phase are frequent enough to place the step (eval_lengths_every)",
