@@ -182,6 +182,15 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
         notes.append(f"switch step {Q} from data_switch")
     else:
         notes.append("data_switch: not available, the run's own switch (" + (ds if isinstance(ds, str) else "none") + ")")
+    lo_q, hi_q = (ds.get("low"), ds.get("high")) if isinstance(ds, dict) else (None, None)
+    if A != P and Q != A and lo_q is not None and hi_q is not None and lo_q <= P <= hi_q:
+        # data_switch ties the switch to the anneal start (its range holds the run's own start P, the one its
+        # probes were judged under), and lr_decay's plan runs the decaying phase on its own mixture from A,
+        # as its anneal probes did: the switch follows the recommended anneal start
+        notes.append(f"switch step {A}, not {Q}: data_switch ties the switch to the anneal start (its range "
+                     f"{lo_q:g}-{hi_q:g} holds the run's own start {P}) and lr_decay's plan anneals on the next "
+                     f"phase's mixture from step {A}, as its probes did")
+        Q = A
     if not step <= A < E or not step <= Q <= E:
         notes.append(f"anneal start {A} / switch {Q} outside steps {step}-{E}: clipped")
         A, Q = min(max(A, step), E - 1), min(max(Q, step), E)

@@ -159,6 +159,27 @@ def test_recommended_batch_for_other_sequences_is_not_applied(parent, tmp_path):
     assert any("sequences of 999 tokens" in x for x in rec.notes)
 
 
+@pytest.mark.parametrize("low,high,want", [(8, 8, 6), (7, 9, 6), (7, 7, 8)])
+def test_recommended_switch_follows_a_tied_anneal_start(parent, tmp_path, low, high, want):
+    """data_switch keeps the run's own switch (step 8, the run's own anneal start) with a range that holds it:
+    the switch is tied to the anneal start, so it follows lr_decay's start (6), whose plan anneals on the next
+    phase's mixture from its start. A range without the run's own start (7-7) keeps data_switch's step."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(parent, run)
+    recs = [{"name": "lr_decay", "value": 6, "unit": "step (anneal start)", "patch": {}},
+            {"name": "data_switch", "value": 8, "low": low, "high": high, "unit": "step (data switch)", "patch": {}}]
+    with open(os.path.join(run, "recommendations.json"), "w") as f:
+        json.dump({"schema": 1, "recommendations": recs, "not_available": {}}, f)
+    plans, _ = plan_validation(run, 5, ["own", "recommended"])
+    own, rec = plans[0].config, plans[1]
+    new = own.phases[1].mixture
+    assert (rec.decay_start, rec.switch_step) == (6, want)
+    assert rec.config.phase_at(want - 1)[1].mixture != new and rec.config.phase_at(want)[1].mixture == new
+    assert any("ties the switch" in x for x in rec.notes) == (want == 6)
+
+
 def test_end_to_end(parent, tmp_path, capsys):
     out = str(tmp_path / "val")
     assert main(["validate", parent, "--step", "5", "--plans", "own,cosine,recommended", "--out", out,
