@@ -111,7 +111,7 @@ class RetrievalProbe(Hook):
     name = "retrieval"
 
     def __init__(self, data: Data, lengths: Iterable[int], depths: Optional[Iterable[int]] = None, *,
-                 key_len: int = 8, n_keys: int = 6, n_depths: int = 6, min_depth: int = 16,
+                 key_len: int = 8, n_keys: int = 4, n_depths: int = 6, min_depth: int = 16,
                  key_tokens: Optional[Any] = None, every: Optional[int] = 100, steps: Iterable[int] = (),
                  far_from: Optional[int] = None, batch_size: Optional[int] = None, autocast: Optional[bool] = None,
                  seed: int = 0, save_arrays: bool = True, writer: Any = None, model: Optional[nn.Module] = None):

@@ -188,7 +188,7 @@ def build_retrieval_probe(opts: dict[str, Any], cfg: TrainConfig, model, corpus)
     """``[monitor.retrieval]``: RetrievalProbe in the long-context phases (``retrieval_schedule``; none:
     no hook), at their lengths (or ``lengths``), on the validation split of every corpus domain at each
     length (evenly spaced chunks, ``val_batches``; a domain too short for the length is left out with a
-    warning), with ``far_from`` = the first phase's seq_len. Defaults: key_len 8, n_keys 6 and 6 depths
+    warning), with ``far_from`` = the first phase's seq_len. Defaults: key_len 8, n_keys 4 and 6 depths
     per length from 16 to L - key_len (docs/retrieval.md); ``every`` sets the interval inside the
     long phases; any other constructor keyword (depths, key_len, n_keys, n_depths, min_depth,
     key_tokens, batch_size, seed, ...) may be set."""
@@ -203,7 +203,7 @@ def build_retrieval_probe(opts: dict[str, Any], cfg: TrainConfig, model, corpus)
     if not steps:
         return None
     n_dom = max(1, len(corpus.names()))
-    per_domain = -(-int(opts.get("n_keys", 6)) // n_dom) if isinstance(opts.get("n_keys", 6), int) else 1
+    per_domain = -(-int(opts.get("n_keys", 4)) // n_dom) if isinstance(opts.get("n_keys", 4), int) else 1
     data, key_len = {}, opts.get("key_len", 8)
     if "lengths" not in opts and isinstance(key_len, int):  # the default lengths: only those that hold a key twice
         if [L for L in lengths if L < 2 * key_len]:
