@@ -7,10 +7,9 @@
 One process, one run of ``midtrain.loop.train``: the default recipe's ``midtrain`` phase (32 x 128
 tokens per step, 2 micro-batches) for ``--steps`` steps, then its ``long_context`` phase (8 x 256,
 2 micro-batches, RoPE base 40000) for ``--steps`` steps with ``[monitor.retrieval]`` as the loop
-builds it (6 keys, 6 depths 16..248 at 256 tokens: one forward of 72 sequences) on every 2nd step, so
+builds it (4 keys, 6 depths 16..248 at 256 tokens: one forward of 48 sequences) on every 2nd step, so
 probes and steps interleave under the same load. Other hooks are off. From the run: the median step of
-each phase (``perf/step_time_s`` of the steps without a probe: a probe at a step's start is inside
-its step time) and the median probe
+each phase (``perf/step_time_s`` of the steps without a probe; the step time excludes the probe) and the median probe
 (``retrieval/probe_time_s``). Printed:
 
 - probe / one long-context step;
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diagnostics.runs import load_run  # noqa: E402
+from hooks.retrieval import RetrievalProbe  # noqa: E402
 from midtrain.config import default_config  # noqa: E402
 from midtrain.data import default_corpus  # noqa: E402
 from midtrain.distributed import resolve_device  # noqa: E402
@@ -54,11 +55,12 @@ def measure(cfg, corpus, steps: int) -> tuple[dict[str, float], float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         train(c, str(Path(tmp) / "run"), corpus=corpus, progress=False, strict_hooks=True)
         m = load_run(Path(tmp) / "run").metrics
-    # perf/step_time_s of a probed step includes the probe (it runs at the step's start): steps without one
+    # steps without a probe (the step time excludes it; they are also the steps a run without the probe has)
     plain = m[m["retrieval/probe_time_s"].isna()]
     step_s = {name: float(g["perf/step_time_s"].iloc[1:].median()) for name, g in plain.groupby("train/phase")}
     probes = m["retrieval/probe_time_s"].dropna()
-    n_seq = 2 * 6 * 6  # planted + unplanted, 6 depths, 6 keys (the builder's defaults at 256 tokens)
+    defaults = inspect.signature(RetrievalProbe).parameters
+    n_seq = 2 * defaults["n_depths"].default * defaults["n_keys"].default  # planted + unplanted, depths x keys
     return step_s, float(probes.iloc[1:].median() if len(probes) > 1 else probes.median()), n_seq
 
 

@@ -411,8 +411,8 @@ def _train(cfg: TrainConfig, out_dir: str, *, resume: bool, parent: str | None, 
                 model.set_rope(phase.rope_base, phase.rope_scaling)  # None keeps the model's current one
                 micro_global, flops_tok = phase.batch_size // phase.grad_accum, model.flops_per_token(phase.seq_len)
 
-            speed.step_begin()  # step time excludes evaluation
-            monitor.on_step_begin(step)
+            monitor.on_step_begin(step)  # probes that measure before the update (retrieval) run here
+            speed.step_begin()  # step time excludes evaluation and those probes
             lr = cfg.lr_at(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
