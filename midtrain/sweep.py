@@ -90,7 +90,7 @@ def _branch_config(cfg: TrainConfig, step: int, batch: int, lr_scaling: str = "s
                    lr_multiplier: float = 1.0) -> TrainConfig:
     starts = cfg.phase_starts()
     pi, phase, t = cfg.phase_at(step)
-    d = cfg.to_dict()
+    d = {**cfg.to_dict(), "checkpoint_steps": []}   # the parent's probe checkpoints: none in a branch
     lr_factor(batch, batch, lr_scaling)   # an unknown scaling is a ConfigError
     for i, p in enumerate(cfg.phases):
         if i < pi or p.seq_len != phase.seq_len:
@@ -351,7 +351,7 @@ def plan_rope_sweep(parent: str, step: int, choices: list[RopeChoice], *, tokens
             raise ConfigError(f"--rope {c.name} and {seen[key]} are the same choice; drop one. Nothing was written.")
         seen[key] = c.name
         out = _new_dir(os.path.join(prefix, f"rope-{c.name}"))
-        d = cfg.to_dict()
+        d = {**cfg.to_dict(), "checkpoint_steps": []}   # the parent's probe checkpoints: none in a branch
         for q in d["phases"][pi:]:
             q["rope_base"], q["rope_scaling"] = base, dict(table)
         bcfg, n, until, used = _fit_budget(TrainConfig.from_dict(d), step, tokens, evals, f"branch {c.name}")

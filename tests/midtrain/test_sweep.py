@@ -30,6 +30,15 @@ def test_branch_config_keeps_tokens():
         parse_batch_sizes("8,x")
 
 
+def test_branch_config_of_a_parent_with_probe_checkpoints():
+    """A parent kept checkpoints at chosen steps (checkpoint_steps, for anneal/switch probes); a larger batch
+    shortens the branch's schedule, and the parent's late checkpoint step was refused as past its end."""
+    cfg = micro_config(steps=(8, 6, 4))
+    cfg.checkpoint_steps = [16]
+    b = _branch_config(cfg, 4, 16)   # batch 8 -> 16: the schedule ends before step 16
+    assert b.total_steps() < 16 and b.checkpoint_steps == []
+
+
 def test_lr_scaling_is_exact():
     cfg = micro_config(steps=(8, 6, 4))
     for b, k in ((32, 4), (2, 0.25), (8, 1)):
