@@ -386,6 +386,12 @@ class TrainConfig:
             if name not in names:
                 raise ConfigError(f"patch: no phase {name!r} in this config (phases: {names}).")
             d["phases"][names.index(name)].update(changes)
+        total = TrainConfig.from_dict({**d, "checkpoint_steps": []}).total_steps()
+        past = sorted(s for s in d.get("checkpoint_steps") or [] if isinstance(s, int) and s > total)
+        if past:   # a shorter schedule (a larger batch): kept probe checkpoints past its end mean nothing there
+            warnings.warn(f"patch: checkpoint_steps {past} are past the patched schedule's last step {total}; "
+                          "dropped.", UserWarning, stacklevel=2)
+            d["checkpoint_steps"] = [s for s in d["checkpoint_steps"] if s not in past]
         return TrainConfig.from_dict(d)
 
     def wandb_enabled(self) -> bool:

@@ -117,3 +117,20 @@ def test_bad_toml_file(tmp_path):
         load_toml(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_patch_that_shortens_the_schedule_drops_checkpoint_steps_past_its_end():
+    """midtrain recommend --write-config on a run that kept probe checkpoints (checkpoint_steps): the batch and
+    long_context recommendations shorten phases, and the patched config was refused ('past the run's last
+    step')."""
+    import warnings
+
+    cfg = default_config()
+    cfg.checkpoint_steps = [100, 360]
+    with pytest.warns(UserWarning, match=r"checkpoint_steps \[360\] are past"):
+        c = cfg.with_patch({"phases": {"midtrain": {"batch_size": 24, "grad_accum": 3, "steps": 80},
+                                       "long_context": {"steps": 30}}})
+    assert c.total_steps() == 350 and c.checkpoint_steps == [100]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfg.with_patch({"phases": {"midtrain": {"lr": 1e-3}}}).checkpoint_steps == [100, 360]
