@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diagnostics.stats import ols_slope
 from midtrain import data as data_mod
 from midtrain.config import TrainConfig
 
@@ -94,6 +95,11 @@ def position_sums(model, batches: list, device, autocast) -> tuple[np.ndarray, n
     return tot, cnt
 
 
+def _mean_loss(s: np.ndarray, c: np.ndarray) -> float:
+    """Token-weighted mean loss from per-position loss sums and token counts (0 tokens: 0)."""
+    return float(s.sum()) / max(1.0, float(c.sum()))
+
+
 @torch.no_grad()
 def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
     """Token-weighted mean val loss per domain: ``{"val/<domain>/loss": float}``."""
@@ -102,8 +108,7 @@ def evaluate(model, val: dict[str, list], device, autocast) -> dict[str, float]:
     try:
         out = {}
         for name, batches in val.items():
-            s, c = position_sums(model, batches, device, autocast)
-            out[f"val/{name}/loss"] = float(s.sum()) / max(1.0, float(c.sum()))
+            out[f"val/{name}/loss"] = _mean_loss(*position_sums(model, batches, device, autocast))
     finally:
         model.train(was_training)
     return out
@@ -125,14 +130,14 @@ def position_summary(L: int, l0: int, sums: dict[str, tuple[np.ndarray, np.ndarr
     bucket_end, loss, tokens, loss_<domain>)."""
     out: dict[str, float] = {}
     for name, (s, c) in sums.items():
-        out[f"val_len/{L}/{name}/loss"] = float(s.sum()) / max(1.0, float(c.sum()))
+        out[f"val_len/{L}/{name}/loss"] = _mean_loss(s, c)
     out[f"val_len/{L}/loss"] = float(np.mean([out[f"val_len/{L}/{n}/loss"] for n in sums]))
     S = np.sum([s for s, _ in sums.values()], axis=0)
     C = np.sum([c for _, c in sums.values()], axis=0)
     near = min(l0, L)
-    out[f"val_pos/{L}/near_loss"] = float(S[:near].sum() / max(1.0, C[:near].sum()))
+    out[f"val_pos/{L}/near_loss"] = _mean_loss(S[:near], C[:near])
     if L > l0:
-        out[f"val_pos/{L}/far_loss"] = float(S[l0:].sum() / max(1.0, C[l0:].sum()))
+        out[f"val_pos/{L}/far_loss"] = _mean_loss(S[l0:], C[l0:])
         out[f"val_pos/{L}/gap"] = out[f"val_pos/{L}/far_loss"] - out[f"val_pos/{L}/near_loss"]
     edges = bucket_edges(L, n_buckets)
     start, end = edges[:-1], edges[1:]
@@ -144,9 +149,7 @@ def position_summary(L: int, l0: int, sums: dict[str, tuple[np.ndarray, np.ndarr
         arrays[f"loss_{name}"] = np.where(dc > 0, ds / np.maximum(dc, 1.0), np.nan)
     ok = np.isfinite(loss)
     if ok.sum() >= 2:
-        x = np.log2((start + end + 1) / 2.0)[ok]
-        y = loss[ok]
-        out[f"val_pos/{L}/slope"] = float(np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2))
+        out[f"val_pos/{L}/slope"] = ols_slope(np.log2((start + end + 1) / 2.0)[ok], loss[ok])[0]
     return out, arrays
 
 
@@ -181,7 +184,7 @@ class Evaluator:
         model.eval()
         try:
             at_l0 = {d: position_sums(model, b, device, autocast) for d, b in self.val.items()}
-            out = {f"val/{d}/loss": float(s.sum()) / max(1.0, float(c.sum())) for d, (s, c) in at_l0.items()}
+            out = {f"val/{d}/loss": _mean_loss(s, c) for d, (s, c) in at_l0.items()}
             for L, sums in [(self.l0, at_l0)] + [
                     (L, {d: position_sums(model, b, device, autocast) for d, b in sets.items()})
                     for L, sets in self.longer.items()]:
