@@ -10,14 +10,12 @@ Every line carries its metric name as ``gid`` (overlays: ``"<run name>:<metric>"
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from diagnostics import plots
-from diagnostics.plots import MissingMetricError
+from diagnostics.plots import MissingMetricError, _line, _pattern_re, _requires  # the figures' shared helpers
 
 __all__ = ["metric_columns", "phase_timeline", "gns_domains", "information_plane", "data_map", "lr_schedule",
            "compare_loss", "compare_gns", "compare_lr", "DATA_MAP_ARRAY"]
@@ -26,16 +24,9 @@ DATA_MAP_ARRAY = "difficulty_examples"   # the DifficultyTracker's per-example t
 _REGIONS = ("easy", "ambiguous", "hard")  # diagnostics.difficulty.REGIONS, the codes 0, 1, 2 of its "region"
 
 
-def _requires(*patterns):
-    def deco(fn):
-        fn.requires = patterns
-        return fn
-    return deco
-
-
 def metric_columns(df: pd.DataFrame, pattern: str) -> list[str]:
     """Columns of ``df`` matching ``pattern`` (``*`` is one name segment) with at least one finite value."""
-    rx = re.compile("^" + "/".join("[^/]+" if p == "*" else re.escape(p) for p in pattern.split("/")) + "$")
+    rx = _pattern_re(pattern)
     out = []
     for c in df.columns:
         if rx.match(c) and np.isfinite(pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float)).any():
@@ -53,12 +44,6 @@ def _need(run, pattern: str, figure: str, writer: str) -> list[str]:
 def _series(run, col: str) -> pd.Series:
     s = pd.to_numeric(run.metrics.set_index("step")[col], errors="coerce")
     return s[np.isfinite(s.to_numpy(dtype=float))]
-
-
-def _line(ax, s: pd.Series, gid: str, **kw):
-    (line,) = ax.plot(s.index.to_numpy(), s.to_numpy(dtype=float), **kw)
-    line.set_gid(gid)
-    return line
 
 
 def _fig(nrows: int = 1, ncols: int = 1, width: float = 7.0, height: float = 4.0, **kw):
