@@ -12,7 +12,8 @@
   (``DifficultyTracker``, ``RepresentationProbe``);
 - ``check_domains`` / ``domain_indices``: the ``domains=`` of ``on_backward_end``, one per example,
   integer indices or names (``Monitor.on_backward_end`` checks it, the framework adapters too; each
-  hook that groups by domain maps it through its own ``domain_names``).
+  hook that groups by domain maps it through its own ``domain_names``);
+- ``norm_dtype``: the dtype gradient norms are taken in (``GradientNoiseScale``, ``hooks._distributed``).
 """
 
 from __future__ import annotations
@@ -165,3 +166,9 @@ def domain_name(names: list[str], i: int) -> str:
     while i >= len(names):
         names.append(f"domain{len(names)}")
     return names[i]
+
+
+def norm_dtype(grads) -> torch.dtype:
+    """The dtype to take gradient norms in: float32 (also for bf16/fp16 gradients), float64 when a gradient
+    is float64 (a norm may not narrow its input's dtype); callers keep the norms in float32."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32

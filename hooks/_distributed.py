@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from hooks._common import norm_dtype
+
 
 def is_sharded(model) -> bool:
     """True when ``model`` or one of its modules is an FSDP2 module (``fully_shard``)."""
@@ -37,8 +39,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def local_sq_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Squared norms (float32) of this rank's part of each gradient: a DTensor's local shard."""
     locs = [_local(g) for g in grads]
-    return [torch.linalg.vector_norm(g, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-            .float().square() for g in locs]
+    return [torch.linalg.vector_norm(g, dtype=norm_dtype([g])).float().square() for g in locs]
 
 
 def reduce_small_big(small: torch.Tensor, big: torch.Tensor, world: int, sharded: bool, group=None):

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from diagnostics.gns import GNSTracker, two_batch_estimates
-from hooks._common import unwrap_ddp, warn_once
+from hooks._common import norm_dtype, unwrap_ddp, warn_once
 from hooks._distributed import UnshardedGradHooks, is_sharded, local_sq_norms, reduce_small_big
 from hooks._gradient_noise_domains import _DomainGNS
 from hooks._gradient_noise_parts import _PerExample, _group_fn
@@ -301,7 +301,7 @@ class GradientNoiseScale(Hook):
         if self._armed and self._comm_enabled:
             try:  # the all-reduce below must happen whatever goes wrong here
                 grads = bucket.gradients()
-                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=_norm_dtype(grads))]
+                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=norm_dtype(grads))]
                 for p, n in zip(bucket.parameters(), norms):
                     i = self._index.get(id(p))
                     if i is not None:
@@ -560,10 +560,10 @@ class GradientNoiseScale(Hook):
             sq = torch.stack([n.to(self._device) for n in local_sq_norms(grads)])
         else:
             try:
-                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=_norm_dtype(grads))]
+                norms = [n.float() for n in torch._foreach_norm(grads, 2, dtype=norm_dtype(grads))]
             except (RuntimeError, TypeError, AttributeError):   # sparse grads, old torch
                 norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g,
-                                                  dtype=_norm_dtype([g])).float() for g in grads]
+                                                  dtype=norm_dtype([g])).float() for g in grads]
             if self._multi_device:
                 norms = [n.to(self._device) for n in norms]
             sq = torch.stack(norms).square()
@@ -629,9 +629,3 @@ class GradientNoiseScale(Hook):
                 self._pe.detach()
             elif self._pe is not None and self._armed and self._want_pe and not self._pe.attached:
                 self._pe.attach()
-
-
-def _norm_dtype(grads) -> torch.dtype:
-    """The dtype to take gradient norms in: float32 (also for bf16/fp16 gradients), float64 when a gradient
-    is float64 (a norm may not narrow its input's dtype); the norms are then kept in float32."""
-    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
