@@ -279,12 +279,14 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from midtrain.probes import parse_seeds
     from midtrain.sweep import parse_batch_sizes, parse_lr_grid, plan_sweep, run_sweep
 
-    if args.seeds is not None and not (args.anneal_at or args.switch_at or args.mixtures):
+    if args.seeds is not None and not (args.anneal_at or args.switch_at or args.mixtures or args.batch_sizes):
         from midtrain.config import ConfigError
 
-        raise ConfigError("--seeds replicates probes: it goes with --anneal-at / --switch-at / --mixtures.")
+        raise ConfigError("--seeds replicates probes or batch branches: it goes with --anneal-at / --switch-at / "
+                          "--mixtures / --batch-sizes.")
     if args.rope:
         return _sweep_rope(args)
     if args.anneal_at or args.switch_at or args.mixtures:
@@ -297,7 +299,8 @@ def cmd_sweep(args) -> int:
         raise ConfigError("midtrain sweep needs --step and --batch-sizes, or --anneal-at / --switch-at / --mixtures.")
     plans = plan_sweep(args.run_dir, args.step, parse_batch_sizes(args.batch_sizes), tokens=args.tokens,
                        steps=args.steps, phase=args.phase, out_prefix=args.out_prefix, evals=args.evals,
-                       lr_scaling=args.lr_scaling, lr_grid=parse_lr_grid(args.lr_grid))
+                       lr_scaling=args.lr_scaling, lr_grid=parse_lr_grid(args.lr_grid),
+                       seeds=parse_seeds(args.seeds))
     for p in plans:
         lr = p.config.phase_at(args.step)[1].lr
         print(f"branch {os.path.basename(p.out)}: {p.steps} steps after step {args.step} ({p.tokens} tokens), "
@@ -462,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "LR schedule unchanged")
     w.add_argument("--mixtures", nargs="+", metavar="NAME=w1,w2", help="switch probes with candidate mixtures "
                    "(weights in the order of the next phase's domains, or domain:w pairs)")
-    w.add_argument("--seeds", metavar="K1,K2", help="probes: run each once per seed K (the run's seed + K) into "
-                   "<probe>-seed<K>; the replicates' spread is the seed noise of data_switch, mixture and lr_decay")
+    w.add_argument("--seeds", metavar="K1,K2", help="probes and batch branches: run each once per seed K (the run's "
+                   "seed + K) into <branch>-seed<K>; the replicates' spread is the seed noise of data_switch, "
+                   "mixture, lr_decay and the equal-token batch comparison")
     w.add_argument("--rope", nargs="+", metavar="NAME=SPEC", help="RoPE branches from --step, one per NAME "
                    "(OUT_PREFIX/rope-NAME), the phases from --step on set to SPEC: base:B, none, pi:S, ntk:S, yarn:S, "
                    "yarn:S:L or base:B+METHOD, e.g. base1e3=base:1000 yarn2=yarn:2 (docs/recommendations.md)")

@@ -45,6 +45,7 @@ class BranchPlan:
     steps: int                  # optimizer steps after the branch point
     tokens: int                 # tokens those steps see
     lr_multiplier: float = 1.0  # the grid multiplier on top of the LR scaling
+    seed: int = 0               # added to the parent's seed (a replicate when not 0)
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -121,7 +122,8 @@ def _eval_every(step: int, n: int, evals: int) -> int:
 
 def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | None = None,
                steps: int | None = None, phase: str | None = None, out_prefix: str | None = None,
-               evals: int = 20, lr_scaling: str = "sqrt", lr_grid: list[float] | None = None) -> list[BranchPlan]:
+               evals: int = 20, lr_scaling: str = "sqrt", lr_grid: list[float] | None = None,
+               seeds: list[int] | None = None) -> list[BranchPlan]:
     """Check everything and plan the branches; writes nothing. Raises ConfigError / RunDirError.
 
     tokens: tokens each branch trains after ``step``; steps: the tokens the PARENT spends in that many
@@ -129,6 +131,9 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     (default: the phase containing ``step``).
     lr_scaling: ``"sqrt"`` (default) scales each changed phase's LR by sqrt(B / its batch); ``"none"``
     keeps the parent's. lr_grid: LR multipliers on top (one branch per batch and multiplier).
+    seeds: replicates (``--seeds 0,1``): each branch once per K, its config's seed the parent's + K (the data
+    order after S changes; the model starts from the checkpoint), into ``<name>-seed<K>``; their spread is
+    the seed noise of the equal-token comparison (docs/recommendations.md, "Critical batch size").
     """
     _check_budget(tokens, steps, evals)
     if len(batch_sizes) < 2 or len(set(batch_sizes)) != len(batch_sizes) or min(batch_sizes) <= 0:
@@ -143,7 +148,9 @@ def plan_sweep(parent: str, step: int, batch_sizes: list[int], *, tokens: int | 
     for b in sorted(batch_sizes):
         for m in grid:
             name = f"bs{b}" if len(grid) == 1 else f"bs{b}-lr{m:g}"
-            plans.append(_plan_branch(cfg, step, b, tokens, evals, os.path.join(prefix, name), lr_scaling, m))
+            for k in (seeds if seeds is not None else [None]):
+                out = os.path.join(prefix, name if k is None else f"{name}-seed{k}")
+                plans.append(_plan_branch(cfg, step, b, tokens, evals, out, lr_scaling, m, k or 0))
     return plans
 
 
@@ -191,13 +198,16 @@ def _new_dir(out: str) -> str:
 
 
 def _plan_branch(cfg: TrainConfig, step: int, b: int, tokens: int, evals: int, out: str, lr_scaling: str,
-                 m: float) -> BranchPlan:
-    """One branch at batch ``b`` and LR multiplier ``m``: checked and planned, nothing written."""
+                 m: float, seed: int = 0) -> BranchPlan:
+    """One branch at batch ``b``, LR multiplier ``m`` and the parent's seed + ``seed``: checked and planned,
+    nothing written."""
     _new_dir(out)
     bcfg = _branch_config(cfg, step, b, lr_scaling, m)
+    if seed:
+        bcfg = TrainConfig.from_dict({**bcfg.to_dict(), "seed": bcfg.seed + seed})
     bcfg, n, until, seen = _fit_budget(bcfg, step, tokens, evals, f"at batch {b} the branch")
     return BranchPlan(batch_size=b, out=out, config=bcfg, until_step=until, steps=n, tokens=seen,
-                      lr_multiplier=m)
+                      lr_multiplier=m, seed=seed)
 
 
 def _fit_budget(bcfg: TrainConfig, step: int, tokens: int, evals: int,

@@ -8,6 +8,8 @@
     _batch_size      ``batch_size_recommendation``: the batch size the gradient noise scale points to
     _lr_decay        ``lr_decay_recommendation``: when to start the LR decay, from the annealing law
     _critical_batch  ``critical_batch_recommendation``: B_crit from branches at several batch sizes
+    _equal_tokens    ``equal_tokens_recommendation``: the largest batch of a sweep within noise of the best
+                     at equal tokens (Merrill et al.'s critical batch)
     _batch_choice    ``combined_batch_recommendation``: one batch answer from the noise scale and the
                      branches, saying which it follows and why
     _batch_schedule  ``batch_schedule_recommendation``: a batch-size ramp from the noise scale's growth
@@ -42,6 +44,8 @@ from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Re
                                            lr_factor, rescale_phase, skipped_steps)
 from diagnostics.recommend._data_switch import SwitchTable, data_switch_recommendation, switch_candidates, switch_table
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
+from diagnostics.recommend._equal_tokens import (equal_tokens_recommendation, equal_tokens_table,
+                                                 token_efficient_batch)
 from diagnostics.recommend._long_context import long_context_recommendation, rope_base_bound, rope_bound_holds
 from diagnostics.recommend._lr_decay import candidate_decays, lr_decay_recommendation
 from diagnostics.recommend._mixture import candidate_mixtures, mixture_recommendation
@@ -58,4 +62,5 @@ __all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPE
            "ProbeInputError", "branch_kind", "anneal_phase_index", "schedule_of", "switch_phase_index",
            "data_switch_recommendation", "switch_candidates", "recommend_run", "sort_branches",
            "long_context_recommendation", "rope_base_bound", "rope_bound_holds",
-           "switch_table", "SwitchTable", "mixture_recommendation", "candidate_mixtures", "replicate_seed", "mixture_key"]
+           "switch_table", "SwitchTable", "equal_tokens_recommendation", "equal_tokens_table",
+           "token_efficient_batch", "mixture_recommendation", "candidate_mixtures", "replicate_seed", "mixture_key"]

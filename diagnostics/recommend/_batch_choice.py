@@ -4,6 +4,13 @@
 
 The rule, in order:
 
+0. Branches compared at equal tokens (``equal_tokens_recommendation``: the largest swept batch whose final
+   loss is within noise of the best, Merrill et al.'s critical batch) are followed first: every branch of
+   a sweep trains the same tokens, so this is the question "how large can the batch be without losing loss
+   for my token budget" answered by measurement. McCandlish et al.'s B_crit (below) is quoted beside it: it
+   balances steps against tokens (at B_crit a run needs twice the minimal steps and twice the minimal
+   tokens), so it is the answer when steps (wall-clock) matter more than tokens, and is worse at equal
+   tokens by construction.
 1. Branches that give a critical batch are followed: they measured the validation loss itself at
    each batch size, while the noise scale is a model of it, and under Adam B_simple is known to sit
    far below the empirical critical batch (Merrill et al. 2025, arXiv 2505.23971). When both describe
@@ -54,13 +61,17 @@ def _branch_patch(run, value: int, step: int | None) -> tuple[dict, int | None]:
     return {"phases": phases}, accum
 
 
-def combined_batch_recommendation(run, gns: Recommendation | str, branches: Recommendation | str
-                                  ) -> Recommendation:
+def combined_batch_recommendation(run, gns: Recommendation | str, branches: Recommendation | str,
+                                  equal: Recommendation | str | None = None) -> Recommendation:
     """The one ``batch_size`` recommendation when branches were given (module docstring: the rule).
 
     gns: the noise-scale recommendation, or why it is not available; branches: the critical-batch
-    recommendation, or why it is not available. run: the parent (its config builds the patch).
+    recommendation (McCandlish B_crit), or why it is not available; equal: the equal-token comparison of the
+    same branches (``equal_tokens_recommendation``), or why not, or None. run: the parent (its config builds
+    the patch).
     """
+    if isinstance(equal, Recommendation):
+        return _follow_equal_tokens(run, gns, branches, equal)
     if isinstance(gns, str) and isinstance(branches, str):
         raise RecommendationError(f"no batch-size evidence: gradient noise scale: {gns}; branches: {branches}")
     if isinstance(branches, str):
@@ -110,3 +121,55 @@ def combined_batch_recommendation(run, gns: Recommendation | str, branches: Reco
         would_change=branches.would_change + ["a sweep at a later checkpoint (the critical batch grows as the "
                                               "loss falls): see batch_schedule"],
         patch=patch, check=check, branch_step=branches.branch_step if patch else None)
+
+
+def _gns_note(gns: Recommendation | str, where: str, rec: Recommendation) -> tuple[str, dict]:
+    """How the noise scale relates to a branch-based answer for ``where``: (text, evidence)."""
+    if isinstance(gns, str):
+        return f"the gradient noise scale is not available ({gns})", {}
+    same = (gns.evidence.get("phase"), gns.evidence.get("seq_len")) == (rec.evidence.get("phase"),
+                                                                          rec.evidence.get("seq_len"))
+    ratio = rec.value / gns.estimate if gns.estimate > 0 else math.nan
+    text = (f"the noise scale, measured in the same phase, gives B_simple {_fmt(gns.estimate)} ({_fmt(ratio)}x "
+            f"below this answer; {MERRILL})" if same else
+            f"the noise scale was measured in {_where(gns)} and points to {_fmt(gns.value)} sequences there, a "
+            f"lower bound ({MERRILL}); it does not apply to {where}: check it with `midtrain sweep RUN --step S "
+            "--batch-sizes ... --seeds 0,1` from a checkpoint in that phase")
+    return text, {"gradient noise scale": f"{_fmt(gns.value)} sequences (B_simple {_fmt(gns.estimate)}) for "
+                                          f"{_where(gns)}"}
+
+
+def _follow_equal_tokens(run, gns, branches, equal: Recommendation) -> Recommendation:
+    """Rule 0: the largest batch within noise of the best at equal tokens."""
+    where = _where(equal)
+    value = int(equal.value)
+    note, extra = _gns_note(gns, where, equal)
+    if isinstance(branches, Recommendation):
+        bc = (f"McCandlish et al.'s B_crit from the same branches is {_fmt(branches.estimate)} sequences: the batch "
+              "that balances steps against tokens (twice the minimal steps and tokens), worth it when steps "
+              "cost more than tokens, worse at equal tokens by construction")
+        extra["B_crit (steps vs tokens)"] = (f"{_fmt(branches.estimate)} sequences, range {_fmt(branches.low)}-"
+                                             f"{_fmt(branches.high)}")
+    else:
+        bc = f"McCandlish et al.'s B_crit is not available from these branches ({branches[:120]})"
+    why = (f"the branches trained equal tokens and measured the loss itself: {value} is the largest swept batch "
+           f"within noise of the best there (Merrill et al.'s critical batch). {bc}. And {note}")
+    patch, _ = _branch_patch(run, value, equal.branch_step)
+    evidence = {"phase": equal.evidence.get("phase"), "seq_len": equal.evidence.get("seq_len"),
+                "follows": "the branches at equal tokens", "why": why, **extra}
+    evidence.update({k: v for k, v in equal.evidence.items() if k not in evidence})
+    check = ""
+    if patch:
+        check = ("midtrain recommend RUN --branches ... --write-config rec.toml, then midtrain train --from RUN "
+                 f"--step {equal.branch_step} --config rec.toml --out RUN-bs{value} (another seed: --seed): at "
+                 "equal tokens it should end within seed noise of the best branch of the sweep")
+    return Recommendation(
+        name="batch_size", value=float(value), unit="sequences per optimizer step", low=equal.low, high=equal.high,
+        level=equal.level, estimate=equal.estimate,
+        summary=f"follows the branches at equal tokens: {value} sequences for {where}. Why: {why}.",
+        evidence=evidence,
+        assumptions=equal.assumptions + [
+            "the patch runs the batch from the branch point with the same tokens per phase and the LR x sqrt(k) "
+            "(the sweep's rule): it is the branch the sweep trained at this batch"],
+        would_change=equal.would_change + ["steps (wall-clock) that cost more than tokens: then B_crit"],
+        patch=patch, check=check, branch_step=equal.branch_step if patch else None)

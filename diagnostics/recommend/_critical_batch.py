@@ -13,7 +13,8 @@ evaluation there, else the parent's.
 
 A sweep with an LR grid (``midtrain sweep --lr-grid``) has several branches per batch size; the fit
 keeps, per batch, the one with the lowest final validation loss (all branches of a sweep train the
-same tokens), and the evidence names each branch's LR relative to the parent's.
+same tokens), and the evidence names each branch's LR relative to the parent's. Replicates (``--seeds``:
+same batch and LR, another seed) are averaged into one curve first.
 """
 
 from __future__ import annotations
@@ -98,18 +99,37 @@ def _phase_lr(run, step: int) -> float | None:
     return None
 
 
-def _best_per_batch(curves, runs, parent_run):
-    """Per batch size the branch with the lowest final validation loss; (kept curves, notes per batch)."""
-    groups: dict[int, list] = {}
+def _mean_replicates(curves, runs, parent_run):
+    """Replicates (same batch and LR, another seed: ``midtrain sweep --seeds``) averaged into one curve per
+    (batch, LR multiplier) where their evaluation steps agree; [(curve, LR multiplier, label, count)]."""
+    groups: dict = {}
     for c, r in zip(curves, runs):
         lr, plr = _phase_lr(r, c[1]), _phase_lr(parent_run, c[1]) if parent_run is not None else None
         mult = lr / plr if lr and plr else math.nan
-        groups.setdefault(c[0], []).append((float(c[3][-1]), mult, getattr(r, "path", "?"), c))
+        groups.setdefault((c[0], "n/a" if math.isnan(mult) else round(mult, 9)), []).append(
+            (c, mult, str(getattr(r, "path", "?"))))
+    out = []
+    for members in groups.values():
+        c0, mult, label = members[0]
+        same = [m for m in members if len(m[0][2]) == len(c0[2]) and np.array_equal(m[0][2], c0[2])]
+        loss = np.mean([m[0][3] for m in same], axis=0)
+        out.append(((c0[0], c0[1], c0[2], loss), mult, label if len(same) == 1 else f"{label} (mean of {len(same)})",
+                    len(same)))
+    return out
+
+
+def _best_per_batch(curves, runs, parent_run):
+    """Per batch size the (replicate-averaged) branch with the lowest final validation loss; (kept curves,
+    notes per batch)."""
+    groups: dict[int, list] = {}
+    for c, mult, label, n in _mean_replicates(curves, runs, parent_run):
+        groups.setdefault(c[0], []).append((float(c[3][-1]), mult, label, c, n))
     kept, notes = [], {}
     for b in sorted(groups):
         g = sorted(groups[b], key=lambda x: x[0])
         kept.append(g[0][3])
-        lrs = ", ".join(("LR x n/a" if math.isnan(m) else f"LR x {m:.3g}") + f" -> {fl:.4g}" for fl, m, _, _ in g)
+        lrs = ", ".join(("LR x n/a" if math.isnan(m) else f"LR x {m:.3g}") + f" -> {fl:.4g}"
+                        + (f" (mean of {n} seeds)" if n > 1 else "") for fl, m, _, _, n in g)
         notes[b] = (g[0][1], f"final validation loss {lrs}" + (f"; kept {g[0][2]}" if len(g) > 1 else ""))
     return kept, notes
 

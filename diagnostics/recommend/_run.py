@@ -19,6 +19,7 @@ from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import Recommendation, RecommendationError
 from diagnostics.recommend._critical_batch import critical_batch_recommendation
 from diagnostics.recommend._data_switch import data_switch_recommendation
+from diagnostics.recommend._equal_tokens import equal_tokens_recommendation
 from diagnostics.recommend._long_context import long_context_recommendation
 from diagnostics.recommend._lr_decay import lr_decay_recommendation
 from diagnostics.recommend._mixture import mixture_recommendation
@@ -48,7 +49,8 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
     else the anneal start for a budget from the run and its anneal probes, ``anneal_recommendation``),
     ``batch_schedule``, ``data_switch`` (the step, from switch probes), ``mixture`` (the switched-to phase's
     mixture, from mixture probes), ``long_context`` (the long phase's length and the RoPE base bound, from
-    the loss by position) and, with batch-size branches, ``critical_batch_size``. Branches that
+    the loss by position) and, with batch-size branches, ``critical_batch_size`` (McCandlish B_crit) and
+    ``equal_tokens_batch`` (the largest batch within noise of the best at equal tokens). Branches that
     repeat the run's schedule with another seed (kind ``same``) are replicates of the run: the switch and
     anneal recommendations count them with the run. One that cannot be made is in ``not_available`` with the reason (a
     RecommendationError's message); bad input (a foreign branch, a budget that does not fit) raises
@@ -71,6 +73,8 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
     if kinds["batch"]:
         makers["critical_batch_size"] = lambda: critical_batch_recommendation(run, kinds["batch"], target=target,
                                                                               domain=domain)
+        makers["equal_tokens_batch"] = lambda: equal_tokens_recommendation(run, kinds["batch"], domain=domain,
+                                                                           level=level)
     recs: list[Recommendation] = []
     unavailable: dict[str, str] = {}
     for name, make in makers.items():  # one that cannot be made is reported; the others are still made
@@ -84,7 +88,7 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
         by = {r.name: r for r in recs}
         try:
             one = combined_batch_recommendation(run, *(by.get(n) or unavailable[n] for n in
-                                                       ("batch_size", "critical_batch_size")))
+                                                       ("batch_size", "critical_batch_size", "equal_tokens_batch")))
             recs = [r for r in recs if r.name != "batch_size"]
             recs.insert(0, one)
             unavailable.pop("batch_size", None)

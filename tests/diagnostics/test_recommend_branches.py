@@ -112,3 +112,18 @@ def test_lr_grid_keeps_the_best_branch_per_batch():
         br.config["phases"][0]["lr"] = 1e-3
     rec = critical_batch_recommendation(parent, unfair)
     assert any("kept the parent's LR" in a for a in rec.assumptions)
+
+
+def test_replicates_are_averaged_before_the_fit():
+    """Replicates (midtrain sweep --seeds) at +-0.05 around the exact curve average back to it: B_crit exact;
+    the minimum over seeds (what keeping the best branch per batch would do) would not be."""
+    reps = []
+    for b in (4, 8, 16, 32, 64):
+        for sign, seed in ((1, 0), (-1, 1)):
+            br = fake_branch(b, 40.0, 24.0)
+            br.metrics.loc[1:, ["val/d0/loss", "val/d1/loss"]] += sign * 0.05
+            br.config["seed"] = seed
+            reps.append(br)
+    rec = critical_batch_recommendation(None, reps, target=3.0)
+    assert rec.estimate == pytest.approx(24.0, rel=1e-6)
+    assert "mean of 2" in str(rec.evidence)

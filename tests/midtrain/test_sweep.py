@@ -101,6 +101,15 @@ def test_sweep_end_to_end(tmp_path, capsys):
     assert [os.path.basename(p.out) for p in grid] == ["bs4-lr0.5", "bs4-lr2", "bs16-lr0.5", "bs16-lr2"]
     assert [p.config.phases[0].lr for p in grid] == pytest.approx(
         [3e-3 * (b / 8) ** 0.5 * m for b in (4, 16) for m in (0.5, 2.0)])
+    # replicates (--seeds): one branch per batch and seed, seed the parent's + K, data order only
+    reps = plan_sweep(parent, 4, [4, 16], seeds=[0, 1], out_prefix=prefix + "s")
+    assert [os.path.basename(p.out) for p in reps] == ["bs4-seed0", "bs4-seed1", "bs16-seed0", "bs16-seed1"]
+    seed = load_run(parent).config["seed"]
+    assert [p.config.seed for p in reps] == [seed, seed + 1] * 2 and [p.seed for p in reps] == [0, 1] * 2
+    assert reps[0].config.to_dict() == {**reps[1].config.to_dict(), "seed": seed}
+    assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--seeds", "0,x",
+                 "--out-prefix", prefix + "s"]) == 2
+    assert not os.path.exists(prefix + "s")
     os.makedirs(os.path.join(tmp_path, "sw2", "bs16"))
     open(os.path.join(tmp_path, "sw2", "bs16", "x"), "w").close()
     assert main(["sweep", parent, "--step", "4", "--batch-sizes", "4,16", "--out-prefix", str(tmp_path / "sw2")]) == 2
@@ -122,6 +131,7 @@ def test_sweep_end_to_end(tmp_path, capsys):
             p0 = batch[0]["patch"]["phases"]["pretrain"]     # the branch the sweep trains at that batch
             assert p0["lr"] == pytest.approx(3e-3 * (p0["batch_size"] / 8) ** 0.5)
     names = [r["name"] for r in doc["recommendations"]] + list(doc["not_available"])
+    assert "equal_tokens_batch" in names
     assert "critical_batch_size" in names   # a fit, or a clear reason on these few noisy steps
     if "critical_batch_size" in doc["not_available"]:
         assert "reached validation loss" in doc["not_available"]["critical_batch_size"]
