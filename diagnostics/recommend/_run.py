@@ -71,10 +71,13 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
         "long_context": lambda: long_context_recommendation(run, level=level),
     }
     if kinds["batch"]:
-        makers["critical_batch_size"] = lambda: critical_batch_recommendation(run, kinds["batch"], target=target,
+        # a sweep's branch at the run's own batch changes nothing but (maybe) the seed: kind "same"; from the
+        # sweep's branch step it is the sweep's point at the run's batch (and a replicate of it with a seed)
+        at = {int((b.parent or {}).get("step", -1)) for b in kinds["batch"]}
+        batch = kinds["batch"] + [b for b in kinds["same"] if int((b.parent or {}).get("step", -1)) in at]
+        makers["critical_batch_size"] = lambda: critical_batch_recommendation(run, batch, target=target,
                                                                               domain=domain)
-        makers["equal_tokens_batch"] = lambda: equal_tokens_recommendation(run, kinds["batch"], domain=domain,
-                                                                           level=level)
+        makers["equal_tokens_batch"] = lambda: equal_tokens_recommendation(run, batch, domain=domain, level=level)
     recs: list[Recommendation] = []
     unavailable: dict[str, str] = {}
     for name, make in makers.items():  # one that cannot be made is reported; the others are still made

@@ -136,4 +136,7 @@ def test_recommend_run_makes_both_entries_and_one_batch_answer():
     recs, why = recommend_run(parent(), runs)
     by = {r.name: r for r in recs}
     assert by["equal_tokens_batch"].value == 32
+    # the sweep's branches at the run's own batch (16, same LR: kind "same") are the sweep's point at 16
+    assert any(k.startswith("batch 16 ") for k in by["equal_tokens_batch"].evidence)
+    assert "batch 16" in by["critical_batch_size"].evidence
     assert by["batch_size"].value == 32 and by["batch_size"].evidence["follows"] == "the branches at equal tokens"
