@@ -134,12 +134,14 @@ def equal_tokens_recommendation(parent_run, branch_runs, *, domain: str | None =
         evidence[f"batch {g['batch']} ({lr})"] = (
             f"{_fmt(g['J'])} (mean of {g['n']}{sd}), {g['J'] - best['J']:+.4f} vs the best"
             + (f" (margin {_fmt(margins[g['batch']])})" if g.get("kept", True) else " (not the best LR of this batch)"))
-    top = max(g["batch"] for g in kept)
+    top, bottom = max(g["batch"] for g in kept), min(g["batch"] for g in kept)
     lower_bound = chosen["batch"] == top
     summary = (f"{chosen['batch']} sequences for {where}: the largest swept batch whose final loss at equal tokens "
                f"is within noise of the best ({_fmt(best['J'])} at batch {best['batch']}; {chosen['batch']}: "
                f"{_fmt(chosen['J'])})" + ("; the largest batch swept, so a lower bound: sweep larger batches"
-                                         if lower_bound else ""))
+                                         if lower_bound else "")
+               + ("; the best is the smallest batch swept, so a smaller one may end lower still: sweep smaller "
+                  "batches to see where the loss stops improving" if best["batch"] == bottom else ""))
     near = [g["batch"] for g in kept if g["J"] <= best["J"] + margins[g["batch"]]]
     return Recommendation(
         name="equal_tokens_batch", value=float(chosen["batch"]), unit="sequences per optimizer step",
@@ -152,6 +154,7 @@ def equal_tokens_recommendation(parent_run, branch_runs, *, domain: str | None =
                      "the range is the swept batches within the margin of the best, not a coverage interval"],
         would_change=["replicate branches (--seeds 0,1) where there are none: they measure the seed noise",
                       "larger batch sizes" if lower_bound else "batch sizes between the swept ones",
+                      *(["smaller batch sizes (the best is the smallest swept)"] if best["batch"] == bottom else []),
                       "a later branch point (the critical batch grows during training)"],
         check=f"midtrain train --from PARENT --step {start} with the batch-{chosen['batch']} branch's config and "
               "another seed: at equal tokens it should end within noise of the best batch",

@@ -75,7 +75,11 @@ def test_the_walk_stops_at_the_first_batch_outside_the_margin():
     # the best batch is the largest swept: a lower bound, and the summary says so
     runs = [branch(b, 3.0 - 0.1 * math.log2(b), seed=s) for b in (8, 16, 32) for s in (0, 1)]
     rec = equal_tokens_recommendation(parent(), runs)
-    assert rec.value == 32 and "lower bound" in rec.summary
+    assert rec.value == 32 and "lower bound" in rec.summary and "smallest" not in rec.summary
+    # the best is the smallest swept: the summary says a smaller batch may be better still
+    runs = [branch(b, 2.0 + 0.1 * math.log2(b), seed=s) for b in (8, 16, 32) for s in (0, 1)]
+    rec = equal_tokens_recommendation(parent(), runs)
+    assert rec.value == 8 and "smallest batch swept" in rec.summary
 
 
 def test_without_replicates_the_scatter_of_the_curves_is_the_noise():
