@@ -100,27 +100,32 @@ def combined_batch_recommendation(run, gns: Recommendation | str, branches: Reco
         extra = {"gradient noise scale": f"{_fmt(gns.value)} sequences (B_simple {_fmt(gns.estimate)}) for "
                                           f"{_where(gns)}", "B_crit / B_simple": ratio}
     value = int(branches.value)
-    patch, _ = _branch_patch(run, value, branches.branch_step)
-    evidence = {"phase": branches.evidence.get("phase"), "seq_len": branches.evidence.get("seq_len"),
-                "follows": "the branches (critical batch)", "why": why,
-                "branches": f"{value} sequences (B_crit {_fmt(branches.estimate)}) for {where_b}", **extra}
-    evidence.update({k: v for k, v in branches.evidence.items() if k not in evidence})
-    check = ""
-    if patch:
-        check = ("midtrain recommend RUN --branches ... --write-config rec.toml, then midtrain train --from RUN "
-                 f"--step {branches.branch_step} --config rec.toml --out RUN-bs{value}: at equal tokens it should "
-                 "end no worse than the best branch of the sweep (within seed noise)")
+    extra["branches"] = f"{value} sequences (B_crit {_fmt(branches.estimate)}) for {where_b}"
+    return _follow(run, branches, value, "the branches (critical batch)", why, extra,
+                   f"follows the branches: {value} sequences for {where_b}",
+                   "end no worse than the best branch of the sweep (within seed noise)",
+                   ["a sweep at a later checkpoint (the critical batch grows as the loss falls): see batch_schedule"])
+
+
+def _follow(run, src: Recommendation, value: int, follows: str, why: str, extra: dict, head: str, expect: str,
+            would_change: list) -> Recommendation:
+    """The ``batch_size`` answer following the branch-based ``src`` at ``value``: its patch is the branch the
+    sweep trained at that batch (``_branch_patch``); ``head`` opens the summary, ``expect`` ends the check."""
+    patch, _ = _branch_patch(run, value, src.branch_step)
+    evidence = {"phase": src.evidence.get("phase"), "seq_len": src.evidence.get("seq_len"), "follows": follows,
+                "why": why, **extra}
+    evidence.update({k: v for k, v in src.evidence.items() if k not in evidence})
+    check = ("midtrain recommend RUN --branches ... --write-config rec.toml, then midtrain train --from RUN "
+             f"--step {src.branch_step} --config rec.toml --out RUN-bs{value}: at equal tokens it should {expect}"
+             if patch else "")
     return Recommendation(
-        name="batch_size", value=float(value), unit="sequences per optimizer step", low=branches.low,
-        high=branches.high, level=branches.level, estimate=branches.estimate,
-        summary=f"follows the branches: {value} sequences for {where_b}. Why: {why}.",
-        evidence=evidence,
-        assumptions=branches.assumptions + [
+        name="batch_size", value=float(value), unit="sequences per optimizer step", low=src.low, high=src.high,
+        level=src.level, estimate=src.estimate, summary=f"{head}. Why: {why}.", evidence=evidence,
+        assumptions=src.assumptions + [
             "the patch runs the batch from the branch point with the same tokens per phase and the LR x sqrt(k) "
             "(the sweep's rule): it is the branch the sweep would train at this batch"],
-        would_change=branches.would_change + ["a sweep at a later checkpoint (the critical batch grows as the "
-                                              "loss falls): see batch_schedule"],
-        patch=patch, check=check, branch_step=branches.branch_step if patch else None)
+        would_change=src.would_change + would_change,
+        patch=patch, check=check, branch_step=src.branch_step if patch else None)
 
 
 def _gns_note(gns: Recommendation | str, where: str, rec: Recommendation) -> tuple[str, dict]:
@@ -154,22 +159,7 @@ def _follow_equal_tokens(run, gns, branches, equal: Recommendation) -> Recommend
         bc = f"McCandlish et al.'s B_crit is not available from these branches ({branches[:120]})"
     why = (f"the branches trained equal tokens and measured the loss itself: {value} is the largest swept batch "
            f"within noise of the best there (Merrill et al.'s critical batch). {bc}. And {note}")
-    patch, _ = _branch_patch(run, value, equal.branch_step)
-    evidence = {"phase": equal.evidence.get("phase"), "seq_len": equal.evidence.get("seq_len"),
-                "follows": "the branches at equal tokens", "why": why, **extra}
-    evidence.update({k: v for k, v in equal.evidence.items() if k not in evidence})
-    check = ""
-    if patch:
-        check = ("midtrain recommend RUN --branches ... --write-config rec.toml, then midtrain train --from RUN "
-                 f"--step {equal.branch_step} --config rec.toml --out RUN-bs{value} (another seed: --seed): at "
-                 "equal tokens it should end within seed noise of the best branch of the sweep")
-    return Recommendation(
-        name="batch_size", value=float(value), unit="sequences per optimizer step", low=equal.low, high=equal.high,
-        level=equal.level, estimate=equal.estimate,
-        summary=f"follows the branches at equal tokens: {value} sequences for {where}. Why: {why}.",
-        evidence=evidence,
-        assumptions=equal.assumptions + [
-            "the patch runs the batch from the branch point with the same tokens per phase and the LR x sqrt(k) "
-            "(the sweep's rule): it is the branch the sweep trained at this batch"],
-        would_change=equal.would_change + ["steps (wall-clock) that cost more than tokens: then B_crit"],
-        patch=patch, check=check, branch_step=equal.branch_step if patch else None)
+    return _follow(run, equal, value, "the branches at equal tokens", why, extra,
+                   f"follows the branches at equal tokens: {value} sequences for {where}",
+                   "end within seed noise of the best branch of the sweep (train it with another --seed)",
+                   ["steps (wall-clock) that cost more than tokens: then B_crit"])
