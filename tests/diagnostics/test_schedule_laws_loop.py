@@ -1,8 +1,10 @@
 """The schedule laws on the built-in loop's own runs (benchmarks/schedule_laws_loop.py on a small budget):
 fitted on a constant-LR run and a cosine run, the joint fit predicts a WSD run of the same loop.
 
-Three 60-step runs of a 2-layer model (about 20 s on one busy core, 10 s idle): marked slow, the
-benchmark runs the same code at 300 steps and prints the numbers (docs/validation.md)."""
+Three 60-step runs of a 2-layer model (about 20 s on one busy core, 10 s idle) for the train target and
+three 90-step runs evaluated every 5 steps (about 16 s of CPU) for the validation target: marked slow, the
+benchmark runs the same code at 300 steps and more and prints the numbers (docs/validation.md). The
+validation loss's mixture weighting has a fast known-answer test."""
 
 import importlib.util
 from pathlib import Path
@@ -38,3 +40,41 @@ def test_constant_and_cosine_runs_predict_a_wsd_run(tmp_path, one_thread):
         assert r["mre_smooth"] < 0.015, law
         assert r["mre"] < 0.03, law
         assert abs(r["final_pred"] - r["final"]) / r["final"] < 0.03, law
+
+
+@pytest.mark.slow
+def test_validation_loss_of_constant_and_cosine_runs_predicts_a_wsd_run(tmp_path, one_thread):
+    """The val target end to end (the benchmark's default, here on 90 steps, evaluated every 5 steps on the
+    loop's default 4 batches per domain): the fixed set's mixture-weighted loss, fitted with the
+    pre-registered protocol (from a third of the run, law auto, least_squares)."""
+    b = _bench()
+    pre = b.PREREGISTERED
+    curves = b.run_curves(str(tmp_path), 90, target="val", eval_every=5, eval_batches=4, **KW)
+    lrs, s, y = curves["wsd"]
+    # evaluated every 5 steps after the warmup and at the end; the same weights give the same loss, so the
+    # WSD curve is the constant run's until its decay starts (a check that the target is the evaluation)
+    np.testing.assert_array_equal(s, np.arange(25, 91, 5))
+    stable = lrs[s - 1] == lrs.max()
+    np.testing.assert_array_equal(y[stable], curves["constant"][2][stable])
+    assert stable.sum() > 0 and (~stable).sum() > 0
+    start = b._fit_starts(str(pre["fit_from"]), 90, KW["warmup"])[0][1]
+    (r,) = b.evaluate(curves, smooth=1, fits=((pre["law"], pre["protocol"]),), fit_from=start)
+    # measured at 90 steps (fit from step 30): MRE 0.19%, decay 0.11%, final 3.137 predicted / 3.135 measured
+    assert r["mre"] < 0.006 and r["mre_decay"] < 0.006, r
+    assert abs(r["final_pred"] - r["final"]) / r["final"] < 0.01, r
+
+
+def test_val_loss_is_the_mixture_weighted_mean_of_the_domains():
+    """Known answer: rows where a domain was not evaluated (train-only steps) are left out; the weights are
+    the training mixture's, normalised."""
+    import pandas as pd
+
+    b = _bench()
+    m = pd.DataFrame({"step": [1, 10, 11, 20], "train/loss": [5.0, 4.0, 3.9, 3.5],
+                      "val/prose/loss": [np.nan, 2.0, np.nan, 1.0], "val/code/loss": [np.nan, 4.0, np.nan, 2.0],
+                      "val/math/loss": [np.nan, 6.0, np.nan, 3.0]})
+    s, y = b.val_loss(m, mixture={"prose": 3.0, "code": 1.0, "math": 1.0})
+    np.testing.assert_array_equal(s, [10, 20])
+    np.testing.assert_allclose(y, [0.6 * 2 + 0.2 * 4 + 0.2 * 6, 0.6 * 1 + 0.2 * 2 + 0.2 * 3], rtol=1e-12)
+    with pytest.raises(ValueError, match="eval_every"):
+        b.run_curves("unused", 10, target="val", eval_every=0, **KW)
