@@ -9,8 +9,10 @@ this one process (``--threads`` sets ``torch.set_num_threads``, default 1). ``--
 phase (``TrainConfig.scaled_to``, as ``midtrain train --steps``); the budget is printed first.
 
 1. trains the parent run, keeping checkpoints (``checkpoint_steps``) at the probe and validate steps:
-   fractions ``--probe-at`` (default 0.5, 0.75) of the stable (constant-LR) phase;
-2. ``midtrain sweep PARENT --anneal-at S1,S2`` and ``--switch-at S1,S2`` (anneal probes of the decaying
+   anneal probes at fractions ``--probe-at`` (default 0.5, 0.75) of the stable (constant-LR) phase, switch
+   probes at ``--switch-at-frac`` (default 0.5, 0.625, 0.75, 0.875; runs 1-3 of docs/validation.md used 0.5,
+   0.75; the probes must stay under a third of the grid's compute, printed);
+2. ``midtrain sweep PARENT --anneal-at S1,S2`` and ``--switch-at S1,...`` (anneal probes of the decaying
    phase's own length, switch probes to the next phase's mixture);
 3. ``midtrain recommend PARENT --branches <probes>`` (writes PARENT/recommendations.json);
 4. ``midtrain validate PARENT --step S --seeds ... --branches <probes>`` over all plans, S the first probe step;
@@ -37,6 +39,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+SWITCH_FRACS = "0.5,0.625,0.75,0.875"   # switch probes: 4 steps, so the probes stay under 1/3 of the grid
+
+
 def _targets(cfg) -> list[str]:
     """The domains the switched-to phase upweights (normalised weights), as `recommend`'s data_switch default."""
     from diagnostics.recommend import switch_phase_index
@@ -45,6 +50,16 @@ def _targets(cfg) -> list[str]:
     m = switch_phase_index(d)
     wp, wn = ({k: v / sum(p["mixture"].values()) for k, v in p["mixture"].items()} for p in d["phases"][m - 1:m + 1])
     return sorted(k for k in wn if wn[k] > wp.get(k, 0.0))
+
+
+def _probe_steps(cfg, fracs: str) -> list[int]:
+    """Steps at fractions ``fracs`` (comma-separated) of the stable phase before the decaying one, inside it."""
+    from diagnostics.recommend import anneal_phase_index
+
+    a = anneal_phase_index(cfg.to_dict())
+    starts = cfg.phase_starts()
+    lo, hi = starts[a - 1] + cfg.phases[a - 1].warmup_steps, starts[a]
+    return sorted({min(hi - 1, max(lo + 1, round(hi * float(f)))) for f in fracs.split(",")})
 
 
 def _cli(argv: list[str]) -> float:
@@ -64,7 +79,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="micro budget: --steps 40 (a smoke test, not a result)")
     ap.add_argument("--seeds", default="0,1", help="validate seeds (default 0,1)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--probe-at", default="0.5,0.75", help="probe steps as fractions of the stable phase")
+    ap.add_argument("--probe-at", default="0.5,0.75", help="anneal probe steps as fractions of the stable phase")
+    ap.add_argument("--switch-at-frac", default=SWITCH_FRACS,
+                    help=f"switch probe steps as fractions of the stable phase (default {SWITCH_FRACS}; "
+                         "runs 1-3 of docs/validation.md used 0.5,0.75)")
     ap.add_argument("--tolerance", type=float, default=0.01,
                     help="data_switch's default tolerance on the earlier domains, for the tolerance-respecting "
                          "comparison printed beside the criterion (default 0.01)")
@@ -88,18 +106,15 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     cfg = default_config().scaled_to(steps)
     cfg.model.preset, cfg.device = "tiny", "cpu"
-    from diagnostics.recommend import anneal_phase_index
-
-    a = anneal_phase_index(cfg.to_dict())
-    starts = cfg.phase_starts()
-    lo, hi = starts[a - 1] + cfg.phases[a - 1].warmup_steps, starts[a]
-    probe_steps = sorted({min(hi - 1, max(lo + 1, round(hi * float(f)))) for f in args.probe_at.split(",")})
-    cfg.checkpoint_steps = probe_steps
+    probe_steps = _probe_steps(cfg, args.probe_at)
+    switch_steps = _probe_steps(cfg, args.switch_at_frac)
+    cfg.checkpoint_steps = sorted(set(probe_steps) | set(switch_steps))
     cfg.validate()
     targets = _targets(cfg)
     budget = ", ".join(f"{p.name} {p.num_steps()}" for p in cfg.phases)
     print(f"budget: {steps} steps ({budget}; the default recipe has 400), preset tiny, cpu, "
-          f"{args.threads} thread(s); probes at {probe_steps}; validate from step {probe_steps[0]} "
+          f"{args.threads} thread(s); anneal probes at {probe_steps}, switch probes at {switch_steps}; "
+          f"validate from step {probe_steps[0]} "
           f"with seeds {args.seeds}; target domains {targets}; out {out}", flush=True)
     cfg_path = os.path.join(out, "parent.toml")
     parent = os.path.join(out, "parent")
@@ -112,9 +127,8 @@ def main() -> None:
         with open(cfg_path, "w") as f:
             f.write(dumps_toml(cfg))
         walls["train"] = _cli(["train", "--config", cfg_path, "--out", parent, "--quiet"])
-        at = ",".join(map(str, probe_steps))
-        walls["probes"] = _cli(["sweep", parent, "--anneal-at", at, "--quiet"])
-        walls["probes"] += _cli(["sweep", parent, "--switch-at", at, "--quiet"])
+        walls["probes"] = _cli(["sweep", parent, "--anneal-at", ",".join(map(str, probe_steps)), "--quiet"])
+        walls["probes"] += _cli(["sweep", parent, "--switch-at", ",".join(map(str, switch_steps)), "--quiet"])
     probes = sorted(os.path.join(parent + "-probes", d) for d in os.listdir(parent + "-probes"))
     if not args.resume or "train" in walls:
         walls["recommend"] = _cli(["recommend", parent, "--branches", *probes])

@@ -31,6 +31,7 @@ import numpy as np
 from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt
 from diagnostics.recommend._probes import (anneal_phase_index, mixture_key, replicate_seed, schedule_of,
                                           switch_phase_index)
+from diagnostics.recommend._switch_fit import SmoothSwitch, smooth_switch
 from diagnostics.stats import robust_noise_scale
 
 __all__ = ["data_switch_recommendation", "switch_candidates", "switch_table", "SwitchTable"]
@@ -125,7 +126,8 @@ class SwitchTable:
     objective: str
     groups: list = field(default_factory=list)   # one dict per (step, mixture): see switch_table
     sigma: float = math.nan     # the noise of one run's final objective
-    how: str = ""               # where sigma comes from
+    how: str = ""               # where sigma comes from (sigma_r: the same source)
+    sigma_r: float = math.nan   # the noise of one run's earlier-domain rise (relative)
     n_replicated: int = 0       # candidates with at least two replicates
 
     def se(self, g: dict) -> float:
@@ -175,7 +177,7 @@ def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.
         bs = schedule_of(b.config)
         k = switch_phase_index(b.config)
         cands.append((str(b.path), int(bs.starts[k]), _weights(bs.phases[k]), b))
-    finals, noise = [], []
+    finals, noise, noise_r = [], [], []
     for label, s, mix, r in cands:
         fin = _final(r, E, targets + earlier)
         if fin is None:
@@ -183,6 +185,10 @@ def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.
         st, series = _objective_series(r, targets, s, E)
         if len(series) >= 4:
             noise.append(robust_noise_scale(series))
+        for d in earlier:
+            st, series = _objective_series(r, [d], s, E)
+            if len(series) >= 4:
+                noise_r.append((d, robust_noise_scale(series)))
         finals.append((label, s, mix, r, fin))
     parent_reps = [f for lab, s, mix, r, f in finals if s == P and mix == dict(wn)]
     if not parent_reps:
@@ -201,6 +207,7 @@ def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.
         g["name"] = g["name"] or _mixture_name(label, s)
     for g in by.values():
         g["n"], g["J"] = len(g["Js"]), float(np.mean(g["Js"]))
+        g["rises"] = [max([f[d] / ref[d] - 1 for d in earlier] or [0.0]) for f in g["fins"]]
         g["rise"] = max([float(np.mean([f[d] for f in g["fins"]])) / ref[d] - 1 for d in earlier] or [0.0])
         g["ok"] = g["rise"] <= tolerance
         g["name"] = g["name"] or ",".join(f"{k}:{v:g}" for k, v in sorted(g["mixture"].items()))
@@ -212,10 +219,13 @@ def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.
         t.how = (f"pooled spread of the replicates of {len(reps)} candidate(s) ({sum(g['n'] for g in reps)} runs, "
                  f"{dof} degrees of freedom; seeds added to the run's: "
                  f"{sorted({k for g in reps for k in g['seeds']})})")
+        t.sigma_r = float(math.sqrt(sum(np.var(g["rises"], ddof=1) * (g["n"] - 1) for g in reps) / dof))
     elif noise:
         t.sigma = float(np.median(noise))
         t.how = (f"median point-to-point scatter of the objective over {len(noise)} candidates' evaluations after "
                  "the switch (no replicates: midtrain sweep --seeds 0,1 measures the seed noise)")
+        if noise_r:   # the same scatter of each earlier domain's loss, relative to the parent's final loss
+            t.sigma_r = float(np.median([v / ref[d] for d, v in noise_r]))
     t.n_replicated = len(reps)
     return t
 
@@ -235,12 +245,34 @@ def _no_probes(run, t: SwitchTable) -> RecommendationError:
         + f", then midtrain recommend {run.path} --branches <probe dirs>")
 
 
+def _smooth_per_mixture(t: SwitchTable, level: float) -> list:
+    """Per mixture: (J, step, group-like dict, SmoothSwitch or None, why not). The smooth model where it can
+    be fitted and passes its check, else the mixture's best feasible probe (the discrete rule)."""
+    own = _weights(t.nxt)
+    out = []
+    for key in sorted({tuple(sorted(g["mixture"].items())) for g in t.groups}):
+        gs = [g for g in t.groups if tuple(sorted(g["mixture"].items())) == key]
+        ok = [g for g in gs if g["ok"]]
+        disc = min(ok, key=lambda g: g["J"]) if ok else None
+        sm = smooth_switch([g["step"] for g in gs], [g["J"] for g in gs], [g["rise"] for g in gs],
+                           [g["n"] for g in gs], t.sigma, t.sigma_r, t.tolerance, level=level,
+                           always_ok=t.P if dict(key) == own else None)
+        if isinstance(sm, SmoothSwitch):
+            out.append((sm.J, sm.step, {**(disc or gs[0]), "step": sm.step, "J": sm.J}, sm, None))
+        elif disc is not None:
+            out.append((disc["J"], disc["step"], disc, None, sm))
+    return out
+
+
 def data_switch_recommendation(run, branches=(), *, target_domains=None, tolerance: float = 0.01,
                                level: float = 0.9) -> Recommendation:
     """The switch step minimising the target domains' mean final validation loss subject to the earlier
     domains rising at most ``tolerance`` (relative) against the parent; ``branches``: the switch probes
-    (Runs) of ``run`` and replicates of it (another seed). The mixture of the best candidate is the
-    ``mixture`` entry's (``mixture_recommendation``)."""
+    (Runs) of ``run`` and replicates of it (another seed). Per mixture, the objective and the rise are
+    fitted as smooth functions of the switch step (``_switch_fit.smooth_switch``) and the step is the fitted
+    optimum, any step between the probed ones; where the model cannot be fitted or fails its check, the best
+    feasible probe (the discrete rule). The mixture of the best candidate is the ``mixture`` entry's
+    (``mixture_recommendation``)."""
     t = switch_table(run, branches, target_domains=target_domains, tolerance=tolerance)
     if not branches:
         raise _no_probes(run, t)
@@ -249,10 +281,14 @@ def data_switch_recommendation(run, branches=(), *, target_domains=None, toleran
     if not ok:
         raise RecommendationError(f"no candidate keeps {t.earlier} within {tolerance:.1%} of the run's own recipe "
                                   "(raise the tolerance or probe later switches)")
-    best = min(ok, key=lambda g: g["J"])
+    disc = min(ok, key=lambda g: g["J"])
+    _, step, best, sm, why = min(_smooth_per_mixture(t, level), key=lambda c: (c[0], c[1]))
     z = NormalDist().inv_cdf(0.5 + level / 2)
-    near = [g["step"] for g in t.near(best, level)]
-    low, high = float(min(near)), float(max(near))
+    if sm is not None:
+        low, high = sm.low, sm.high
+    else:
+        near = [g["step"] for g in t.near(best, level)]
+        low, high = float(min(near)), float(max(near))
     cfg = run.config or {}
     A = int(sched.starts[anneal_phase_index(cfg)]) if any(p.get("decay", "constant") != "constant"
                                                            for p in sched.phases) else None
@@ -260,14 +296,18 @@ def data_switch_recommendation(run, branches=(), *, target_domains=None, toleran
     mixtures = {tuple(sorted(g["mixture"].items())) for g in t.groups}
     evidence = {
         "objective": t.objective,
+        "model": sm.describe() if sm is not None else f"discrete rule (the best feasible probe): {why}",
+        "discrete best probe": f"step {disc['step']} {disc['name']}: {_fmt(disc['J'])}, earlier {disc['rise']:+.2%}",
         "candidates": "; ".join(f"step {g['step']} {g['name']}: {_fmt(g['J'])}"
                                 + (f" (mean of {g['n']}, sd {_fmt(float(np.std(g['Js'], ddof=1)))})" if g["n"] > 1 else "")
                                 + f", earlier {g['rise']:+.2%}" + ("" if g["ok"] else " (rejected)") for g in t.groups),
-        "noise": f"sigma {_fmt(t.sigma)} per run's final objective ({t.how}); the range holds the feasible steps "
-                 f"within {z:.2f} x sqrt(se_best^2 + se^2) of the best (se = sigma / sqrt(replicates))",
+        "noise": f"sigma {_fmt(t.sigma)} per run's final objective, {_fmt(t.sigma_r)} per run's earlier-domain rise "
+                 f"({t.how}); " + ("the range is the fitted optimum's bootstrap interval" if sm is not None else
+                                   f"the range holds the feasible steps within {z:.2f} x sqrt(se_best^2 + se^2) of "
+                                   "the best (se = sigma / sqrt(replicates))"),
         "anneal start": (f"step {A}: " + ("inside the range: tie the switch to it" if tie else
-                                          f"the switch goes {A - best['step']} steps before it")) if A else "no anneal",
-        "tokens at the switch": sched.tokens_before(best["step"]),
+                                          f"the switch goes {A - step} steps before it")) if A else "no anneal",
+        "tokens at the switch": sched.tokens_before(step),
     }
     signals = switch_candidates(run, t.lo, P, t.earlier)
     if signals:
@@ -275,22 +315,29 @@ def data_switch_recommendation(run, branches=(), *, target_domains=None, toleran
     if (g := _gns_trend(run, t.lo, P)):
         evidence["GNS trend"] = g
     pname = prev.get("name")
-    summary = (f"switch the data at step {best['step']} ({evidence['tokens at the switch']} tokens)"
+    summary = (f"switch the data at step {step} ({evidence['tokens at the switch']} tokens)"
                + (", tied to the anneal start" if tie else "")
                + (f", to mixture {best['name']} (the mixture entry)" if len(mixtures) > 1 else "")
-               + f": target loss {_fmt(best['J'])} ({t.objective})")
+               + f": target loss {_fmt(best['J'])}" + (" (fitted)" if sm is not None else "") + f" ({t.objective})")
     would_change = ["another objective (target domains, tolerance) or budget",
                     "probes at steps between the candidates"
                     + ("" if t.n_replicated else "; replicate probes (--seeds 0,1) measure the seed noise")]
-    if best["step"] < P:
+    probed = any(g["step"] == step for g in t.groups)
+    if step < P:
         would_change.insert(0, f"an earlier switch than the run's own cannot be written as a phase patch alone: split "
-                               f"phase {pname!r} at step {best['step']} as the probe {best['labels'][0]} does")
+                               f"phase {pname!r} at step {step}" + (f" as the probe {best['labels'][0]} does" if probed
+                                                                    else " (midtrain validate's recommended plan does)"))
+    ckpts = sorted(s for s, _ in run.checkpoints()) if hasattr(run, "checkpoints") else []
+    start = step if probed or not ckpts else max([c for c in ckpts if c <= step] or [step])
+    check = (f"midtrain sweep {run.path} --switch-at {step} --seeds 1,2 (replicates), or midtrain train "
+             f"--from {run.path} --step {step} with the probe's config" if probed or start == step else
+             f"midtrain validate {run.path} --step {start} --seeds 0,1 (no checkpoint at step {step}: the plan "
+             f"trains from step {start} and switches at {step})")
     return Recommendation(
-        name="data_switch", value=float(best["step"]), unit="step (data switch)", low=low, high=high, level=level,
+        name="data_switch", value=float(step), unit="step (data switch)", low=low, high=high, level=level,
         estimate=best["J"], summary=summary, evidence=evidence,
         assumptions=["the candidates differ only in the switch step (and mixture); the LR schedule is the run's",
                      "the final validation loss at one step ranks the candidates; the noise estimate above holds",
+                     "between probed steps the objective and the rise follow the fitted line or quadratic",
                      "later phases (after the switched-to one) are not probed"],
-        would_change=would_change, patch={},
-        check=f"midtrain sweep {run.path} --switch-at {best['step']} --seeds 1,2 (replicates), or midtrain train "
-              f"--from {run.path} --step {best['step']} with the probe's config", branch_step=int(best["step"]))
+        would_change=would_change, patch={}, check=check, branch_step=int(start))
