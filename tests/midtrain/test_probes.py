@@ -108,7 +108,7 @@ def test_replicate_probes_end_to_end(tmp_path, capsys):
     prefix = str(tmp_path / "pr")
     capsys.readouterr()
     for bad in (["--switch-at", "9", "--seeds", "0,0"], ["--switch-at", "9", "--seeds", "-1"],
-                ["--step", "9", "--batch-sizes", "8,16", "--seeds", "0,1"],      # --seeds replicates probes only
+                ["--rope", "a=base:100", "--step", "9", "--seeds", "0,1"],        # --seeds: probes and batch sweeps
                 ["--step", "9", "--switch-at", "12"],                              # --step must be the probes' step
                 ["--switch-at", "12", "--seeds", "0"]):                            # the parent's own, seed 0 only
         assert main(["sweep", parent, *bad, "--out-prefix", prefix]) == 2, bad
