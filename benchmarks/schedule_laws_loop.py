@@ -27,11 +27,13 @@ WSD run's logged steps from that start, over its decay only, against the moving 
 curve itself), and the final loss predicted vs measured (train: mean of the last ``--smooth`` steps; val:
 the end evaluation).
 
-Pre-registration (``PREREGISTERED``): the validation-loss protocol was fixed on the development setting
-(seed 0, 300 steps, the defaults below) and is then run unchanged on held-out settings: seeds 1 and 2 at
-300 steps, seeds 0 and 1 at 600 steps, 1000 steps (seed 0) and batch 64 (seed 0, 300 steps). The verdict
-line is printed for the pre-registered law, protocol and fit start only. Nothing is asserted here;
-``tests/diagnostics/test_schedule_laws_loop.py`` runs a smaller budget.
+Pre-registration (``PREREGISTERED``), round 2: round 1 (``ROUND1``: law ``auto``, fixed on seed 0 at 300
+steps) was run on six held-out settings (seeds 1 and 2 at 300 steps, seeds 0 and 1 at 600 steps, 1000 steps
+and batch 64 at seed 0) and met 1% on three; those seven settings are now the development set. Round 2's
+protocol was fixed from them and committed before any new setting was run, then run unchanged on new
+held-out settings: seeds 3, 4, 5 at 300 steps, seeds 3 and 4 at 600 steps, seed 3 at batch 64, seed 3 at
+1000 steps. The verdict line is printed for the pre-registered law, protocol and fit start only. Nothing is
+asserted here; ``tests/diagnostics/test_schedule_laws_loop.py`` runs a smaller budget.
 """
 
 from __future__ import annotations
@@ -48,16 +50,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 MIXTURE = {"prose": 0.6, "code": 0.25, "math": 0.15}   # the one phase's training mixture
-# the settings of the validation-loss check, fixed on the development setting (seed 0, 300 steps) before any
-# held-out setting was run (docs/validation.md, "On the built-in loop's own runs"): evaluate every 10 steps on
-# 16 x 16 sequences per domain (the set's standard error 0.52% of the loss there, 1.03% with the loop's
-# default 4 batches; runs 25 s instead of 15 s); fit and score from a third of the run on (the first steps
-# of these short runs fall faster than the laws allow: on the development setting the fit from right after
-# the warmup missed by 2.2%, from 20% by 1.1%); the law chosen by fit_schedule_law's leave-one-curve-out
-# error on the two fitted curves ("auto"), the project's least-squares protocol. The verdict is printed for
-# these only; the other rows are context
-PREREGISTERED = dict(target="val", eval_every=10, eval_batches=16, fit_from=0.33, law="auto",
-                     protocol="least_squares")
+# round 1 (docs/validation.md, "On the built-in loop's own runs"): fixed on seed 0, 300 steps; evaluate every
+# 10 steps on 16 x 16 sequences per domain (the set's standard error 0.52% of the loss there, 1.03% with the
+# loop's default 4 batches); fit and score from a third of the run on (the first steps of these short runs
+# fall faster than the laws allow); the law chosen by fit_schedule_law's leave-one-curve-out error on the two
+# fitted curves ("auto"), least_squares. Held out it met 1% on 3 of 6 settings.
+ROUND1 = dict(target="val", eval_every=10, eval_batches=16, fit_from=0.33, law="auto", protocol="least_squares")
+# round 2, fixed from round 1's seven settings (now the development set) before any new setting was run: the
+# same target, evaluation and fit start; the multi-power law with the least_squares protocol. On the seven
+# development settings it was the one fit under 1% on every one (MRE 0.43-0.96%, mean 0.66%); the annealing
+# law (and "auto", which chose it in 5 of 7) missed on 3 (up to 1.20%) and underestimated the WSD decay's
+# gain more; luo2025 failed outright on 2 of 7 (a negative predicted loss at 300 steps). On the real curves
+# (docs/validation.md, "Schedule laws on real curves") least_squares is the project's default and the
+# multi-power law's WorstE is below the annealing law's at both sizes. The verdict is printed for these only;
+# the other rows are context
+PREREGISTERED = dict(ROUND1, law="multi_power")
 FITS = (("annealing", "least_squares"), ("multi_power", "least_squares"), ("multi_power", "luo2025"),
         ("auto", "least_squares"))
 
@@ -259,7 +266,8 @@ def main(argv=None) -> None:
             if val and (law, how, frac) == pre:
                 verdict = "met" if r["mre"] <= 0.01 else "NOT met"
                 print(f"  ^ pre-registered ({law}, {how}, fit from {frac:.0%}): MRE {100 * r['mre']:.2f}% -> "
-                      f"criterion (<= 1%) {verdict}")
+                      f"criterion (<= 1%) {verdict}; decay only {100 * r['mre_decay']:.2f}%, final "
+                      f"{r['final_pred']:.3f} predicted / {r['final']:.3f} measured")
 
 
 if __name__ == "__main__":
