@@ -25,7 +25,9 @@ the WSD run at the same steps. The losses (``--target``):
 Printed per law (and protocol), once for each ``--fit-from`` start: the mean relative error (MRE) over the
 WSD run's logged steps from that start, over its decay only, against the moving average (train; for val the
 curve itself), and the final loss predicted vs measured (train: mean of the last ``--smooth`` steps; val:
-the end evaluation).
+the end evaluation). Beside them, a reference that models no schedule: the constant run's own losses taken
+as the WSD run's (``constant_as_prediction``; exact until the decay, so its decay-only error is how much
+the decay moved the loss). A law that does not beat it on the decay has not shown it predicts the decay.
 
 Pre-registration (``PREREGISTERED``), round 2: round 1 (``ROUND1``: law ``auto``, fixed on seed 0 at 300
 steps) was run on six held-out settings (seeds 1 and 2 at 300 steps, seeds 0 and 1 at 600 steps, 1000 steps
@@ -166,6 +168,24 @@ def evaluate(curves, smooth: int, fits=FITS, fit_from: int = 0) -> list[dict]:
     return out
 
 
+def constant_as_prediction(curves, fit_from: int = 0) -> dict:
+    """A reference that models no schedule at all: the constant run's own losses taken as the prediction of
+    the WSD run, scored like ``evaluate`` (steps >= ``fit_from``; the decay-only mean over the steps whose
+    update ran below the peak). Until its decay the WSD run *is* the constant run, so this is exact there;
+    on the decay it says how much the WSD decay moved the loss at all."""
+    from diagnostics.schedule import relative_error
+
+    lrs, s, y = curves["wsd"]
+    s0, y0 = curves["constant"][1], curves["constant"][2]
+    if not np.array_equal(s0, s):
+        raise ValueError("the constant and WSD runs were not evaluated at the same steps")
+    keep = s >= fit_from
+    e = relative_error(y0[keep], y[keep])
+    decaying = lrs[s[keep] - 1] < lrs.max()
+    return dict(mre=float(e.mean()), mre_decay=float(e[decaying].mean()), final_pred=float(y0[-1]),
+                final=float(y[-1]))
+
+
 def curve_noise(y: np.ndarray) -> float:
     """An upper bound on a smooth curve's relative noise from its second differences: for independent
     noise of s.d. sigma, (y[i-1] - 2 y[i] + y[i+1]) has s.d. sqrt(6) sigma; curvature only adds to it."""
@@ -268,6 +288,9 @@ def main(argv=None) -> None:
                 print(f"  ^ pre-registered ({law}, {how}, fit from {frac:.0%}): MRE {100 * r['mre']:.2f}% -> "
                       f"criterion (<= 1%) {verdict}; decay only {100 * r['mre_decay']:.2f}%, final "
                       f"{r['final_pred']:.3f} predicted / {r['final']:.3f} measured")
+        c = constant_as_prediction(curves, fit_from=start)
+        print(f"  {'no law: the constant run':<28} {'(reference)':<14} {100 * c['mre']:6.2f}% "
+              f"{100 * c['mre_decay']:6.2f}% {'':>7}  {c['final_pred']:7.3f}/{c['final']:7.3f}")
 
 
 if __name__ == "__main__":

@@ -79,3 +79,19 @@ def test_val_loss_is_the_mixture_weighted_mean_of_the_domains():
     np.testing.assert_allclose(y, [0.6 * 2 + 0.2 * 4 + 0.2 * 6, 0.6 * 1 + 0.2 * 2 + 0.2 * 3], rtol=1e-12)
     with pytest.raises(ValueError, match="eval_every"):
         b.run_curves("unused", 10, target="val", eval_every=0, **KW)
+
+
+def test_constant_as_prediction_scores_the_constant_run_against_the_wsd_run():
+    """Known answer: a WSD curve equal to the constant one until its decay and 10% lower on the decay's two
+    logged steps; scored from step 3 on (steps 3, 4 stable, 5, 6 decaying)."""
+    b = _bench()
+    lrs = np.array([1.0, 1.0, 1.0, 1.0, 0.5, 0.2])            # the update into step k uses lrs[k - 1]
+    s = np.arange(1, 7)
+    const = np.array([4.0, 3.5, 3.0, 2.8, 2.6, 2.5])
+    wsd = np.r_[const[:4], const[4:] / 1.1]
+    r = b.constant_as_prediction({"constant": (lrs, s, const), "wsd": (lrs, s, wsd)}, fit_from=3)
+    np.testing.assert_allclose(r["mre_decay"], 0.1, rtol=1e-12)
+    np.testing.assert_allclose(r["mre"], 0.05, rtol=1e-12)
+    assert r["final_pred"] == 2.5 and abs(r["final"] - 2.5 / 1.1) < 1e-12
+    with pytest.raises(ValueError, match="same steps"):
+        b.constant_as_prediction({"constant": (lrs, s + 1, const), "wsd": (lrs, s, wsd)})
