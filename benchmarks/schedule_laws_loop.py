@@ -25,13 +25,17 @@ the WSD run at the same steps. The losses (``--target``):
 Printed per law (and protocol), once for each ``--fit-from`` start: the mean relative error (MRE) over the
 WSD run's logged steps from that start, over its decay only, against the moving average (train; for val the
 curve itself), and the final loss predicted vs measured (train: mean of the last ``--smooth`` steps; val:
-the end evaluation).
+the end evaluation). Beside them, a reference that models no schedule: the constant run's own losses taken
+as the WSD run's (``constant_as_prediction``; exact until the decay, so its decay-only error is how much
+the decay moved the loss). A law that does not beat it on the decay has not shown it predicts the decay.
 
-Pre-registration (``PREREGISTERED``): the validation-loss protocol was fixed on the development setting
-(seed 0, 300 steps, the defaults below) and is then run unchanged on held-out settings: seeds 1 and 2 at
-300 steps, seeds 0 and 1 at 600 steps, 1000 steps (seed 0) and batch 64 (seed 0, 300 steps). The verdict
-line is printed for the pre-registered law, protocol and fit start only. Nothing is asserted here;
-``tests/diagnostics/test_schedule_laws_loop.py`` runs a smaller budget.
+Pre-registration (``PREREGISTERED``), round 2: round 1 (``ROUND1``: law ``auto``, fixed on seed 0 at 300
+steps) was run on six held-out settings (seeds 1 and 2 at 300 steps, seeds 0 and 1 at 600 steps, 1000 steps
+and batch 64 at seed 0) and met 1% on three; those seven settings are now the development set. Round 2's
+protocol was fixed from them and committed before any new setting was run, then run unchanged on new
+held-out settings: seeds 3, 4, 5 at 300 steps, seeds 3 and 4 at 600 steps, seed 3 at batch 64, seed 3 at
+1000 steps. The verdict line is printed for the pre-registered law, protocol and fit start only. Nothing is
+asserted here; ``tests/diagnostics/test_schedule_laws_loop.py`` runs a smaller budget.
 """
 
 from __future__ import annotations
@@ -48,16 +52,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 MIXTURE = {"prose": 0.6, "code": 0.25, "math": 0.15}   # the one phase's training mixture
-# the settings of the validation-loss check, fixed on the development setting (seed 0, 300 steps) before any
-# held-out setting was run (docs/validation.md, "On the built-in loop's own runs"): evaluate every 10 steps on
-# 16 x 16 sequences per domain (the set's standard error 0.52% of the loss there, 1.03% with the loop's
-# default 4 batches; runs 25 s instead of 15 s); fit and score from a third of the run on (the first steps
-# of these short runs fall faster than the laws allow: on the development setting the fit from right after
-# the warmup missed by 2.2%, from 20% by 1.1%); the law chosen by fit_schedule_law's leave-one-curve-out
-# error on the two fitted curves ("auto"), the project's least-squares protocol. The verdict is printed for
-# these only; the other rows are context
-PREREGISTERED = dict(target="val", eval_every=10, eval_batches=16, fit_from=0.33, law="auto",
-                     protocol="least_squares")
+# round 1 (docs/validation.md, "On the built-in loop's own runs"): fixed on seed 0, 300 steps; evaluate every
+# 10 steps on 16 x 16 sequences per domain (the set's standard error 0.52% of the loss there, 1.03% with the
+# loop's default 4 batches); fit and score from a third of the run on (the first steps of these short runs
+# fall faster than the laws allow); the law chosen by fit_schedule_law's leave-one-curve-out error on the two
+# fitted curves ("auto"), least_squares. Held out it met 1% on 3 of 6 settings.
+ROUND1 = dict(target="val", eval_every=10, eval_batches=16, fit_from=0.33, law="auto", protocol="least_squares")
+# round 2, fixed from round 1's seven settings (now the development set) before any new setting was run: the
+# same target, evaluation and fit start; the multi-power law with the least_squares protocol. On the seven
+# development settings it was the one fit under 1% on every one (MRE 0.43-0.96%, mean 0.66%); the annealing
+# law (and "auto", which chose it in 5 of 7) missed on 3 (up to 1.20%) and underestimated the WSD decay's
+# gain more; luo2025 failed outright on 2 of 7 (a negative predicted loss at 300 steps). On the real curves
+# (docs/validation.md, "Schedule laws on real curves") least_squares is the project's default and the
+# multi-power law's WorstE is below the annealing law's at both sizes. The verdict is printed for these only;
+# the other rows are context
+PREREGISTERED = dict(ROUND1, law="multi_power")
 FITS = (("annealing", "least_squares"), ("multi_power", "least_squares"), ("multi_power", "luo2025"),
         ("auto", "least_squares"))
 
@@ -157,6 +166,24 @@ def evaluate(curves, smooth: int, fits=FITS, fit_from: int = 0) -> list[dict]:
                         mre_smooth=float(relative_error(pred, ma).mean()),
                         final_pred=float(pred[-smooth:].mean()), final=float(y[-smooth:].mean())))
     return out
+
+
+def constant_as_prediction(curves, fit_from: int = 0) -> dict:
+    """A reference that models no schedule at all: the constant run's own losses taken as the prediction of
+    the WSD run, scored like ``evaluate`` (steps >= ``fit_from``; the decay-only mean over the steps whose
+    update ran below the peak). Until its decay the WSD run *is* the constant run, so this is exact there;
+    on the decay it says how much the WSD decay moved the loss at all."""
+    from diagnostics.schedule import relative_error
+
+    lrs, s, y = curves["wsd"]
+    s0, y0 = curves["constant"][1], curves["constant"][2]
+    if not np.array_equal(s0, s):
+        raise ValueError("the constant and WSD runs were not evaluated at the same steps")
+    keep = s >= fit_from
+    e = relative_error(y0[keep], y[keep])
+    decaying = lrs[s[keep] - 1] < lrs.max()
+    return dict(mre=float(e.mean()), mre_decay=float(e[decaying].mean()), final_pred=float(y0[-1]),
+                final=float(y[-1]))
 
 
 def curve_noise(y: np.ndarray) -> float:
@@ -259,7 +286,11 @@ def main(argv=None) -> None:
             if val and (law, how, frac) == pre:
                 verdict = "met" if r["mre"] <= 0.01 else "NOT met"
                 print(f"  ^ pre-registered ({law}, {how}, fit from {frac:.0%}): MRE {100 * r['mre']:.2f}% -> "
-                      f"criterion (<= 1%) {verdict}")
+                      f"criterion (<= 1%) {verdict}; decay only {100 * r['mre_decay']:.2f}%, final "
+                      f"{r['final_pred']:.3f} predicted / {r['final']:.3f} measured")
+        c = constant_as_prediction(curves, fit_from=start)
+        print(f"  {'no law: the constant run':<28} {'(reference)':<14} {100 * c['mre']:6.2f}% "
+              f"{100 * c['mre_decay']:6.2f}% {'':>7}  {c['final_pred']:7.3f}/{c['final']:7.3f}")
 
 
 if __name__ == "__main__":
