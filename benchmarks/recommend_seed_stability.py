@@ -24,37 +24,22 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.recommend_vs_grid import SWITCH_FRACS, _cli, _probe_steps, _targets  # noqa: E402
+from benchmarks.recommend_vs_grid import SWITCH_FRACS, _cli, _probe_steps, _targets, parent_and_probes  # noqa: E402
 
 
 def _one_seed(steps: int, seed: int, probe_at: str, switch_at: str, out: str, resume: bool = False) -> dict:
     from diagnostics.runs import RECOMMENDATIONS_FILE
-    from midtrain.config import default_config, dumps_toml
+    from midtrain.config import default_config
 
     cfg = default_config().scaled_to(steps)
     cfg.model.preset, cfg.device, cfg.seed = "tiny", "cpu", seed
     probe_steps, switch_steps = _probe_steps(cfg, probe_at), _probe_steps(cfg, switch_at)
     cfg.checkpoint_steps = sorted(set(probe_steps) | set(switch_steps))
     cfg.validate()
-    os.makedirs(out, exist_ok=True)
-    cfg_path = os.path.join(out, "parent.toml")
-    parent = os.path.join(out, "parent")
-    walls = {}
-    if resume and os.path.isdir(parent + "-probes"):
-        if open(cfg_path).read() != dumps_toml(cfg):
-            raise SystemExit(f"--resume: {cfg_path} is not this budget's and seed's parent config")
-        print(f"--resume: parent and probes reused from {out}; recommend runs again", flush=True)
-    else:
-        with open(cfg_path, "w") as f:
-            f.write(dumps_toml(cfg))
-        walls["train"] = _cli(["train", "--config", cfg_path, "--out", parent, "--quiet"])
-        walls["probes"] = _cli(["sweep", parent, "--anneal-at", ",".join(map(str, probe_steps)), "--quiet"])
-        walls["probes"] += _cli(["sweep", parent, "--switch-at", ",".join(map(str, switch_steps)), "--quiet"])
-    probes = sorted(os.path.join(parent + "-probes", d) for d in os.listdir(parent + "-probes"))
+    parent, probes, walls = parent_and_probes(cfg, out, probe_steps, switch_steps, resume)
     walls["recommend"] = _cli(["recommend", parent, "--branches", *probes])
     doc = json.load(open(os.path.join(parent, RECOMMENDATIONS_FILE)))
     recs = {r["name"]: r for r in doc.get("recommendations", [])}

@@ -73,6 +73,29 @@ def _cli(argv: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def parent_and_probes(cfg, out: str, probe_steps: list[int], switch_steps: list[int], resume: bool
+                      ) -> tuple[str, list[str], dict]:
+    """Steps 1-2 of the module docstring under ``out``: ``midtrain train`` of the parent (config ``cfg``, saved as
+    ``out/parent.toml``), anneal probes at ``probe_steps``, switch probes at ``switch_steps``; with ``resume``
+    and probes already there, reuse them (the saved config must be ``cfg``). (parent, probe dirs, walls)."""
+    from midtrain.config import dumps_toml
+
+    os.makedirs(out, exist_ok=True)
+    cfg_path, parent = os.path.join(out, "parent.toml"), os.path.join(out, "parent")
+    walls: dict = {}
+    if resume and os.path.isdir(parent + "-probes"):
+        if open(cfg_path).read() != dumps_toml(cfg):
+            raise SystemExit(f"--resume: {cfg_path} is not this budget's (and seed's) parent config; use another --out")
+        print(f"--resume: parent and probes reused from {out}", flush=True)
+    else:
+        with open(cfg_path, "w") as f:
+            f.write(dumps_toml(cfg))
+        walls["train"] = _cli(["train", "--config", cfg_path, "--out", parent, "--quiet"])
+        walls["probes"] = _cli(["sweep", parent, "--anneal-at", ",".join(map(str, probe_steps)), "--quiet"])
+        walls["probes"] += _cli(["sweep", parent, "--switch-at", ",".join(map(str, switch_steps)), "--quiet"])
+    return parent, sorted(os.path.join(parent + "-probes", d) for d in os.listdir(parent + "-probes")), walls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400, help="total steps of the parent (default 400 = the recipe)")
@@ -97,7 +120,7 @@ def main() -> None:
     import torch
 
     from diagnostics.runs import load_run
-    from midtrain.config import default_config, dumps_toml
+    from midtrain.config import default_config
     from midtrain.validate import _final_val
 
     torch.set_num_threads(args.threads)
@@ -116,21 +139,8 @@ def main() -> None:
           f"{args.threads} thread(s); anneal probes at {probe_steps}, switch probes at {switch_steps}; "
           f"validate from step {probe_steps[0]} "
           f"with seeds {args.seeds}; target domains {targets}; out {out}", flush=True)
-    cfg_path = os.path.join(out, "parent.toml")
-    parent = os.path.join(out, "parent")
-    walls = {}
-    if args.resume and os.path.exists(os.path.join(parent, "recommendations.json")):
-        if open(cfg_path).read() != dumps_toml(cfg):
-            raise SystemExit(f"--resume: {cfg_path} is not this budget's parent config; use another --out")
-        print(f"--resume: parent, probes and recommendations.json reused from {out}", flush=True)
-    else:
-        with open(cfg_path, "w") as f:
-            f.write(dumps_toml(cfg))
-        walls["train"] = _cli(["train", "--config", cfg_path, "--out", parent, "--quiet"])
-        walls["probes"] = _cli(["sweep", parent, "--anneal-at", ",".join(map(str, probe_steps)), "--quiet"])
-        walls["probes"] += _cli(["sweep", parent, "--switch-at", ",".join(map(str, switch_steps)), "--quiet"])
-    probes = sorted(os.path.join(parent + "-probes", d) for d in os.listdir(parent + "-probes"))
-    if not args.resume or "train" in walls:
+    parent, probes, walls = parent_and_probes(cfg, out, probe_steps, switch_steps, args.resume)
+    if "train" in walls or not os.path.exists(os.path.join(parent, "recommendations.json")):
         walls["recommend"] = _cli(["recommend", parent, "--branches", *probes])
     vdir = os.path.join(out, "validate")
     walls["validate"] = _cli(["validate", parent, "--step", str(probe_steps[0]), "--seeds", args.seeds,
