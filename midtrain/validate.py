@@ -187,10 +187,15 @@ def _recommended(parent, run, cfg, step, P, E, const, ad, build, lr_factor, info
         # data_switch ties the switch to the anneal start (its range holds the run's own start P, the one its
         # probes were judged under), and lr_decay's plan runs the decaying phase on its own mixture from A,
         # as its anneal probes did: the switch follows the recommended anneal start
-        notes.append(f"switch step {A}, not {Q}: data_switch ties the switch to the anneal start (its range "
+        # ... but not outside the steps data_switch found acceptable (its range: its constraint on the earlier
+        # domains): a start before the range pulls the switch to the range's first step, not beyond
+        T = min(max(A, math.ceil(lo_q)), math.floor(hi_q))
+        notes.append(f"switch step {T}, not {Q}: data_switch ties the switch to the anneal start (its range "
                      f"{lo_q:g}-{hi_q:g} holds the run's own start {P}) and lr_decay's plan anneals on the next "
-                     f"phase's mixture from step {A}, as its probes did")
-        Q = A
+                     f"phase's mixture from step {A}, as its probes did"
+                     + ("" if T == A else f"; the start {A} is outside that range, so the switch stays at its "
+                                          f"nearest end, {T}"))
+        Q = T
     if not step <= A < E or not step <= Q <= E:
         notes.append(f"anneal start {A} / switch {Q} outside steps {step}-{E}: clipped")
         A, Q = min(max(A, step), E - 1), min(max(Q, step), E)

@@ -159,11 +159,13 @@ def test_recommended_batch_for_other_sequences_is_not_applied(parent, tmp_path):
     assert any("sequences of 999 tokens" in x for x in rec.notes)
 
 
-@pytest.mark.parametrize("low,high,want", [(8, 8, 6), (7, 9, 6), (7, 7, 8)])
-def test_recommended_switch_follows_a_tied_anneal_start(parent, tmp_path, low, high, want):
+@pytest.mark.parametrize("low,high,want,tied", [(5, 9, 6, True), (6.5, 9, 7, True), (8, 8, 8, True),
+                                                (7, 7, 8, False)])
+def test_recommended_switch_follows_a_tied_anneal_start(parent, tmp_path, low, high, want, tied):
     """data_switch keeps the run's own switch (step 8, the run's own anneal start) with a range that holds it:
     the switch is tied to the anneal start, so it follows lr_decay's start (6), whose plan anneals on the next
-    phase's mixture from its start. A range without the run's own start (7-7) keeps data_switch's step."""
+    phase's mixture from its start, but only as far as data_switch's range allows (6.5-9: 7; 8-8: 8). A range
+    without the run's own start (7-7) keeps data_switch's step."""
     import shutil
 
     run = str(tmp_path / "run")
@@ -177,7 +179,8 @@ def test_recommended_switch_follows_a_tied_anneal_start(parent, tmp_path, low, h
     new = own.phases[1].mixture
     assert (rec.decay_start, rec.switch_step) == (6, want)
     assert rec.config.phase_at(want - 1)[1].mixture != new and rec.config.phase_at(want)[1].mixture == new
-    assert any("ties the switch" in x for x in rec.notes) == (want == 6)
+    assert any("ties the switch" in x for x in rec.notes) == tied
+    assert any("nearest end" in x for x in rec.notes) == (tied and want != 6)
 
 
 def test_end_to_end(parent, tmp_path, capsys):
