@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.recommend_vs_grid import SWITCH_FRACS, _cli, _probe_steps, _targets, parent_and_probes  # noqa: E402
 
 
-def _one_seed(steps: int, seed: int, probe_at: str, switch_at: str, out: str, resume: bool = False) -> dict:
+def _one_seed(steps: int, seed: int, probe_at: str, switch_at: str, out: str, resume: bool = False,
+              anneal_target: str = "train") -> dict:
     from diagnostics.runs import RECOMMENDATIONS_FILE
     from midtrain.config import default_config
 
@@ -40,7 +41,7 @@ def _one_seed(steps: int, seed: int, probe_at: str, switch_at: str, out: str, re
     cfg.checkpoint_steps = sorted(set(probe_steps) | set(switch_steps))
     cfg.validate()
     parent, probes, walls = parent_and_probes(cfg, out, probe_steps, switch_steps, resume)
-    walls["recommend"] = _cli(["recommend", parent, "--branches", *probes])
+    walls["recommend"] = _cli(["recommend", parent, "--branches", *probes, "--anneal-target", anneal_target])
     doc = json.load(open(os.path.join(parent, RECOMMENDATIONS_FILE)))
     recs = {r["name"]: r for r in doc.get("recommendations", [])}
     return {"seed": seed, "total": cfg.total_steps(), "probe_steps": probe_steps, "switch_steps": switch_steps,
@@ -62,6 +63,8 @@ def main() -> None:
                          "first seed-stability run of docs/validation.md used 0.5,0.75)")
     ap.add_argument("--max-move", type=float, default=0.10, help="largest allowed move / budget (default 0.10)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--anneal-target", choices=["train", "val"], default="train",
+                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default train)")
     ap.add_argument("--out", help="output folder (default: a new temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the parents and probes already under --out (same budget, seeds and probe steps) "
@@ -78,7 +81,8 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="recommend_seed_stability-")
     print(f"budget: {steps} steps (the default recipe has 400), preset tiny, cpu, {args.threads} thread(s); "
           f"seeds {seeds}; out {out}", flush=True)
-    res = [_one_seed(steps, s, args.probe_at, args.switch_at_frac, os.path.join(out, f"seed{s}"), args.resume)
+    res = [_one_seed(steps, s, args.probe_at, args.switch_at_frac, os.path.join(out, f"seed{s}"), args.resume,
+                     args.anneal_target)
            for s in seeds]
     with open(os.path.join(out, "seed_stability.json"), "w") as f:
         json.dump(res, f, indent=1, default=str)

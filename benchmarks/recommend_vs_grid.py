@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.01,
                     help="data_switch's default tolerance on the earlier domains, for the tolerance-respecting "
                          "comparison printed beside the criterion (default 0.01)")
+    ap.add_argument("--anneal-target", choices=["train", "val"], default="train",
+                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default train)")
     ap.add_argument("--out", help="output folder (default: a new temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the parent, probes and recommendations.json already under --out (same budget and "
@@ -141,7 +143,7 @@ def main() -> None:
           f"with seeds {args.seeds}; target domains {targets}; out {out}", flush=True)
     parent, probes, walls = parent_and_probes(cfg, out, probe_steps, switch_steps, args.resume)
     if "train" in walls or not os.path.exists(os.path.join(parent, "recommendations.json")):
-        walls["recommend"] = _cli(["recommend", parent, "--branches", *probes])
+        walls["recommend"] = _cli(["recommend", parent, "--branches", *probes, "--anneal-target", args.anneal_target])
     vdir = os.path.join(out, "validate")
     walls["validate"] = _cli(["validate", parent, "--step", str(probe_steps[0]), "--seeds", args.seeds,
                               "--branches", *probes, "--out", vdir, "--quiet"])

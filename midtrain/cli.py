@@ -237,7 +237,7 @@ def cmd_recommend(args) -> int:
     recs, unavailable = recommend_run(  # diagnostics/recommend/_run.py: which recommenders run, and how
         run, [load_run(b) for b in args.branches or []], phase=args.phase, window=args.window, level=args.level,
         decay_phase=args.decay_phase, shapes=shapes, budget_tokens=args.budget_tokens, target=args.target,
-        domain=args.domain, target_domains=targets, tolerance=args.tolerance)
+        domain=args.domain, target_domains=targets, tolerance=args.tolerance, anneal_target=args.anneal_target)
     if args.json:
         print(json.dumps({"recommendations": [r.to_dict() for r in recs], "not_available": unavailable}, indent=2))
     else:
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
     r.add_argument("--budget-tokens", type=int, help="lr_decay: the total token budget of the anneal plan (default: "
                    "the run's, to the end of its decaying phase)")
+    r.add_argument("--anneal-target", choices=["train", "val"], default="train", help="lr_decay with anneal probes: "
+                   "fit the schedule law to the logged train loss (default) or to the validation loss of the fixed "
+                   "evaluation set, domains weighted by the anneal mixture (no batch-to-batch noise; needs "
+                   "evaluations every few steps on the run and its probes; docs/recommendations.md)")
     r.add_argument("--target-domains", help="data_switch, mixture: the domains whose loss the switch should lower (default: "
                    "those the next phase upweights)")
     r.add_argument("--tolerance", type=float, default=0.01, help="data_switch, mixture: how far (relative) the other "

@@ -35,30 +35,52 @@ from diagnostics.schedule import DECAY_SHAPES, ScheduleLawFit, fit_schedule_law,
 __all__ = ["anneal_recommendation", "anneal_curves", "anneal_fit"]
 
 
-def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0):
-    """(lrs, steps, losses), segment labels: the run's train losses at steps first..end-1."""
+TARGETS = ("train", "val")
+
+
+def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0, weights: dict | None = None):
+    """(lrs, steps, losses), segment labels: the run's train losses at steps first..end-1 or, with ``weights``
+    (the anneal mixture), its validation losses weighted by them at its evaluations first..end (an
+    evaluation at step k is the model after k updates, as a train loss at k is)."""
     df = run.metrics
-    if "train/loss" not in df.columns:
-        raise RecommendationError(f"{run.path} has no train/loss column")
-    rows = df[["step", "train/loss"]].dropna()
+    key_end = end - 1                # the evaluation at ``end`` belongs to the phase it ends
+    if weights is None:
+        if "train/loss" not in df.columns:
+            raise RecommendationError(f"{run.path} has no train/loss column")
+        rows = df[["step", "train/loss"]].dropna()
+        y = rows["train/loss"].to_numpy(dtype=np.float64)
+    else:
+        cols = [f"val/{d}/loss" for d in weights]
+        if any(c not in df.columns for c in cols):
+            raise RecommendationError(f"{run.path} has no validation loss of every domain of the anneal mixture "
+                                      f"{sorted(weights)}: use the train-loss target")
+        rows = df[["step"] + cols].dropna()
+        y = sum(w * rows[f"val/{d}/loss"].to_numpy(dtype=np.float64) for d, w in weights.items())
+        end += 1
     s = rows["step"].to_numpy(dtype=np.int64)
-    y = rows["train/loss"].to_numpy(dtype=np.float64)
     ok = (s >= max(1, first)) & (s < end) & np.isfinite(y) & ~np.isin(s, skipped_steps(df)[skipped_steps(df) >= skip_from])
     s, y = s[ok], y[ok]
-    seg = np.array([labels.setdefault(sched.key_at(int(k)), len(labels)) for k in s], dtype=np.int64)
+    seg = np.array([labels.setdefault(sched.key_at(min(int(k), key_end)), len(labels)) for k in s], dtype=np.int64)
     return (sched.lrs[:end], s, y), seg
 
 
-def anneal_curves(run, branches=()):
+def anneal_curves(run, branches=(), *, target: str = "train"):
     """The curves of the joint fit: [(lrs, steps, losses)], their segment labels, the label of each
-    phase key and, per branch, (branch step, anneal steps, Run)."""
+    phase key and, per branch, (branch step, anneal steps, Run). ``target``: ``"train"`` (the logged train
+    loss of every step) or ``"val"`` (the validation loss of the fixed evaluation set, its domains weighted
+    by the anneal phase's mixture: one objective for every curve, without the batch-to-batch noise)."""
+    if target not in TARGETS:
+        raise ProbeInputError(f"the anneal target must be one of {TARGETS}, got {target!r}")
     sched = schedule_of(run.config)
     a = anneal_phase_index(run.config)
+    mix = dict(sched.phases[a].get("mixture") or {})
+    tot = float(sum(mix.values())) or 1.0
+    weights = {d: float(w) / tot for d, w in mix.items() if w} if target == "val" else None
     end = int(sched.starts[a]) + int(np.sum(sched.phase_of == a))
     warm0 = int(sched.phases[0].get("warmup_steps") or 0)
     _check_not_diverged(run, warm0, end - 1, "the schedule law")
     labels: dict = {}
-    c, seg = _curve(run, sched, warm0, end, labels)
+    c, seg = _curve(run, sched, warm0, end, labels, weights=weights)
     curves, segs, probes = [c], [seg], []
     for b in branches:
         bs = schedule_of(b.config)
@@ -70,7 +92,7 @@ def anneal_curves(run, branches=()):
                 continue   # the run again with another seed, from before its anneal: not an anneal replicate
             raise ProbeInputError(f"{b.path} is not an anneal probe of {run.path}: its decaying phase starts at step "
                                   f"{int(bs.starts[ba])}, not at its branch step {step}")
-        c, seg = _curve(b, bs, step, bend, labels, skip_from=step)
+        c, seg = _curve(b, bs, step, bend, labels, skip_from=step, weights=weights)
         if len(c[1]):
             curves.append(c)
             segs.append(seg)
@@ -78,11 +100,14 @@ def anneal_curves(run, branches=()):
     return curves, segs, labels, probes
 
 
-def anneal_fit(run, branches=(), *, law: str = "auto"):
+def anneal_fit(run, branches=(), *, law: str = "auto", target: str = "train"):
     """The schedule law ``anneal_recommendation`` fits: jointly on the run and its anneal probes (the
     annealing law alone for the run without probes). Returns ``(fit, curves, segments, labels, probes)``
     as :func:`anneal_curves` gives them; RecommendationError when the law cannot be fitted."""
-    curves, segs, labels, probes = anneal_curves(run, branches)
+    curves, segs, labels, probes = anneal_curves(run, branches, target=target)
+    if target == "val" and sum(len(c[1]) for c in curves) < 8:
+        raise RecommendationError(f"{sum(len(c[1]) for c in curves)} validation points on the run and its probes: too "
+                                  "few to fit the law on the validation loss (evaluate more often: eval_every)")
     try:
         fit = fit_schedule_law(curves, law=law if len(curves) > 1 else "annealing", segments=segs)
     except ValueError as e:
@@ -114,16 +139,19 @@ def _anneal_lrs(stable: np.ndarray, peak: float, s: int, ann: dict, n: int, shap
 
 
 def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None, shapes=None, law: str = "auto",
-                          level: float = 0.9, n_boot: int = 50, max_candidates: int = 60, seed: int = 0) -> Recommendation:
+                          level: float = 0.9, n_boot: int = 50, max_candidates: int = 60, seed: int = 0,
+                          target: str = "train") -> Recommendation:
     """The anneal start (step), length and shape minimising the law's predicted final loss for
     ``budget_tokens`` (default: the run's tokens up to the end of its decaying phase), fitted jointly
     on ``run`` and its anneal-probe ``branches`` (Runs). ProbeInputError (bad input: exit 2 in the CLI)
     for a budget that does not fit or a branch that is not an anneal probe; RecommendationError when
-    the law cannot be fitted."""
+    the law cannot be fitted. ``target``: the loss the law is fitted to and predicts (``anneal_curves``)."""
     cfg = run.config or {}
     sched = schedule_of(cfg)
     a = anneal_phase_index(cfg)
     ann, st = dict(sched.phases[a]), dict(sched.phases[a - 1])
+    what = ("train loss on the anneal mixture" if target == "train" else
+            "validation loss of the fixed evaluation set, domains weighted by the anneal mixture")
     if any(p.get("decay", "constant") != "constant" for p in sched.phases[:a]):
         raise RecommendationError("a phase before the decaying one decays too: no single stable stretch")
     shapes = [ann.get("decay")] if shapes is None else list(shapes)
@@ -146,7 +174,7 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
     s_hi = s_lo
     while tok(s_hi + 1) + 2 * b_ann <= budget:
         s_hi += 1
-    fit, curves, segs, labels, probes = anneal_fit(run, branches, law=law)
+    fit, curves, segs, labels, probes = anneal_fit(run, branches, law=law, target=target)
     lab = labels.get(mixture_key(ann))
     stable, peak = sched.lrs[:start_a], float(st.get("lr"))
     starts = np.unique(np.r_[np.round(np.linspace(s_lo, s_hi, max_candidates)).astype(int),
@@ -183,7 +211,7 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
                 f"{shape} decay to {_fmt(float(ann.get('final_lr', 0.0)))} over {n_best} steps ({n_best * b_ann} tokens) "
                 f"on its mixture {ann.get('mixture')}",
         "predicted final loss": f"{_fmt(float(pred[best]))} ({level:.0%} band {_fmt(float(lo_l[0]))} - "
-                                f"{_fmt(float(hi_l[0]))}; train loss on the anneal mixture)",
+                                f"{_fmt(float(hi_l[0]))}; {what})",
         "law": f"{fit.law} {', '.join(f'{k} {_fmt(v)}' for k, v in fit.params.items())}; "
                f"{fit.selection.get('reason', 'law fixed')}",
         "fit quality": f"rmse {_fmt(fit.rmse)} vs per-step noise {_fmt(fit.noise)}, R^2 {fit.r2:.3f}, {fit.n_points} "
@@ -200,7 +228,7 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
         c = curves[1 + probes.index((s, n, b))]
         meas = float(np.mean(c[2][-3:]))
         fitd = float(np.mean(fit.predict(c[0], steps=c[1][-3:]) + fit.offsets.get(lab, 0.0)))
-        evidence[f"probe {s}+{n}"] = f"last train losses {_fmt(meas)} vs law {_fmt(fitd)} ({b.path})"
+        evidence[f"probe {s}+{n}"] = f"last {target} losses {_fmt(meas)} vs law {_fmt(fitd)} ({b.path})"
     would_change = ["more probes (other starts or lengths) pin the law's annealing term down",
                     "another budget: the optimal start moves with it"]
     if len(probes) == 0:
@@ -222,10 +250,10 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
     if st_steps <= int(st.get("warmup_steps") or 0):
         patch = {}
     assumptions = [
-        f"the {fit.law} law (one parameter set for the run and its probes) describes the train loss under every "
+        f"the {fit.law} law (one parameter set for the run and its probes) describes the {what} under every "
         "candidate schedule; starts and lengths far from the probed ones are extrapolations",
         "a mixture or sequence-length change only shifts the loss level (one offset per mixture, shared by all "
-        "curves); the final loss is the train loss on the anneal mixture",
+        f"curves); the final loss is the {what}",
         "the stable LR continues unchanged to the start (beyond the run's stable stretch too); later phases "
         "(after the decaying one) are kept as they are and not predicted",
     ]

@@ -41,7 +41,7 @@ def sort_branches(run, branches) -> dict[str, list]:
 def recommend_run(run, branches=(), *, phase: str | None = None, window: int | None = None, level: float = 0.9,
                   decay_phase: str | None = None, shapes=None, budget_tokens: int | None = None,
                   target: float | None = None, domain: str | None = None, target_domains=None,
-                  tolerance: float = 0.01) -> tuple[list[Recommendation], dict[str, str]]:
+                  tolerance: float = 0.01, anneal_target: str = "train") -> tuple[list[Recommendation], dict[str, str]]:
     """``(recommendations, not_available)`` for ``run`` and its ``branches`` (Runs of ``midtrain sweep``).
 
     Made: ``batch_size`` (the noise scale's; with batch-size branches, the one answer from both),
@@ -62,7 +62,7 @@ def recommend_run(run, branches=(), *, phase: str | None = None, window: int | N
         "batch_size": lambda: batch_size_recommendation(run, phase=phase, window=window, level=level),
         "lr_decay": (lambda: lr_decay_recommendation(run, phase=decay_phase, shapes=shapes, level=level))
         if decay_phase else (lambda: anneal_recommendation(run, kinds["anneal"] + reps, budget_tokens=budget_tokens,
-                                                             shapes=shapes, level=level)),
+                                                             shapes=shapes, level=level, target=anneal_target)),
         "batch_schedule": lambda: batch_schedule_recommendation(run),
         "data_switch": lambda: data_switch_recommendation(run, switch, target_domains=target_domains,
                                                           tolerance=tolerance, level=level),

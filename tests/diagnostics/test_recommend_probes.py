@@ -26,7 +26,7 @@ def anneal_cfg(stable=200, cool=60):
     ).validate()
 
 
-def write(path, cfg, parent=None, noise=0.0, seed=0):
+def write(path, cfg, parent=None, noise=0.0, seed=0, val_every=0, val_noise=0.0):
     w = RunWriter.create(path, cfg.to_dict(), parent=parent)
     w.update_info(total_steps=cfg.total_steps(), phase_starts=cfg.phase_starts(),
                   phase_names=[p.name for p in cfg.phases])
@@ -38,7 +38,13 @@ def write(path, cfg, parent=None, noise=0.0, seed=0):
         rec = {"step": s, "train/lr": float(lrs[s])}
         if s >= 1:
             rec["train/loss"] = float(pred[s - 1] + (OFFSET if cfg.phase_at(s)[0] == 1 else 0.0) + noise * rng.normal())
+        if val_every and s >= 1 and s % val_every == 0:   # the fixed evaluation set: the law, a level per domain
+            rec.update({f"val/{d}/loss": float(pred[s - 1] + off + val_noise * rng.normal())
+                        for d, off in (("prose", 0.3), ("code", -0.1))})
         w.log(rec)
+    if val_every and cfg.total_steps() % val_every == 0:   # the final evaluation (after the last update)
+        w.log({"step": cfg.total_steps(), **{f"val/{d}/loss": float(pred[-1] + off + val_noise * rng.normal())
+                                            for d, off in (("prose", 0.3), ("code", -0.1))}})
     w.close("finished")
     return load_run(path)
 
@@ -91,6 +97,26 @@ def test_anneal_noisy_range_and_single_run(tmp_path):
     assert rec.low <= rec.value <= rec.high
     one = anneal_recommendation(parent, [], n_boot=10)              # one-run fit: proposes probes and the command
     assert "--anneal-at" in one.check and "one-run fit" in one.summary
+
+
+def test_anneal_on_the_validation_loss(tmp_path):
+    """target="val": the law fitted to the validation loss of the fixed set (domains weighted by the anneal
+    mixture, 0.5/0.5: the law + 0.1) every 10 steps finds the true optimum, where the train loss is so noisy
+    (sd 0.05 per step) that its fit does not; the evidence names the target."""
+    kw = dict(noise=0.05, val_every=10)
+    parent = write(tmp_path / "p", anneal_cfg(), seed=1, **kw)
+    branches = [probe(tmp_path, parent, s, n, seed=s, **kw) for s, n in ((100, 60), (150, 40), (180, 30))]
+    finals = true_best(260, 10)
+    rec = anneal_recommendation(parent, branches, law="annealing", n_boot=5, target="val")
+    assert finals[int(rec.value)] - min(finals.values()) < 2e-4
+    assert "validation loss" in rec.evidence["predicted final loss"] and "last val losses" in str(rec.evidence)
+    pred = float(rec.evidence["predicted final loss"].split()[0])
+    assert abs(pred - (finals[int(rec.value)] + 0.1)) < 2e-3        # the objective's level: law + weighted offsets
+    with pytest.raises(ProbeInputError, match="one of"):
+        anneal_recommendation(parent, branches, target="test")
+    bare = write(tmp_path / "b", anneal_cfg())                     # no validation columns: a clear error
+    with pytest.raises(RecommendationError, match="validation loss of every domain"):
+        anneal_recommendation(bare, [], target="val")
 
 
 def test_anneal_bad_input(tmp_path):
