@@ -31,7 +31,7 @@ from benchmarks.recommend_vs_grid import SWITCH_FRACS, _cli, _probe_steps, _targ
 
 
 def _one_seed(steps: int, seed: int, probe_at: str, switch_at: str, out: str, resume: bool = False,
-              anneal_target: str = "train") -> dict:
+              anneal_target: str = "auto") -> dict:
     from diagnostics.runs import RECOMMENDATIONS_FILE
     from midtrain.config import default_config
 
@@ -63,8 +63,8 @@ def main() -> None:
                          "first seed-stability run of docs/validation.md used 0.5,0.75)")
     ap.add_argument("--max-move", type=float, default=0.10, help="largest allowed move / budget (default 0.10)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    ap.add_argument("--anneal-target", choices=["train", "val"], default="train",
-                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default train)")
+    ap.add_argument("--anneal-target", choices=["auto", "train", "val"], default="auto",
+                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default auto)")
     ap.add_argument("--out", help="output folder (default: a new temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the parents and probes already under --out (same budget, seeds and probe steps) "

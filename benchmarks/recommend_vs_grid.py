@@ -109,8 +109,8 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.01,
                     help="data_switch's default tolerance on the earlier domains, for the tolerance-respecting "
                          "comparison printed beside the criterion (default 0.01)")
-    ap.add_argument("--anneal-target", choices=["train", "val"], default="train",
-                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default train)")
+    ap.add_argument("--anneal-target", choices=["auto", "train", "val"], default="auto",
+                    help="midtrain recommend --anneal-target: the loss lr_decay's law is fitted to (default auto)")
     ap.add_argument("--out", help="output folder (default: a new temp dir)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the parent, probes and recommendations.json already under --out (same budget and "

@@ -431,10 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--domain", help="--branches: one domain's validation loss (default: mean over domains)")
     r.add_argument("--budget-tokens", type=int, help="lr_decay: the total token budget of the anneal plan (default: "
                    "the run's, to the end of its decaying phase)")
-    r.add_argument("--anneal-target", choices=["train", "val"], default="train", help="lr_decay with anneal probes: "
-                   "fit the schedule law to the logged train loss (default) or to the validation loss of the fixed "
-                   "evaluation set, domains weighted by the anneal mixture (no batch-to-batch noise; needs "
-                   "evaluations every few steps on the run and its probes; docs/recommendations.md)")
+    r.add_argument("--anneal-target", choices=["auto", "train", "val"], default="auto", help="lr_decay with anneal "
+                   "probes: fit the schedule law to the validation loss of the fixed evaluation set, domains weighted "
+                   "by the anneal mixture (val), or to the logged train loss (train); auto (default): val where the "
+                   "run and every probe have at least 3 evaluations in the fitted stretch, else train "
+                   "(docs/recommendations.md, 'Anneal start')")
     r.add_argument("--target-domains", help="data_switch, mixture: the domains whose loss the switch should lower (default: "
                    "those the next phase upweights)")
     r.add_argument("--tolerance", type=float, default=0.01, help="data_switch, mixture: how far (relative) the other "

@@ -36,6 +36,7 @@ __all__ = ["anneal_recommendation", "anneal_curves", "anneal_fit"]
 
 
 TARGETS = ("train", "val")
+MIN_VAL_POINTS = 3      # target="auto": evaluations each curve needs for the validation target
 
 
 def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0, weights: dict | None = None):
@@ -100,6 +101,21 @@ def anneal_curves(run, branches=(), *, target: str = "train"):
     return curves, segs, labels, probes
 
 
+def auto_target(run, branches=()) -> str:
+    """``"val"`` when there are anneal probes and the run and every probe have at least ``MIN_VAL_POINTS``
+    evaluations of every domain of the anneal mixture in their fitted stretch (8 in all), else ``"train"``."""
+    if not branches:
+        return "train"
+    try:
+        curves = anneal_curves(run, branches, target="val")[0]
+    except ProbeInputError:
+        raise
+    except RecommendationError:
+        return "train"
+    n = [len(c[1]) for c in curves]
+    return "val" if min(n) >= MIN_VAL_POINTS and sum(n) >= 8 else "train"
+
+
 def anneal_fit(run, branches=(), *, law: str = "auto", target: str = "train"):
     """The schedule law ``anneal_recommendation`` fits: jointly on the run and its anneal probes (the
     annealing law alone for the run without probes). Returns ``(fit, curves, segments, labels, probes)``
@@ -140,16 +156,21 @@ def _anneal_lrs(stable: np.ndarray, peak: float, s: int, ann: dict, n: int, shap
 
 def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None, shapes=None, law: str = "auto",
                           level: float = 0.9, n_boot: int = 50, max_candidates: int = 60, seed: int = 0,
-                          target: str = "train") -> Recommendation:
+                          target: str = "auto") -> Recommendation:
     """The anneal start (step), length and shape minimising the law's predicted final loss for
     ``budget_tokens`` (default: the run's tokens up to the end of its decaying phase), fitted jointly
     on ``run`` and its anneal-probe ``branches`` (Runs). ProbeInputError (bad input: exit 2 in the CLI)
     for a budget that does not fit or a branch that is not an anneal probe; RecommendationError when
-    the law cannot be fitted. ``target``: the loss the law is fitted to and predicts (``anneal_curves``)."""
+    the law cannot be fitted. ``target``: the loss the law is fitted to and predicts (``anneal_curves``);
+    ``"auto"`` (default): the validation loss where the run and its probes have enough evaluations
+    (``auto_target``), else the train loss."""
     cfg = run.config or {}
     sched = schedule_of(cfg)
     a = anneal_phase_index(cfg)
     ann, st = dict(sched.phases[a]), dict(sched.phases[a - 1])
+    chosen = target == "auto"
+    if chosen:
+        target = auto_target(run, branches)
     what = ("train loss on the anneal mixture" if target == "train" else
             "validation loss of the fixed evaluation set, domains weighted by the anneal mixture")
     if any(p.get("decay", "constant") != "constant" for p in sched.phases[:a]):
@@ -221,6 +242,7 @@ def anneal_recommendation(run, branches=(), *, budget_tokens: int | None = None,
                        + (f"; with the starts whose predicted final loss is within {NormalDist().inv_cdf(0.5 + level / 2):.2f}"
                           f" x sqrt(2) x the seed noise of the best" if math.isfinite(sigma_seed) else ""),
         "seed noise": seed_how,
+        "fit target": what + (" (chosen automatically: --anneal-target auto)" if chosen else ""),
     }
     if own:
         evidence["the run's own anneal start"] = f"step {plans[own[0]][0]}: predicted {_fmt(float(pred[own[0]]))}"

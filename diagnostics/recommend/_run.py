@@ -41,7 +41,7 @@ def sort_branches(run, branches) -> dict[str, list]:
 def recommend_run(run, branches=(), *, phase: str | None = None, window: int | None = None, level: float = 0.9,
                   decay_phase: str | None = None, shapes=None, budget_tokens: int | None = None,
                   target: float | None = None, domain: str | None = None, target_domains=None,
-                  tolerance: float = 0.01, anneal_target: str = "train") -> tuple[list[Recommendation], dict[str, str]]:
+                  tolerance: float = 0.01, anneal_target: str = "auto") -> tuple[list[Recommendation], dict[str, str]]:
     """``(recommendations, not_available)`` for ``run`` and its ``branches`` (Runs of ``midtrain sweep``).
 
     Made: ``batch_size`` (the noise scale's; with batch-size branches, the one answer from both),

@@ -6,6 +6,7 @@ import pytest
 
 from diagnostics.recommend import (ProbeInputError, RecommendationError, anneal_recommendation, branch_kind,
                                    replicate_seed)
+from diagnostics.recommend._anneal import auto_target
 from diagnostics.runs import RunWriter, load_run
 from diagnostics.schedule import annealing_law, lr_areas
 from midtrain.config import Phase, TrainConfig
@@ -112,11 +113,16 @@ def test_anneal_on_the_validation_loss(tmp_path):
     assert "validation loss" in rec.evidence["predicted final loss"] and "last val losses" in str(rec.evidence)
     pred = float(rec.evidence["predicted final loss"].split()[0])
     assert abs(pred - (finals[int(rec.value)] + 0.1)) < 2e-3        # the objective's level: law + weighted offsets
+    assert auto_target(parent, branches) == "val"          # the default ("auto") fits the validation loss here
+    assert auto_target(parent, []) == "train"                # no probes: the one-run fit on the train loss
     with pytest.raises(ProbeInputError, match="one of"):
         anneal_recommendation(parent, branches, target="test")
     bare = write(tmp_path / "b", anneal_cfg())                     # no validation columns: a clear error
     with pytest.raises(RecommendationError, match="validation loss of every domain"):
         anneal_recommendation(bare, [], target="val")
+    (tmp_path / "bare").mkdir()
+    bare_probe = probe(tmp_path / "bare", bare, 100, 60)
+    assert auto_target(bare, [bare_probe]) == "train"       # auto falls back to the train loss
 
 
 def test_anneal_bad_input(tmp_path):
