@@ -97,12 +97,14 @@ def run_dir(out: str, shape: str, eval_every: int = 0, eval_batches: int = 4) ->
 
 def val_loss(metrics, mixture=MIXTURE):
     """(steps, loss) of the fixed validation set: the mixture-weighted mean of the ``val/<domain>/loss``
-    columns (weights = the training mixture, normalised), at the steps where every domain was evaluated."""
-    w = {d: v / sum(mixture.values()) for d, v in mixture.items()}
-    cols = [f"val/{d}/loss" for d in w]
-    rows = metrics[["step", *cols]].dropna()
-    y = sum(w[d] * rows[f"val/{d}/loss"].to_numpy(dtype=np.float64) for d in w)
-    return rows["step"].to_numpy(dtype=np.int64), y
+    columns (weights = the training mixture, normalised), at the steps where every domain was evaluated
+    (``diagnostics.recommend.weighted_val_loss``, as lr_decay's validation target)."""
+    from diagnostics.recommend import weighted_val_loss
+
+    out = weighted_val_loss(metrics, mixture)
+    if out is None:
+        raise KeyError(f"no val/<domain>/loss column for every domain of {sorted(mixture)}")
+    return out
 
 
 def run_curves(out: str, steps: int, *, target: str = "train", eval_every: int = 0, **kw):

@@ -6,6 +6,8 @@
   falling", behind ``diagnostics.difficulty.learnability`` and the post-knot guard of
   ``diagnostics.representation.detect_compression_onset``;
 - ``robust_noise_scale``: the per-point noise of a slowly varying curve (schedule-law fits);
+- ``pooled_sd``: the within-group standard deviation of replicate groups (the seed noise of probes and
+  branches);
 - ``moving_block_indices`` / ``block_bootstrap_ratio``: the moving-block bootstrap over consecutive
   steps that the recommendations use for their ranges.
 
@@ -26,8 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["BiasCorrectedEMA", "ols_slope_test", "ols_slope", "robust_noise_scale", "moving_block_indices",
-           "block_bootstrap_ratio"]
+__all__ = ["BiasCorrectedEMA", "ols_slope_test", "ols_slope", "robust_noise_scale", "pooled_sd",
+           "moving_block_indices", "block_bootstrap_ratio"]
 
 
 def _scalar(x: Any) -> float:
@@ -155,6 +157,17 @@ def robust_noise_scale(y) -> float:
     if len(dy) == 0:
         return 0.0
     return float(1.4826 * np.median(np.abs(dy - np.median(dy))) / math.sqrt(2))
+
+
+def pooled_sd(groups) -> tuple[float, int]:
+    """(sd, degrees of freedom) of replicate groups with a common variance: sqrt(sum (n_i - 1) s_i^2 /
+    sum (n_i - 1)) over the groups of at least two values (s_i^2 the sample variance, ddof 1); (nan, 0)
+    when no group has two."""
+    reps = [np.asarray(g, dtype=np.float64) for g in groups if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in reps)
+    if not dof:
+        return math.nan, 0
+    return float(math.sqrt(sum(np.var(g, ddof=1) * (len(g) - 1) for g in reps) / dof)), dof
 
 
 def moving_block_indices(n: int, n_boot: int, rng: np.random.Generator,

@@ -41,7 +41,7 @@ from diagnostics.recommend._batch_choice import combined_batch_recommendation
 from diagnostics.recommend._batch_schedule import batch_schedule_recommendation, ramp_points
 from diagnostics.recommend._batch_size import batch_size_recommendation
 from diagnostics.recommend._common import (LR_SCALINGS, MAX_SKIPPED_FRACTION, Recommendation, RecommendationError,
-                                           lr_factor, rescale_phase, skipped_steps)
+                                           lr_factor, rescale_phase, skipped_steps, weighted_val_loss)
 from diagnostics.recommend._data_switch import SwitchTable, data_switch_recommendation, switch_candidates, switch_table
 from diagnostics.recommend._critical_batch import branch_curve, critical_batch_recommendation, steps_to_target
 from diagnostics.recommend._equal_tokens import (equal_tokens_recommendation, equal_tokens_table,
@@ -54,7 +54,7 @@ from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, 
 from diagnostics.recommend._run import recommend_run, sort_branches
 from diagnostics.stats import block_bootstrap_ratio, moving_block_indices
 
-__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS", "lr_factor",
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "weighted_val_loss", "MAX_SKIPPED_FRACTION", "LR_SCALINGS", "lr_factor",
            "rescale_phase", "batch_size_recommendation", "lr_decay_recommendation",
            "candidate_decays", "critical_batch_recommendation", "combined_batch_recommendation",
            "batch_schedule_recommendation", "ramp_points", "steps_to_target", "branch_curve",

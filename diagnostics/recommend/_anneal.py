@@ -25,12 +25,14 @@ import math
 
 import numpy as np
 
-from diagnostics.recommend._common import Recommendation, RecommendationError, _check_not_diverged, _fmt, skipped_steps
+from diagnostics.recommend._common import (Recommendation, RecommendationError, _check_not_diverged, _fmt, skipped_steps,
+                                           weighted_val_loss)
 from statistics import NormalDist
 
 from diagnostics.recommend._probes import (ProbeInputError, anneal_phase_index, branch_kind, mixture_key,
                                           replicate_seed, schedule_of)
 from diagnostics.schedule import DECAY_SHAPES, ScheduleLawFit, fit_schedule_law, phase_lrs
+from diagnostics.stats import pooled_sd
 
 __all__ = ["anneal_recommendation", "anneal_curves", "anneal_fit"]
 
@@ -49,16 +51,14 @@ def _curve(run, sched, first: int, end: int, labels: dict, skip_from: int = 0, w
         if "train/loss" not in df.columns:
             raise RecommendationError(f"{run.path} has no train/loss column")
         rows = df[["step", "train/loss"]].dropna()
-        y = rows["train/loss"].to_numpy(dtype=np.float64)
+        s, y = rows["step"].to_numpy(dtype=np.int64), rows["train/loss"].to_numpy(dtype=np.float64)
     else:
-        cols = [f"val/{d}/loss" for d in weights]
-        if any(c not in df.columns for c in cols):
+        val = weighted_val_loss(df, weights)
+        if val is None:
             raise RecommendationError(f"{run.path} has no validation loss of every domain of the anneal mixture "
                                       f"{sorted(weights)}: use the train-loss target")
-        rows = df[["step"] + cols].dropna()
-        y = sum(w * rows[f"val/{d}/loss"].to_numpy(dtype=np.float64) for d, w in weights.items())
+        s, y = val
         end += 1
-    s = rows["step"].to_numpy(dtype=np.int64)
     ok = (s >= max(1, first)) & (s < end) & np.isfinite(y) & ~np.isin(s, skipped_steps(df)[skipped_steps(df) >= skip_from])
     s, y = s[ok], y[ok]
     seg = np.array([labels.setdefault(sched.key_at(min(int(k), key_end)), len(labels)) for k in s], dtype=np.int64)
@@ -74,9 +74,7 @@ def anneal_curves(run, branches=(), *, target: str = "train"):
         raise ProbeInputError(f"the anneal target must be one of {TARGETS}, got {target!r}")
     sched = schedule_of(run.config)
     a = anneal_phase_index(run.config)
-    mix = dict(sched.phases[a].get("mixture") or {})
-    tot = float(sum(mix.values())) or 1.0
-    weights = {d: float(w) / tot for d, w in mix.items() if w} if target == "val" else None
+    weights = dict(sched.phases[a].get("mixture") or {}) if target == "val" else None
     end = int(sched.starts[a]) + int(np.sum(sched.phase_of == a))
     warm0 = int(sched.phases[0].get("warmup_steps") or 0)
     _check_not_diverged(run, warm0, end - 1, "the schedule law")
@@ -142,8 +140,7 @@ def _seed_noise(curves, probes, start_a: int, n_a: int) -> tuple[float, str]:
     reps = [v for v in finals.values() if len(v) >= 2]
     if not reps:
         return math.nan, "no replicates (midtrain sweep --anneal-at S --seeds 0,1 measures it)"
-    dof = sum(len(v) - 1 for v in reps)
-    sigma = float(math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in reps) / dof))
+    sigma, dof = pooled_sd(reps)
     return sigma, (f"sigma {_fmt(sigma)}: pooled spread of the final train loss (mean of the last 3) over "
                    f"{sum(len(v) for v in reps)} replicate runs of {len(reps)} plan(s), {dof} degrees of freedom")
 

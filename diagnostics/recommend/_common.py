@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "MAX_SKIPPED_FRACTION", "LR_SCALINGS",
+__all__ = ["Recommendation", "RecommendationError", "skipped_steps", "weighted_val_loss", "MAX_SKIPPED_FRACTION", "LR_SCALINGS",
            "lr_factor", "rescale_phase"]
 
 LR_SCALINGS = ("sqrt", "none")
@@ -123,6 +123,20 @@ def _runnable_batch(b_simple: float, pcfg: dict, current: float, world: int,
         return unit * accum_new, accum_new, micro
     micro_new = max(1, int(round(b_simple / world)))  # below one micro-batch: shrink it
     return micro_new * world, 1, micro_new
+
+
+def weighted_val_loss(metrics, weights: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(steps, loss) of the fixed validation set as one objective: the ``val/<domain>/loss`` columns weighted
+    by ``weights`` (normalised to sum 1), at the steps where every weighted domain was evaluated; None when a
+    domain has no column."""
+    tot = float(sum(weights.values())) or 1.0
+    w = {d: float(v) / tot for d, v in weights.items() if v}
+    cols = [f"val/{d}/loss" for d in w]
+    if any(c not in metrics.columns for c in cols):
+        return None
+    rows = metrics[["step", *cols]].dropna()
+    y = sum(w[d] * rows[f"val/{d}/loss"].to_numpy(dtype=np.float64) for d in w)
+    return rows["step"].to_numpy(dtype=np.int64), np.asarray(y, dtype=np.float64)
 
 
 def skipped_steps(df) -> np.ndarray:

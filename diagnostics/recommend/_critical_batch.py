@@ -99,14 +99,19 @@ def _phase_lr(run, step: int) -> float | None:
     return None
 
 
+def _lr_multiplier(run, parent_run, step: int) -> float:
+    """The branch's LR at ``step`` over the parent's (9 decimals, a grouping key); nan when either is unknown."""
+    lr, plr = _phase_lr(run, step), _phase_lr(parent_run, step) if parent_run is not None else None
+    return round(lr / plr, 9) if lr and plr else math.nan
+
+
 def _mean_replicates(curves, runs, parent_run):
     """Replicates (same batch and LR, another seed: ``midtrain sweep --seeds``) averaged into one curve per
     (batch, LR multiplier) where their evaluation steps agree; [(curve, LR multiplier, label, count)]."""
     groups: dict = {}
     for c, r in zip(curves, runs):
-        lr, plr = _phase_lr(r, c[1]), _phase_lr(parent_run, c[1]) if parent_run is not None else None
-        mult = lr / plr if lr and plr else math.nan
-        groups.setdefault((c[0], "n/a" if math.isnan(mult) else round(mult, 9)), []).append(
+        mult = _lr_multiplier(r, parent_run, c[1])
+        groups.setdefault((c[0], "n/a" if math.isnan(mult) else mult), []).append(
             (c, mult, str(getattr(r, "path", "?"))))
     out = []
     for members in groups.values():

@@ -32,7 +32,7 @@ from diagnostics.recommend._common import Recommendation, RecommendationError, _
 from diagnostics.recommend._probes import (anneal_phase_index, mixture_key, replicate_seed, schedule_of,
                                           switch_phase_index)
 from diagnostics.recommend._switch_fit import SmoothSwitch, smooth_switch
-from diagnostics.stats import robust_noise_scale
+from diagnostics.stats import pooled_sd, robust_noise_scale
 
 __all__ = ["data_switch_recommendation", "switch_candidates", "switch_table", "SwitchTable"]
 
@@ -214,12 +214,11 @@ def switch_table(run, branches=(), *, target_domains=None, tolerance: float = 0.
     t.groups = sorted(by.values(), key=lambda g: (g["step"], g["name"]))
     reps = [g for g in t.groups if g["n"] >= 2]
     if reps:   # the pooled replicate variance: a seed study
-        dof = sum(g["n"] - 1 for g in reps)
-        t.sigma = float(math.sqrt(sum(np.var(g["Js"], ddof=1) * (g["n"] - 1) for g in reps) / dof))
+        t.sigma, dof = pooled_sd([g["Js"] for g in reps])
         t.how = (f"pooled spread of the replicates of {len(reps)} candidate(s) ({sum(g['n'] for g in reps)} runs, "
                  f"{dof} degrees of freedom; seeds added to the run's: "
                  f"{sorted({k for g in reps for k in g['seeds']})})")
-        t.sigma_r = float(math.sqrt(sum(np.var(g["rises"], ddof=1) * (g["n"] - 1) for g in reps) / dof))
+        t.sigma_r = pooled_sd([g["rises"] for g in reps])[0]
     elif noise:
         t.sigma = float(np.median(noise))
         t.how = (f"median point-to-point scatter of the objective over {len(noise)} candidates' evaluations after "

@@ -31,9 +31,9 @@ from statistics import NormalDist
 import numpy as np
 
 from diagnostics.recommend._common import Recommendation, RecommendationError, _fmt
-from diagnostics.recommend._critical_batch import _phase_lr, _phase_of, branch_curve
+from diagnostics.recommend._critical_batch import _lr_multiplier, _phase_of, branch_curve
 from diagnostics.recommend._probes import replicate_seed
-from diagnostics.stats import robust_noise_scale
+from diagnostics.stats import pooled_sd, robust_noise_scale
 
 __all__ = ["equal_tokens_recommendation", "equal_tokens_table", "token_efficient_batch"]
 
@@ -46,8 +46,7 @@ def equal_tokens_table(parent_run, branch_runs, *, domain: str | None = None) ->
     for r in branch_runs:
         start, b, steps, loss = branch_curve(r, parent_run, domain)
         starts.add(start)
-        lr, plr = _phase_lr(r, start), _phase_lr(parent_run, start) if parent_run is not None else None
-        mult = round(lr / plr, 9) if lr and plr else math.nan
+        mult = _lr_multiplier(r, parent_run, start)
         seed = replicate_seed(parent_run, r) if parent_run is not None else 0
         rows.append((b, mult, seed, str(getattr(r, "path", "?")), steps, loss))
     if len(starts) > 1:
@@ -72,8 +71,7 @@ def equal_tokens_table(parent_run, branch_runs, *, domain: str | None = None) ->
             g["kept"] = g is keep
     reps = [g for g in groups if g["n"] >= 2]
     if reps:
-        dof = sum(g["n"] - 1 for g in reps)
-        sigma = float(math.sqrt(sum(np.var(g["Js"], ddof=1) * (g["n"] - 1) for g in reps) / dof))
+        sigma, dof = pooled_sd([g["Js"] for g in reps])
         how = (f"pooled spread of the replicates of {len(reps)} branch setting(s) ({sum(g['n'] for g in reps)} "
                f"runs, {dof} degrees of freedom)")
     else:
